@@ -1,0 +1,53 @@
+"""Assembles one broker: backend, hub, relay, gateway and HTTP routes in a Starlette app."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+
+from .auth import Tokens
+from .backends.base import Backend
+from .gateway import Gateway
+from .http import http_routes
+from .hub import Hub
+from .relay import Relay
+from .settings import Settings
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.backend == "memory":
+        from .backends.memory import MemoryBackend
+
+        return MemoryBackend(settings.history_size, settings.audit_size)
+    raise ValueError(f"unknown backend {settings.backend!r}: use memory")
+
+
+def create_app(settings: Settings) -> Starlette:
+    backend = make_backend(settings)
+    hub = Hub(settings.max_queue_messages, settings.max_queue_bytes)
+    relay = Relay(hub)
+    tokens = Tokens(settings.secrets)
+    gateway = Gateway(backend, hub, relay, tokens, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await backend.start(hub)
+        # What start-up allocated lives for the whole process: keep it out of the
+        # collector's generations so that its pauses stay short under load.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", gateway), *http_routes(backend, tokens)],
+                    lifespan=lifespan)
+    app.state.backend = backend
+    app.state.hub = hub
+    app.state.tokens = tokens
+    return app

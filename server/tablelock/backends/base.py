@@ -1,0 +1,113 @@
+"""What a backend must do: keep state, step it atomically, number and carry events.
+
+A backend never decides a lock rule: `apply` runs `rules.step` on one order's
+record inside the backend's own atomic section, stores the new record, numbers
+the outcome's events on their channels (order and store), keeps a bounded
+history per channel, hands the frames to the sink, and wakes the record again
+at its next deadline. Every time comes from the backend's one clock.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
+from ..rules import Command, Outcome, ReleaseAll, patch_config
+
+
+class Unavailable(Exception):
+    """The backend cannot be reached: refuse, never guess (code UNAVAILABLE)."""
+
+
+class EventSink(Protocol):
+    """Where numbered and direct events go: the hub of local connections."""
+
+    def publish(self, channel: str, seq: int, frame: bytes, event: Event) -> None: ...
+
+    def direct(self, store_id: str, terminal_id: str, frame: bytes,
+               unless_on: tuple[str, ...]) -> None:
+        """Send to each connection of the terminal subscribed to none of `unless_on`."""
+        ...
+
+
+class Backend(abc.ABC):
+    sink: EventSink
+
+    async def start(self, sink: EventSink) -> None:
+        self.sink = sink
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def ready(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    async def now(self) -> int:
+        """Milliseconds since the epoch on the backend's one clock."""
+
+    @abc.abstractmethod
+    async def apply(self, store_id: str, order_id: str, command: Command,
+                    actor: Terminal | None) -> Outcome:
+        """Step one order atomically and publish what it produced."""
+
+    @abc.abstractmethod
+    async def get_config(self, store_id: str) -> StoreConfig: ...
+
+    @abc.abstractmethod
+    async def _put_config(self, store_id: str, config: StoreConfig) -> None: ...
+
+    @abc.abstractmethod
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        """Number and publish an event of the store channel alone."""
+
+    @abc.abstractmethod
+    async def order_ids(self, store_id: str) -> list[str]:
+        """Every order the store's state still holds."""
+
+    @abc.abstractmethod
+    async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
+        """The record as stored (expiry not applied: use apply(Tick) for that)."""
+
+    @abc.abstractmethod
+    async def find_order(self, store_id: str, table_id: str) -> str | None:
+        """The open order of a table, or the latest one if none is open."""
+
+    @abc.abstractmethod
+    async def snapshot(self, channel: str) -> tuple[int, Any]:
+        """(seq, snapshot) of a channel, consistent with each other."""
+
+    @abc.abstractmethod
+    async def history(self, channel: str, since: int) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of the events after `since`, or None when the history is too short."""
+
+    @abc.abstractmethod
+    async def terminal_up(self, terminal: Terminal) -> None: ...
+
+    @abc.abstractmethod
+    async def terminal_down(self, terminal: Terminal) -> None: ...
+
+    @abc.abstractmethod
+    async def online_terminals(self, store_id: str) -> list[Terminal]: ...
+
+    @abc.abstractmethod
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]: ...
+
+    @abc.abstractmethod
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool: ...
+
+    async def update_config(self, store_id: str, patch: Mapping[str, Any]) -> StoreConfig:
+        """Validate and store a config patch; turning strong link off frees every lock."""
+        old = await self.get_config(store_id)
+        new = patch_config(old, patch)
+        if new == old:
+            return new
+        await self._put_config(store_id, new)
+        await self.publish_store_event(store_id, Event("config.updated", await self.now(),
+                                                       config=new))
+        if old.strong_link and not new.strong_link:
+            for order_id in await self.order_ids(store_id):
+                await self.apply(store_id, order_id, ReleaseAll(), None)
+        return new

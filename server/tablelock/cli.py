@@ -1,0 +1,95 @@
+"""`tablelock serve | token | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+
+from .auth import Tokens, parse_ttl
+from .settings import Settings
+
+
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    """The server options the broker is measured with (see bench/README.md)."""
+    from .protocol import MAX_FRAME_BYTES
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        # websockets-sansio: the fastest of uvicorn's implementations here, and small.
+        "ws": "websockets-sansio",
+        # Per-message compression costs 50-300 KiB per connection for tiny frames.
+        "ws_per_message_deflate": False,
+        "ws_max_size": MAX_FRAME_BYTES,
+        "ws_ping_interval": settings.heartbeat_ms / 1000,
+        "ws_ping_timeout": settings.heartbeat_ms / 1000,
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_level": "warning",
+    }
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = Settings.from_env(host=args.host, port=args.port, backend=args.backend)
+    if args.secret:
+        settings.secrets = [s for s in args.secret.split(",") if s]
+    if not settings.secrets:
+        generated = secrets.token_urlsafe(32)
+        settings.secrets = [generated]
+        print(f"No secret given: generated one for this process. Tokens die with it.\n"
+              f"  TABLELOCK_SECRET={generated}", flush=True)
+    print(f"tablelock listening on ws://{settings.host}:{settings.port}/ws "
+          f"(backend: {settings.backend}; health: http://{settings.host}:{settings.port}/healthz)",
+          flush=True)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))  # type: ignore[arg-type]
+
+
+def token(args: argparse.Namespace) -> None:
+    secret = args.secret or ",".join(Settings.from_env().secrets)
+    if not secret:
+        sys.exit("tablelock token: give --secret or set TABLELOCK_SECRET")
+    try:
+        minted = Tokens(secret.split(",")).mint(store=args.store, role=args.role, sub=args.sub,
+                                                table=args.table, ttl_s=parse_ttl(args.ttl),
+                                                name=args.name)
+    except ValueError as exc:
+        sys.exit(f"tablelock token: {exc}")
+    print(minted)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tablelock", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+
+    p_serve = commands.add_parser("serve", help="run the broker")
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_serve.add_argument("--backend", help="memory (default) or a redis:// URL")
+    p_serve.add_argument("--secret", help="token secret(s), comma-separated; first signs")
+    p_serve.set_defaults(run=serve)
+
+    p_token = commands.add_parser("token", help="mint a terminal token")
+    p_token.add_argument("--store", required=True)
+    p_token.add_argument("--role", required=True,
+                         choices=["erp_main", "erp_secondary", "h5", "manager", "service"])
+    p_token.add_argument("--sub", required=True, help="terminal id")
+    p_token.add_argument("--table", help="table id (h5 only)")
+    p_token.add_argument("--name", help="display name")
+    p_token.add_argument("--ttl", default="12h", help="lifetime, e.g. 90s, 30m, 12h, 7d")
+    p_token.add_argument("--secret", help="defaults to TABLELOCK_SECRET")
+    p_token.set_defaults(run=token)
+
+    args = parser.parse_args(argv)
+    if args.command is None:  # `tablelock` alone serves, as `tablelock serve` does
+        args = parser.parse_args(["serve", *(argv or [])])
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The HTTP routes of PROTOCOL.md section 8."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .auth import AuthError, Tokens
+from .backends.base import Backend, Unavailable
+from .model import Terminal
+from .prompts import prompt
+from .protocol import OrderResult, encode
+from .rules import Complete, ConfigError, Tick
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, detail: str = "") -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class PaymentBody(msgspec.Struct, forbid_unknown_fields=False):
+    version: int
+    amount_cents: int
+    payment_ref: str
+    token: int | None = None
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(encode(body), status, media_type="application/json")
+
+
+def error_response(status: int, code: str, detail: str = "", locale: str = "en") -> Response:
+    message = prompt(code, locale) + (f" ({detail})" if detail else "")
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def http_routes(backend: Backend, tokens: Tokens) -> list[Route]:
+    def caller(request: Request, store_id: str, roles: Iterable[str] | None = None) -> Terminal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HttpError(401, "AUTH_FAILED", "a Bearer token is needed")
+        try:
+            terminal, _ = tokens.verify(token)
+        except AuthError as exc:
+            raise HttpError(401, "AUTH_FAILED", str(exc)) from None
+        if terminal.store_id != store_id:
+            raise HttpError(403, "FORBIDDEN", "a token of another store")
+        if roles is not None and terminal.role not in roles:
+            raise HttpError(403, "FORBIDDEN", f"role {terminal.role} may not do this")
+        return terminal
+
+    def guarded(endpoint: Endpoint) -> Endpoint:
+        async def run(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except HttpError as err:
+                return error_response(err.status, err.code, err.detail)
+            except Unavailable:
+                return error_response(503, "UNAVAILABLE")
+        return run
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return msgspec.json.decode(await request.body())
+        except msgspec.DecodeError as exc:
+            raise HttpError(400, "BAD_REQUEST", str(exc)) from None
+
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ready = await backend.ready()
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def get_order(request: Request) -> Response:
+        store_id, order_id = request.path_params["store"], request.path_params["order"]
+        terminal = caller(request, store_id)
+        rec = (await backend.apply(store_id, order_id, Tick(), terminal)).record
+        if rec is None:
+            raise HttpError(404, "NOT_FOUND")
+        if terminal.role == "h5" and rec.order.table_id != terminal.table_id:
+            raise HttpError(403, "FORBIDDEN", "an order of another table")
+        return json_response(OrderResult(rec.order, list(rec.locks.values())))
+
+    async def config(request: Request) -> Response:
+        store_id = request.path_params["store"]
+        caller(request, store_id, ("manager", "service"))
+        if request.method == "GET":
+            return json_response(await backend.get_config(store_id))
+        patch = await json_body(request)
+        if not isinstance(patch, dict):
+            raise HttpError(400, "BAD_REQUEST", "the body must be a JSON object")
+        try:
+            return json_response(await backend.update_config(store_id, patch))
+        except ConfigError as exc:
+            raise HttpError(400, "BAD_REQUEST", str(exc)) from None
+
+    async def payment(request: Request) -> Response:
+        store_id, order_id = request.path_params["store"], request.path_params["order"]
+        terminal = caller(request, store_id, ("service",))
+        try:
+            body = msgspec.json.decode(await request.body(), type=PaymentBody)
+        except msgspec.DecodeError as exc:
+            raise HttpError(400, "BAD_REQUEST", str(exc)) from None
+        command = Complete(body.token, body.version, body.amount_cents, body.payment_ref)
+        out = await backend.apply(store_id, order_id, command, terminal)
+        if out.refusal is not None:
+            status = 404 if out.refusal.code == "NOT_FOUND" else 409
+            raise HttpError(status, out.refusal.code)
+        assert out.result is not None
+        return json_response(out.result)
+
+    async def audit(request: Request) -> Response:
+        store_id = request.path_params["store"]
+        caller(request, store_id, ("manager",))
+        kind = request.query_params.get("kind") or None
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            raise HttpError(400, "BAD_REQUEST", "limit must be an integer") from None
+        limit = max(1, min(limit, 1000))
+        return json_response({"entries": await backend.audit(store_id, kind, limit)})
+
+    async def handled(request: Request) -> Response:
+        store_id, entry_id = request.path_params["store"], request.path_params["id"]
+        caller(request, store_id, ("manager",))
+        if not await backend.mark_handled(store_id, entry_id):
+            raise HttpError(404, "NOT_FOUND", "no such audit entry")
+        return json_response({"id": entry_id, "handled": True})
+
+    return [
+        Route("/healthz", guarded(healthz)),
+        Route("/readyz", guarded(readyz)),
+        Route("/metrics", guarded(metrics)),
+        Route("/v1/stores/{store}/orders/{order}", guarded(get_order)),
+        Route("/v1/stores/{store}/config", guarded(config), methods=["GET", "PUT"]),
+        Route("/v1/stores/{store}/orders/{order}/payment", guarded(payment), methods=["POST"]),
+        Route("/v1/stores/{store}/audit", guarded(audit)),
+        Route("/v1/stores/{store}/audit/{id}/handled", guarded(handled), methods=["POST"]),
+    ]

@@ -1,0 +1,258 @@
+"""Who is connected to this process, what they subscribe to, and fan-out.
+
+The hub is the backend's event sink: a numbered frame arrives once per channel,
+is decoded to text once, and is queued on every subscribed connection. Each
+connection has a bounded outbound queue drained by a writer task that exists
+only while there is something to write; a consumer that falls behind its bound
+is closed with 4010 rather than allowed to grow memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .model import Event, Terminal
+
+CLOSE_SLOW_CONSUMER = 4010
+
+AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Session:
+    """What a terminal's connection leaves behind for `resume`: its subscriptions."""
+
+    __slots__ = ("conn", "expiry", "session_id", "subs", "terminal")
+
+    def __init__(self, session_id: str, terminal: Terminal) -> None:
+        self.session_id = session_id
+        self.terminal = terminal
+        self.subs: dict[str, int] = {}  # channel -> seq of the last event delivered
+        self.conn: Connection | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+
+
+class Connection:
+    __slots__ = ("_flusher", "_queue", "_queued_bytes", "_send", "authority", "closed",
+                 "hub", "locale", "max_bytes", "max_messages", "pending", "session",
+                 "table_id", "terminal")
+
+    def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
+        self.hub = hub
+        self._send = send
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.closed = False
+        self.terminal: Terminal | None = None
+        self.table_id: str | None = None  # set for h5: events of other tables are not shown
+        self.session: Session | None = None
+        self.locale = "zh-CN"
+        self.authority = False
+        # channel -> frames that arrived while its subscribe was being answered
+        self.pending: dict[str, list[tuple[int, str]]] = {}
+
+    def send(self, text: str) -> None:
+        """Queue a frame; never blocks. Past the bound the connection is closed (4010)."""
+        if self.closed:
+            return
+        self._queue.append(text)
+        self._queued_bytes += len(text)
+        if len(self._queue) > self.max_messages or self._queued_bytes > self.max_bytes:
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            return
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                text = queue.popleft()
+                self._queued_bytes -= len(text)
+                await self._send({"type": "websocket.send", "text": text})
+        except Exception:  # the peer went away: the receive loop will see it
+            self.closed = True
+            queue.clear()
+        finally:
+            self._flusher = None
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is written (used before closing)."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close after what is queued, or at once for a slow consumer."""
+        if self.closed:
+            return
+        if code == CLOSE_SLOW_CONSUMER:
+            self._queue.clear()
+            self._queued_bytes = 0
+            if self._flusher is not None:
+                self._flusher.cancel()
+        self.closed = True
+        asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if code != CLOSE_SLOW_CONSUMER:
+            await self.drain()
+        with contextlib.suppress(Exception):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class Hub:
+    def __init__(self, max_queue_messages: int = 2_000,
+                 max_queue_bytes: int = 4 * 1024 * 1024) -> None:
+        self.max_queue_messages = max_queue_messages
+        self.max_queue_bytes = max_queue_bytes
+        self.connections: set[Connection] = set()
+        self._subscribers: dict[str, set[Connection]] = {}
+        self._terminals: dict[tuple[str, str], set[Connection]] = {}
+        self._authorities: dict[str, list[Connection]] = {}
+        self._sessions: dict[str, Session] = {}
+
+    def connection(self, send: AsgiSend) -> Connection:
+        conn = Connection(self, send, self.max_queue_messages, self.max_queue_bytes)
+        self.connections.add(conn)
+        return conn
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def attach(self, conn: Connection, terminal: Terminal, resume: str | None,
+               authority: bool) -> tuple[Session, bool]:
+        """Bind an authenticated connection to a new session, or resume a detached one."""
+        session = self._sessions.get(resume) if resume else None
+        resumed = (session is not None and session.conn is None
+                   and session.terminal.terminal_id == terminal.terminal_id
+                   and session.terminal.store_id == terminal.store_id)
+        if session is None or not resumed:
+            session = Session(secrets.token_urlsafe(12), terminal)
+            self._sessions[session.session_id] = session
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        session.terminal = terminal
+        session.conn = conn
+        conn.session = session
+        conn.terminal = terminal
+        conn.table_id = terminal.table_id if terminal.role == "h5" else None
+        self._terminals.setdefault((terminal.store_id, terminal.terminal_id), set()).add(conn)
+        for channel in session.subs:
+            self._subscribers.setdefault(channel, set()).add(conn)
+        if authority or terminal.role == "erp_main":
+            conn.authority = True
+            self._authorities.setdefault(terminal.store_id, []).append(conn)
+        return session, resumed
+
+    def detach(self, conn: Connection, grace_ms: int) -> None:
+        """Forget a closed connection; its session stays resumable for the grace."""
+        self.connections.discard(conn)
+        conn.closed = True
+        session, terminal = conn.session, conn.terminal
+        if session is None or terminal is None:
+            return
+        for channel in session.subs:
+            subs = self._subscribers.get(channel)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self._subscribers[channel]
+        key = (terminal.store_id, terminal.terminal_id)
+        conns = self._terminals.get(key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._terminals[key]
+        if conn.authority:
+            authorities = self._authorities.get(terminal.store_id, [])
+            if conn in authorities:
+                authorities.remove(conn)
+        session.conn = None
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(grace_ms / 1000, self._sessions.pop,
+                                         session.session_id, None)
+
+    def online_connections(self, terminal: Terminal) -> int:
+        return len(self._terminals.get((terminal.store_id, terminal.terminal_id), ()))
+
+    def authority(self, store_id: str) -> Connection | None:
+        """The connection that answers `order.fetch`: an erp_main first, newest first."""
+        candidates = [c for c in self._authorities.get(store_id, ()) if not c.closed]
+        for conn in reversed(candidates):
+            if conn.terminal is not None and conn.terminal.role == "erp_main":
+                return conn
+        return candidates[-1] if candidates else None
+
+    # --- subscriptions -------------------------------------------------------------------
+
+    def begin_subscribe(self, conn: Connection, channel: str) -> None:
+        """Start collecting the channel's events until the subscribe reply is sent."""
+        assert conn.session is not None
+        conn.pending[channel] = []
+        conn.session.subs[channel] = 0
+        self._subscribers.setdefault(channel, set()).add(conn)
+
+    def end_subscribe(self, conn: Connection, channel: str, seq: int) -> None:
+        """The reply with the snapshot at `seq` is queued: release what came after it."""
+        assert conn.session is not None
+        buffered = conn.pending.pop(channel, [])
+        conn.session.subs[channel] = seq
+        for event_seq, text in buffered:
+            if event_seq > conn.session.subs[channel]:
+                conn.session.subs[channel] = event_seq
+                conn.send(text)
+
+    def unsubscribe(self, conn: Connection, channel: str) -> None:
+        assert conn.session is not None
+        conn.session.subs.pop(channel, None)
+        conn.pending.pop(channel, None)
+        subs = self._subscribers.get(channel)
+        if subs is not None:
+            subs.discard(conn)
+            if not subs:
+                del self._subscribers[channel]
+
+    def subscription_count(self, conn: Connection) -> int:
+        return len(conn.session.subs) if conn.session else 0
+
+    # --- the backend's event sink ------------------------------------------------------------
+
+    def publish(self, channel: str, seq: int, frame: bytes, event: Event) -> None:
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:
+            return
+        text = frame.decode()
+        table_id = event.table_id
+        for conn in subscribers:
+            session = conn.session
+            if session is None:
+                continue
+            pending = conn.pending.get(channel) if conn.pending else None
+            if pending is not None:
+                pending.append((seq, text))
+                continue
+            if seq <= session.subs.get(channel, seq):
+                continue  # already delivered (a resume replay, say)
+            session.subs[channel] = seq
+            if conn.table_id is not None and table_id is not None and table_id != conn.table_id:
+                continue  # an h5 sees only its own table's orders
+            conn.send(text)
+
+    def direct(self, store_id: str, terminal_id: str, frame: bytes,
+               unless_on: tuple[str, ...]) -> None:
+        conns = self._terminals.get((store_id, terminal_id))
+        if not conns:
+            return
+        text = frame.decode()
+        for conn in conns:
+            session = conn.session
+            if session is not None and any(ch in session.subs for ch in unless_on):
+                continue
+            conn.send(text)

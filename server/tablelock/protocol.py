@@ -1,0 +1,353 @@
+"""The wire messages of PROTOCOL.md sections 4 to 6 as typed structs.
+
+Requests are decoded once, straight into these types; events are encoded once
+per channel. `docs/asyncapi.json` is generated from these same types
+(`python -m tablelock.schema`), and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from .model import (
+    Action,
+    Event,
+    Locale,
+    Lock,
+    LockKind,
+    Order,
+    Payment,
+    StoreConfig,
+    Terminal,
+)
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "tablelock.v1"
+MAX_FRAME_BYTES = 64 * 1024
+
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+RequestId = int | Annotated[str, Meta(max_length=128)]
+Text = Annotated[str, Meta(max_length=512)]
+
+
+class ClientInfo(msgspec.Struct):
+    name: Text = ""
+    version: Text = ""
+
+
+class Request(msgspec.Struct, tag_field="type", kw_only=True):
+    id: RequestId
+    store_id: Name | None = None
+
+
+class Hello(Request, tag="hello"):
+    token: Annotated[str, Meta(max_length=8192)]
+    protocol: int
+    client: ClientInfo | None = None
+    locale: Locale | None = None
+    resume: Name | None = None
+    order_authority: bool = False
+
+
+class Ping(Request, tag="ping"):
+    pass
+
+
+class Subscribe(Request, tag="subscribe"):
+    channel: Annotated[str, Meta(min_length=1, max_length=300)]
+    since: Annotated[int, Meta(ge=0)] | None = None
+
+
+class Unsubscribe(Request, tag="unsubscribe"):
+    channel: Annotated[str, Meta(min_length=1, max_length=300)]
+
+
+class OrderGet(Request, tag="order.get"):
+    order_id: Name | None = None
+    table_id: Name | None = None
+    fresh: bool = False
+
+
+class WireOrder(msgspec.Struct):
+    """An order as an ERP sends it; validated, then kept as a model.Order."""
+
+    order_id: Name
+    table_id: Name
+    version: Annotated[int, Meta(ge=0, lt=2**53)]
+    amount_cents: Annotated[int, Meta(ge=0, lt=2**53)]
+    items: list[Any] = []
+    status: Literal["open", "paid", "closed"] = "open"
+
+    def to_order(self) -> Order:
+        return Order(self.order_id, self.table_id, self.version, self.amount_cents,
+                     self.items, self.status)
+
+
+Token = Annotated[int, Meta(ge=0, lt=2**53)]
+
+
+class OrderPublish(Request, tag="order.publish"):
+    order: WireOrder
+    change: Literal["add_items", "modify", "status"]
+    token: Token | None = None
+    force: bool = False
+    operator: Text | None = None
+    reason: Text | None = None
+
+
+class CheckRequest(Request, tag="check"):
+    order_id: Name
+    action: Action
+
+
+class LockAcquire(Request, tag="lock.acquire"):
+    order_id: Name
+    kind: LockKind
+    force: bool = False
+    operator: Text | None = None
+    reason: Text | None = None
+
+
+class LockRenew(Request, tag="lock.renew"):
+    order_id: Name
+    kind: LockKind
+    token: Token
+
+
+class LockRelease(Request, tag="lock.release"):
+    order_id: Name
+    kind: LockKind
+    token: Token | None = None
+    force: bool = False
+    operator: Text | None = None
+    reason: Text | None = None
+
+
+class PaymentComplete(Request, tag="payment.complete"):
+    order_id: Name
+    version: Annotated[int, Meta(ge=0, lt=2**53)]
+    amount_cents: Annotated[int, Meta(ge=0, lt=2**53)]
+    payment_ref: Name
+    # Required while strong_link is on; the core answers FENCED without it.
+    token: Token | None = None
+
+
+class RpcError(msgspec.Struct):
+    code: Text = "ERROR"
+    message: Text = ""
+
+
+class RpcResult(msgspec.Struct, tag_field="type", tag="rpc.result"):
+    """An ERP's answer to an `rpc` the broker sent it (not a request: no `id`)."""
+
+    rid: Name
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: RpcError | None = None
+
+
+ClientMessage = (Hello | Ping | Subscribe | Unsubscribe | OrderGet | OrderPublish | CheckRequest
+                 | LockAcquire | LockRenew | LockRelease | PaymentComplete | RpcResult)
+
+_decoder = msgspec.json.Decoder(ClientMessage)
+
+
+class _IdOnly(msgspec.Struct):
+    id: RequestId | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+class BadFrame(Exception):
+    def __init__(self, request_id: int | str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.request_id = request_id
+        self.detail = detail
+
+
+def decode(frame: str | bytes) -> ClientMessage:
+    """Decode and validate one client frame, or raise BadFrame with what id could be read."""
+    try:
+        return _decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        try:
+            request_id = _id_decoder.decode(frame).id
+        except msgspec.DecodeError:
+            request_id = None
+        raise BadFrame(request_id, str(exc)) from None
+
+
+# --- replies ---------------------------------------------------------------------
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+    can_force: bool = False
+    lock: Lock | None = None
+
+
+class ErrorReply(msgspec.Struct):
+    id: RequestId | None
+    error: ErrorBody
+    ok: bool = False
+
+
+class StoreInfo(msgspec.Struct):
+    store_id: str
+    config: StoreConfig
+
+
+class HelloResult(msgspec.Struct):
+    session_id: str
+    resumed: bool
+    terminal: Terminal
+    store: StoreInfo
+    heartbeat_ms: int
+    server_time: int
+
+
+class PingResult(msgspec.Struct):
+    server_time: int
+
+
+class OrderSnapshot(msgspec.Struct):
+    order: Order | None
+    locks: list[Lock]
+
+
+class StoreSnapshot(msgspec.Struct):
+    orders: list[Order]
+    locks: list[Lock]
+    terminals: list[Terminal]
+
+
+class SubscribeResult(msgspec.Struct, omit_defaults=True):
+    channel: str
+    seq: int
+    snapshot: OrderSnapshot | StoreSnapshot
+    recovered: bool | None = None
+    missed: list[msgspec.Raw] | None = None  # event frames, as numbered on the channel
+
+
+class OrderResult(msgspec.Struct):
+    order: Order | None
+    locks: list[Lock]
+
+
+class PublishResult(msgspec.Struct):
+    order: Order
+
+
+class CheckResult(msgspec.Struct, omit_defaults=True):
+    allowed: bool
+    code: str | None = None
+    message: str | None = None
+    can_force: bool | None = None
+    lock: Lock | None = None
+
+
+class AcquireResult(msgspec.Struct, omit_defaults=True):
+    lock: Lock | None
+    order: Order | None
+    enforced: bool = True
+    released: list[Lock] | None = None
+    forced: list[Lock] | None = None
+
+
+class RenewResult(msgspec.Struct):
+    lock: Lock | None
+    enforced: bool = True
+
+
+class ReleaseResult(msgspec.Struct):
+    lock: Lock | None = None
+
+
+class PaymentResult(msgspec.Struct):
+    order: Order
+    payment: Payment
+
+
+RESULT_OF_REQUEST: dict[str, type[msgspec.Struct]] = {
+    "hello": HelloResult,
+    "ping": PingResult,
+    "subscribe": SubscribeResult,
+    "unsubscribe": msgspec.Struct,
+    "order.get": OrderResult,
+    "order.publish": PublishResult,
+    "check": CheckResult,
+    "lock.acquire": AcquireResult,
+    "lock.renew": RenewResult,
+    "lock.release": ReleaseResult,
+    "payment.complete": PaymentResult,
+}
+
+
+# --- events ------------------------------------------------------------------------
+
+class EventFrame(msgspec.Struct, omit_defaults=True):
+    """An event as it goes on the wire: numbered on a channel, or direct."""
+
+    type: Literal["event"]
+    event: str
+    ts: int
+    channel: str | None = None
+    seq: int | None = None
+    direct: bool | None = None
+    lock: Lock | None = None
+    reason: str | None = None
+    by: Terminal | None = None
+    action: str | None = None
+    order: Order | None = None
+    payment: Payment | None = None
+    terminal: Terminal | None = None
+    config: StoreConfig | None = None
+
+
+class RpcCall(msgspec.Struct):
+    type: Literal["rpc"]
+    rid: str
+    method: str
+    params: dict[str, str]
+
+
+_encoder = msgspec.json.Encoder()
+encode = _encoder.encode
+
+
+def frame_of(event: Event, channel: str | None, seq: int | None) -> EventFrame:
+    return EventFrame(
+        "event", event.event, event.ts, channel=channel, seq=seq, direct=None if channel else True,
+        lock=event.lock, reason=event.reason, by=event.by, action=event.action,
+        order=event.order, payment=event.payment, terminal=event.terminal,
+        config=event.config,
+    )
+
+
+def encode_event(event: Event, channel: str | None, seq: int | None) -> bytes:
+    return _encoder.encode(frame_of(event, channel, seq))
+
+
+def order_channel(store_id: str, order_id: str) -> str:
+    return f"order:{store_id}:{order_id}"
+
+
+def store_channel(store_id: str) -> str:
+    return f"store:{store_id}"
+
+
+def parse_channel(channel: str) -> tuple[str, str | None] | None:
+    """(store_id, order_id or None for the store channel), or None if malformed."""
+    kind, _, rest = channel.partition(":")
+    if kind == "store" and rest and ":" not in rest:
+        return rest, None
+    if kind == "order":
+        store_id, _, order_id = rest.partition(":")
+        if store_id and order_id:
+            return store_id, order_id
+    return None
+

@@ -1,0 +1,668 @@
+"""The lock rules of PROTOCOL.md sections 2 and 9, as one pure step.
+
+    step(record, command, context) -> Outcome
+
+`record` is everything known about one order (None if it was never seen),
+`context` carries the time, the store config, the acting terminal and which
+terminals are offline. The Outcome holds the new record, the reply or the
+refusal, the events to publish, the audit entries, the next deadline at which
+the record must be stepped again, and whether the order must first be pulled
+from the ERP. Nothing here awaits, reads a clock or touches a socket: every
+backend calls this same function inside its own atomic section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import msgspec
+
+from .model import (
+    CONFIG_RANGES,
+    ERP_ROLES,
+    FORCING_ROLES,
+    Action,
+    AuditEntry,
+    Event,
+    Holder,
+    Lock,
+    LockKind,
+    Order,
+    OrderRecord,
+    Payment,
+    StoreConfig,
+    Terminal,
+    holder_of,
+)
+
+# --- the lock table ---------------------------------------------------------
+
+ALLOWED: Final = None
+Code = str
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    code: Code
+    can_force: bool
+
+
+_FORCEABLE = {
+    "order": Cell("ORDER_LOCKED", True),
+    "payment": Cell("PAYMENT_LOCKED", True),
+    "presettle": Cell("PRESETTLE_LOCKED", True),
+}
+
+# LOCK_TABLE[action][kind held by someone else] -> None (allowed) or the refusal.
+LOCK_TABLE: Final[dict[str, dict[str, Cell | None]]] = {
+    "edit": dict(_FORCEABLE),
+    "add_items": {"order": ALLOWED, "payment": _FORCEABLE["payment"],
+                  "presettle": _FORCEABLE["presettle"]},
+    "modify": dict(_FORCEABLE),
+    "pay": {"order": _FORCEABLE["order"], "payment": _FORCEABLE["payment"],
+            "presettle": ALLOWED},
+    "presettle": dict(_FORCEABLE),
+    "accept": {"order": ALLOWED, "payment": Cell("ACCEPT_BLOCKED", False),
+               "presettle": Cell("ACCEPT_BLOCKED", False)},
+}
+
+# The action a lock request or a publish amounts to.
+ACTION_OF_KIND: Final[dict[str, Action]] = {"order": "edit", "payment": "pay",
+                                             "presettle": "presettle"}
+ACTION_OF_CHANGE: Final[dict[str, Action]] = {"add_items": "add_items", "modify": "modify",
+                                               "status": "modify"}
+# Which lock blocks first when several do (PROTOCOL.md section 2, refusal order).
+BLOCKING_ORDER: Final[tuple[LockKind, ...]] = ("payment", "presettle", "order")
+H5_ACTIONS: Final = frozenset({"add_items", "pay"})
+
+
+# --- commands -----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    kind: LockKind
+    force: bool = False
+    operator: str | None = None
+    reason: str | None = None
+    # Set on the second pass of an h5 payment lock, after the ERP pull.
+    fetched: Order | None = None
+    fetch_failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    kind: LockKind
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    kind: LockKind
+    token: int | None = None
+    force: bool = False
+    operator: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    order: Order
+    change: Literal["add_items", "modify", "status"]
+    token: int | None = None
+    force: bool = False
+    operator: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    token: int | None
+    version: int
+    amount_cents: int
+    payment_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """The ERP's answer to an order pull: stored without any lock rule."""
+
+    order: Order
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A timer woke the record: only expiry and retention run."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseAll:
+    """Strong link was turned off: every lock goes, reason `released`."""
+
+
+Command = Acquire | Renew | Release | Publish | Complete | Check | Ingest | Tick | ReleaseAll
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    now: int
+    config: StoreConfig
+    actor: Terminal | None = None
+    # terminal_id -> when its last connection closed, for terminals now offline.
+    offline: Mapping[str, int] = field(default_factory=dict)
+
+
+# --- results --------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: Code
+    variant: str = ""  # which prompt of the code (see prompts.py)
+    can_force: bool = False
+    lock: Lock | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    record: OrderRecord | None
+    result: dict[str, Any] | None = None
+    refusal: Refusal | None = None
+    events: list[Event] = field(default_factory=list)
+    direct: list[tuple[str, Event]] = field(default_factory=list)  # (terminal_id, event)
+    audit: list[AuditEntry] = field(default_factory=list)
+    deadline: int | None = None
+    need_fetch: bool = False
+    changed: bool = False
+
+
+# --- the step -------------------------------------------------------------------
+
+def step(record: OrderRecord | None, command: Command, ctx: Context) -> Outcome:
+    """Apply `command` to one order's record at `ctx.now`. Never mutates `record`."""
+    rec = _copy(record) if record is not None else None
+    out = Outcome(record=rec)
+    if rec is not None:
+        _expire(rec, ctx, out)
+        if rec.ended_at is not None and ctx.now >= rec.ended_at + ctx.config.order_retention_ms:
+            out.record = rec = None
+            out.changed = True
+    handler = _HANDLERS[type(command)]
+    handler(rec, command, ctx, out)
+    if out.record is not None:
+        out.deadline = next_deadline(out.record, ctx)
+    return out
+
+
+def _copy(rec: OrderRecord) -> OrderRecord:
+    return msgspec.structs.replace(rec, locks=dict(rec.locks), lapsed=dict(rec.lapsed))
+
+
+def lock_deadline(lock: Lock, ctx: Context) -> tuple[int, str]:
+    """When `lock` ends on its own, and why: its TTL, or its holder's grace."""
+    if lock.holder.role != "h5":
+        since = ctx.offline.get(lock.holder.terminal_id)
+        if since is not None and since + ctx.config.disconnect_grace_ms <= lock.expires_at:
+            return since + ctx.config.disconnect_grace_ms, "holder_disconnected"
+    return lock.expires_at, "expired"
+
+
+def next_deadline(rec: OrderRecord, ctx: Context) -> int | None:
+    times = [lock_deadline(lock, ctx)[0] for lock in rec.locks.values()]
+    if rec.ended_at is not None:
+        times.append(rec.ended_at + ctx.config.order_retention_ms)
+    return min(times) if times else None
+
+
+def _expire(rec: OrderRecord, ctx: Context, out: Outcome) -> None:
+    for kind, lock in list(rec.locks.items()):
+        deadline, why = lock_deadline(lock, ctx)
+        if ctx.now < deadline:
+            continue
+        del rec.locks[kind]
+        out.changed = True
+        if why == "expired":
+            rec.lapsed[kind] = lock.token
+            _emit(out, rec, ctx, "lock.expired", lock=lock, notify=lock.holder.terminal_id)
+            _audit(out, ctx, "lock.expired", rec, lock.holder, kind=kind, token=lock.token)
+        else:
+            _emit(out, rec, ctx, "lock.released", lock=lock, reason=why)
+            _audit(out, ctx, "lock.released", rec, lock.holder, kind=kind, token=lock.token,
+                   reason=why)
+
+
+# --- helpers shared by the handlers -------------------------------------------
+
+def _emit(out: Outcome, rec: OrderRecord, ctx: Context, name: str, **data: Any) -> None:
+    out.events.append(Event(name, ctx.now, table_id=rec.order.table_id, **data))
+
+
+def _audit(out: Outcome, ctx: Context, entry_kind: str, rec: OrderRecord | None,
+           who: Terminal | Holder | None, **detail: Any) -> None:
+    order_id = rec.order_id if rec is not None else None
+    entry = AuditEntry(entry_kind, order_id, _as_holder(who), detail, ts=ctx.now)
+    if entry_kind == "payment.rejected":
+        entry.handled = False
+    out.audit.append(entry)
+
+
+def _as_holder(who: Terminal | Holder | None) -> Holder | None:
+    return holder_of(who) if isinstance(who, Terminal) else who
+
+
+def _refuse(out: Outcome, code: Code, variant: str = "", can_force: bool = False,
+            lock: Lock | None = None) -> None:
+    out.refusal = Refusal(code, variant, can_force, lock)
+
+
+def _ended(rec: OrderRecord) -> bool:
+    return rec.order.status != "open"
+
+
+def _blocking(rec: OrderRecord, action: str, actor: Terminal) -> list[tuple[Lock, Cell]]:
+    """Locks of others that stop `actor` doing `action`, in refusal order."""
+    row = LOCK_TABLE[action]
+    found = []
+    for kind in BLOCKING_ORDER:
+        lock = rec.locks.get(kind)
+        if lock is None or lock.holder.terminal_id == actor.terminal_id:
+            continue
+        cell = row[kind]
+        if cell is not None:
+            found.append((lock, cell))
+    return found
+
+
+def conflict_refusal(lock: Lock, cell: Cell, actor: Terminal) -> Refusal:
+    can_force = cell.can_force and actor.role in FORCING_ROLES
+    variant = ""
+    if cell.code == "PAYMENT_LOCKED" and actor.role == "h5":
+        variant = "h5"
+    elif cell.code == "ACCEPT_BLOCKED" and lock.kind == "presettle":
+        variant = "presettle"
+    return Refusal(cell.code, variant, can_force, lock)
+
+
+def _resolve_conflicts(rec: OrderRecord, action: str, force: bool, ctx: Context, out: Outcome,
+                       operator: str | None, reason: str | None) -> list[Lock] | None:
+    """Refuse (returns None) or, when forced, revoke the blocking locks (returns them)."""
+    actor = ctx.actor
+    assert actor is not None
+    blocking = _blocking(rec, action, actor)
+    if not blocking:
+        return []
+    lock, cell = blocking[0]
+    if not force or not cell.can_force:
+        out.refusal = conflict_refusal(lock, cell, actor)
+        contended = Event("lock.contended", ctx.now, lock=lock, by=actor, action=action)
+        out.direct.append((lock.holder.terminal_id, contended))
+        return None
+    revoked = []
+    for lock, _ in blocking:
+        del rec.locks[lock.kind]
+        revoked.append(lock)
+        _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=lock.holder.terminal_id)
+        _audit(out, ctx, "lock.forced", rec, actor, kind=lock.kind, token=lock.token,
+               holder=lock.holder, operator=operator, reason=reason)
+    out.changed = True
+    return revoked
+
+
+def _token_refusal(rec: OrderRecord, kind: str, token: int, actor: Terminal | None) -> str | None:
+    """Check a token written under a lock of `kind`. None: it is the actor's current one."""
+    lock = rec.locks.get(kind)
+    if lock is not None and lock.token == token:
+        if actor is None or actor.role == "service" or lock.holder.terminal_id == actor.terminal_id:
+            return None
+        return "NOT_HOLDER"
+    if rec.lapsed.get(kind) == token:
+        return "LOCK_EXPIRED"
+    return "FENCED"
+
+
+def _release_all(rec: OrderRecord, ctx: Context, out: Outcome, reason: str) -> None:
+    for lock in list(rec.locks.values()):
+        del rec.locks[lock.kind]
+        _emit(out, rec, ctx, "lock.released", lock=lock, reason=reason)
+        _audit(out, ctx, "lock.released", rec, lock.holder, kind=lock.kind, token=lock.token,
+               reason=reason)
+        out.changed = True
+
+
+def _store_order(rec: OrderRecord, order: Order, ctx: Context, out: Outcome) -> None:
+    """Replace the order and publish it; an order that ends drops its locks."""
+    was_open = rec.order.status == "open"
+    rec.order = order
+    out.changed = True
+    _emit(out, rec, ctx, "order.updated", order=order)
+    if order.status == "open":
+        rec.ended_at = None
+    elif was_open:
+        rec.ended_at = ctx.now
+        _release_all(rec, ctx, out, "paid" if order.status == "paid" else "released")
+
+
+def _new_record(order: Order, ctx: Context, store_id: str) -> OrderRecord:
+    # Tokens start from the clock, so an in-memory broker that restarts never
+    # hands out a token it already gave (PROTOCOL.md section 1, fencing token).
+    ended = ctx.now if order.status != "open" else None
+    return OrderRecord(store_id, order.order_id, order, fence=ctx.now, ended_at=ended)
+
+
+# --- handlers ------------------------------------------------------------------
+
+def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) -> None:
+    actor = ctx.actor
+    assert actor is not None
+    is_h5 = actor.role == "h5"
+    if actor.role == "service" or (cmd.force and actor.role not in FORCING_ROLES) or (
+            is_h5 and cmd.kind != "payment"):
+        return _refuse(out, "FORBIDDEN")
+    if cmd.fetched is not None:
+        rec = out.record = _ingest_order(rec, cmd.fetched, ctx, out, actor.store_id)
+    if rec is None:
+        if not is_h5:
+            return _refuse(out, "NOT_FOUND")
+        if not ctx.config.strong_link:
+            out.result = {"enforced": False, "lock": None, "order": None}
+        elif cmd.fetch_failed:
+            _refuse(out, "ERP_UNAVAILABLE")
+        else:
+            out.need_fetch = True
+        return None
+    if is_h5 and rec.order.table_id != actor.table_id:
+        return _refuse(out, "FORBIDDEN")
+    if _ended(rec):
+        return _refuse(out, "ORDER_PAID")
+    if not ctx.config.strong_link:
+        out.result = {"enforced": False, "lock": None, "order": rec.order}
+        return None
+    own = rec.locks.get(cmd.kind)
+    if own is not None and own.holder.terminal_id == actor.terminal_id:
+        if not is_h5:  # re-acquire renews ERP locks, silently
+            own = msgspec.structs.replace(own, expires_at=ctx.now + ctx.config.erp_lock_ttl_ms)
+            rec.locks[cmd.kind] = own
+            out.changed = True
+        out.result = {"enforced": True, "lock": own, "order": rec.order}
+        return None
+    forced = _resolve_conflicts(rec, ACTION_OF_KIND[cmd.kind], cmd.force, ctx, out,
+                                cmd.operator, cmd.reason)
+    if forced is None:
+        return None
+    if is_h5 and cmd.fetched is None:
+        # Strong link: the customer pays against the ERP's latest order, decided again after.
+        if cmd.fetch_failed:
+            return _refuse(out, "ERP_UNAVAILABLE")
+        out.need_fetch = True
+        return None
+    released = []
+    if cmd.kind == "payment":
+        mine = rec.locks.get("order")
+        if mine is not None and mine.holder.terminal_id == actor.terminal_id:
+            del rec.locks["order"]
+            released.append(mine)
+            _emit(out, rec, ctx, "lock.released", lock=mine, reason="upgraded")
+            _audit(out, ctx, "lock.released", rec, mine.holder, kind="order", token=mine.token,
+                   reason="upgraded")
+    ttl = ctx.config.h5_payment_lock_ttl_ms if is_h5 else ctx.config.erp_lock_ttl_ms
+    rec.fence = max(rec.fence + 1, ctx.now)
+    lock = Lock(rec.store_id, rec.order_id, cmd.kind, rec.fence, holder_of(actor), ctx.now,
+                ctx.now + ttl, rec.order.version)
+    rec.locks[cmd.kind] = lock
+    rec.lapsed.pop(cmd.kind, None)
+    out.changed = True
+    _emit(out, rec, ctx, "lock.acquired", lock=lock)
+    _audit(out, ctx, "lock.acquired", rec, actor, kind=cmd.kind, token=lock.token,
+           forced=[f.token for f in forced] or None)
+    result: dict[str, Any] = {"enforced": True, "lock": lock, "order": rec.order}
+    if released:
+        result["released"] = released
+    if forced:
+        result["forced"] = forced
+    out.result = result
+    return None
+
+
+def _ingest_order(rec: OrderRecord | None, order: Order, ctx: Context, out: Outcome,
+                  store_id: str) -> OrderRecord:
+    if rec is None:
+        rec = _new_record(order, ctx, store_id)
+        out.changed = True
+        _emit(out, rec, ctx, "order.updated", order=order)
+    elif order.version > rec.order.version and rec.order.status != "paid":
+        _store_order(rec, order, ctx, out)
+    return rec
+
+
+def _ingest(rec: OrderRecord | None, cmd: Ingest, ctx: Context, out: Outcome) -> None:
+    store_id = ctx.actor.store_id if ctx.actor is not None else ""
+    rec = out.record = _ingest_order(rec, cmd.order, ctx, out, store_id)
+    out.result = {"order": rec.order, "locks": list(rec.locks.values())}
+
+
+def _renew(rec: OrderRecord | None, cmd: Renew, ctx: Context, out: Outcome) -> None:
+    actor = ctx.actor
+    assert actor is not None
+    if actor.role not in FORCING_ROLES:
+        return _refuse(out, "FORBIDDEN")
+    if rec is None:
+        return _refuse(out, "NOT_FOUND")
+    if _ended(rec):
+        return _refuse(out, "ORDER_PAID")
+    if not ctx.config.strong_link:
+        out.result = {"enforced": False, "lock": None}
+        return None
+    code = _token_refusal(rec, cmd.kind, cmd.token, actor)
+    if code is not None:
+        return _refuse(out, code)
+    lock = msgspec.structs.replace(rec.locks[cmd.kind],
+                                   expires_at=ctx.now + ctx.config.erp_lock_ttl_ms)
+    rec.locks[cmd.kind] = lock
+    out.changed = True
+    out.result = {"enforced": True, "lock": lock}
+    return None
+
+
+def _release(rec: OrderRecord | None, cmd: Release, ctx: Context, out: Outcome) -> None:
+    actor = ctx.actor
+    assert actor is not None
+    if actor.role == "service" or (cmd.force and actor.role not in FORCING_ROLES) or (
+            actor.role == "h5" and cmd.kind != "payment"):
+        return _refuse(out, "FORBIDDEN")
+    if rec is None:
+        return _refuse(out, "NOT_FOUND")
+    if actor.role == "h5" and rec.order.table_id != actor.table_id:
+        return _refuse(out, "FORBIDDEN")
+    if _ended(rec):
+        return _refuse(out, "ORDER_PAID")
+    lock = rec.locks.get(cmd.kind)
+    if not cmd.force:
+        if cmd.token is not None:
+            code = _token_refusal(rec, cmd.kind, cmd.token, actor)
+            if code is not None:
+                return _refuse(out, code)
+        elif lock is None or lock.holder.terminal_id != actor.terminal_id:
+            return _refuse(out, "NOT_HOLDER")
+    elif lock is None:
+        return _refuse(out, "NOT_HOLDER")
+    assert lock is not None
+    del rec.locks[cmd.kind]
+    out.changed = True
+    if lock.holder.terminal_id == actor.terminal_id:
+        _emit(out, rec, ctx, "lock.released", lock=lock, reason="released")
+        _audit(out, ctx, "lock.released", rec, actor, kind=cmd.kind, token=lock.token,
+               reason="released")
+    else:
+        _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=lock.holder.terminal_id)
+        _audit(out, ctx, "lock.forced", rec, actor, kind=cmd.kind, token=lock.token,
+               holder=lock.holder, operator=cmd.operator, reason=cmd.reason)
+    out.result = {"lock": lock}
+    return None
+
+
+def _publish(rec: OrderRecord | None, cmd: Publish, ctx: Context, out: Outcome) -> None:
+    actor = ctx.actor
+    assert actor is not None
+    if actor.role not in ERP_ROLES:
+        return _refuse(out, "FORBIDDEN")
+    if rec is None:
+        rec = out.record = _new_record(cmd.order, ctx, actor.store_id)
+        out.changed = True
+        _emit(out, rec, ctx, "order.updated", order=cmd.order)
+        out.result = {"order": cmd.order}
+        return None
+    if rec.order.status == "paid" and cmd.change != "status":
+        return _refuse(out, "ORDER_PAID")
+    if cmd.token is not None:
+        code = _publish_token_refusal(rec, cmd.token, actor)
+        if code is not None:
+            return _refuse(out, code)
+    if cmd.order.version <= rec.order.version:
+        return _refuse(out, "STALE_VERSION")
+    if ctx.config.strong_link and _resolve_conflicts(
+            rec, ACTION_OF_CHANGE[cmd.change], cmd.force, ctx, out,
+            cmd.operator, cmd.reason) is None:
+        return None
+    _store_order(rec, cmd.order, ctx, out)
+    out.result = {"order": cmd.order}
+    return None
+
+
+def _publish_token_refusal(rec: OrderRecord, token: int, actor: Terminal) -> str | None:
+    """A publish may carry the token of any lock the actor holds on the order."""
+    for lock in rec.locks.values():
+        if lock.token == token:
+            return None if lock.holder.terminal_id == actor.terminal_id else "NOT_HOLDER"
+    return "LOCK_EXPIRED" if token in rec.lapsed.values() else "FENCED"
+
+
+def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome) -> None:
+    actor = ctx.actor
+    if rec is None:
+        return _refuse(out, "NOT_FOUND")
+    if actor is not None and actor.role == "h5" and rec.order.table_id != actor.table_id:
+        return _refuse(out, "FORBIDDEN")
+    if rec.payment is not None and rec.payment.payment_ref == cmd.payment_ref:
+        out.result = {"order": rec.order, "payment": rec.payment}  # the retry of a success
+        return None
+    code = _payment_refusal(rec, cmd, ctx, actor)
+    if code is not None:
+        _refuse(out, code)
+        _audit(out, ctx, "payment.rejected", rec, actor, payment_ref=cmd.payment_ref, code=code,
+               amount_cents=cmd.amount_cents, version=cmd.version, token=cmd.token)
+        out.changed = True
+        return None
+    payment = Payment(cmd.token, cmd.amount_cents, cmd.payment_ref, actor)
+    order = msgspec.structs.replace(rec.order, status="paid")
+    rec.order = order
+    rec.payment = payment
+    rec.ended_at = ctx.now
+    out.changed = True
+    _emit(out, rec, ctx, "order.paid", order=order, payment=payment)
+    _release_all(rec, ctx, out, "paid")
+    _audit(out, ctx, "payment.completed", rec, actor, payment_ref=cmd.payment_ref,
+           amount_cents=cmd.amount_cents, version=cmd.version, token=cmd.token)
+    out.result = {"order": order, "payment": payment}
+    return None
+
+
+def _payment_refusal(rec: OrderRecord, cmd: Complete, ctx: Context,
+                     actor: Terminal | None) -> str | None:
+    if _ended(rec):
+        return "ORDER_PAID"
+    if ctx.config.strong_link:
+        if cmd.token is None:
+            return "FENCED"
+        code = _token_refusal(rec, "payment", cmd.token, actor)
+        if code is not None:
+            return code
+    if cmd.version != rec.order.version:
+        return "STALE_VERSION"
+    if cmd.amount_cents != rec.order.amount_cents:
+        return "AMOUNT_MISMATCH"
+    return None
+
+
+def _check(rec: OrderRecord | None, cmd: Check, ctx: Context, out: Outcome) -> None:
+    actor = ctx.actor
+    assert actor is not None
+    if rec is None:
+        return _refuse(out, "NOT_FOUND")
+    refusal = check_refusal(rec, cmd.action, ctx)
+    if refusal is None:
+        out.result = {"allowed": True}
+    else:
+        out.result = {"allowed": False, "refusal": refusal}
+    return None
+
+
+def check_refusal(rec: OrderRecord, action: str, ctx: Context) -> Refusal | None:
+    """What the lock table says of `action` by the context's actor, without trying it."""
+    actor = ctx.actor
+    assert actor is not None
+    if actor.role == "h5" and (action not in H5_ACTIONS or rec.order.table_id != actor.table_id):
+        return Refusal("FORBIDDEN")
+    if actor.role == "service":
+        return Refusal("FORBIDDEN")
+    if _ended(rec):
+        return Refusal("ORDER_PAID")
+    if not ctx.config.strong_link:
+        return None
+    blocking = _blocking(rec, action, actor)
+    if not blocking:
+        return None
+    lock, cell = blocking[0]
+    return conflict_refusal(lock, cell, actor)
+
+
+def _tick(rec: OrderRecord | None, cmd: Tick, ctx: Context, out: Outcome) -> None:
+    return None
+
+
+def _release_every(rec: OrderRecord | None, cmd: ReleaseAll, ctx: Context, out: Outcome) -> None:
+    if rec is not None:
+        _release_all(rec, ctx, out, "released")
+
+
+_HANDLERS: Final[dict[type, Any]] = {
+    Acquire: _acquire,
+    Renew: _renew,
+    Release: _release,
+    Publish: _publish,
+    Complete: _complete,
+    Check: _check,
+    Ingest: _ingest,
+    Tick: _tick,
+    ReleaseAll: _release_every,
+}
+
+
+# --- store config -----------------------------------------------------------------
+
+class ConfigError(ValueError):
+    pass
+
+
+def patch_config(config: StoreConfig, patch: Mapping[str, Any]) -> StoreConfig:
+    """Validate a partial flat config object (PUT config) and apply it."""
+    fields = set(StoreConfig.__struct_fields__)
+    unknown = sorted(set(patch) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    for name, value in patch.items():
+        if name == "strong_link":
+            if not isinstance(value, bool):
+                raise ConfigError("strong_link must be true or false")
+        elif name == "locale":
+            if value not in ("zh-CN", "en"):
+                raise ConfigError("locale must be zh-CN or en")
+        else:
+            low, high = CONFIG_RANGES[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer in {low}..{high}")
+    return msgspec.structs.replace(config, **patch)
