@@ -1,0 +1,95 @@
+"""Shared fixtures: one real broker process per test worker, and a store per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerProcess]:
+    proc = BrokerProcess().start()
+    yield proc
+    proc.stop()
+
+
+@dataclass
+class Store:
+    """One store on a broker, fresh for each test, with helpers to open its terminals."""
+
+    broker: BrokerProcess
+    store_id: str = field(default_factory=unique)
+    clients: list[WsClient] = field(default_factory=list)
+
+    def token(self, role: str, sub: str | None = None, table: str | None = None,
+              **kw: Any) -> str:
+        return mint(self.store_id, role, sub or unique(role), table, **kw)
+
+    async def connect(self, role: str, sub: str | None = None, table: str | None = None,
+                      **hello: Any) -> WsClient:
+        client = await WsClient.connect(self.broker.url, self.token(role, sub, table), **hello)
+        self.clients.append(client)
+        return client
+
+    async def erp(self, sub: str | None = None, role: str = "erp_main",
+                  answer_fetch: bool = True, **hello: Any) -> WsClient:
+        """An ERP terminal that answers order.fetch from the orders it published."""
+        client = await self.connect(role, sub, **hello)
+        client.orders = {}  # type: ignore[attr-defined]
+        if answer_fetch:
+            async def answer(frame: dict[str, Any]) -> dict[str, Any]:
+                params = frame["params"]
+                known = client.orders  # type: ignore[attr-defined]
+                found = known.get(params.get("order_id")) or next(
+                    (o for o in known.values() if o["table_id"] == params.get("table_id")), None)
+                if found is None:
+                    return {"ok": False, "error": {"code": "NOT_FOUND", "message": "no order"}}
+                return {"ok": True, "result": {"order": found}}
+            client.rpc_handler = answer
+        return client
+
+    async def publish(self, client: WsClient, change: str = "modify", **order_fields: Any,
+                      ) -> dict[str, Any]:
+        extra = {k: order_fields.pop(k) for k in ("token", "force") if k in order_fields}
+        body = order(**order_fields)
+        reply = await client.request("order.publish", order=body, change=change, **extra)
+        if reply.get("ok") and hasattr(client, "orders"):
+            client.orders[body["order_id"]] = body  # type: ignore[attr-defined]
+        return reply
+
+    async def config(self, **patch: Any) -> dict[str, Any]:
+        status, body = await ahttp("PUT", f"{self.broker.http}/v1/stores/{self.store_id}/config",
+                                   self.token("manager"), patch)
+        assert status == 200, body
+        return body
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+@pytest.fixture
+async def store(broker: BrokerProcess) -> AsyncIterator[Store]:
+    created = Store(broker)
+    yield created
+    await created.close()
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
+    """Dedicated brokers for tests that stop or restart them."""
+    started: list[BrokerProcess] = []
+
+    def make(**kw: Any) -> BrokerProcess:
+        proc = BrokerProcess(**kw)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
