@@ -214,12 +214,12 @@ class PingResult(msgspec.Struct):
     server_time: int
 
 
-class OrderSnapshot(msgspec.Struct):
+class OrderSnapshot(msgspec.Struct, tag_field="scope", tag="order"):
     order: Order | None
     locks: list[Lock]
 
 
-class StoreSnapshot(msgspec.Struct):
+class StoreSnapshot(msgspec.Struct, tag_field="scope", tag="store"):
     orders: list[Order]
     locks: list[Lock]
     terminals: list[Terminal]
