@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .model import Event, Terminal
+from .model import Terminal
 
 CLOSE_SLOW_CONSUMER = 4010
 
@@ -224,12 +224,10 @@ class Hub:
 
     # --- the backend's event sink ------------------------------------------------------------
 
-    def publish(self, channel: str, seq: int, frame: bytes, event: Event) -> None:
+    def publish(self, channel: str, seq: int, text: str, table_id: str | None) -> None:
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
-        text = frame.decode()
-        table_id = event.table_id
         for conn in subscribers:
             session = conn.session
             if session is None:
@@ -245,12 +243,11 @@ class Hub:
                 continue  # an h5 sees only its own table's orders
             conn.send(text)
 
-    def direct(self, store_id: str, terminal_id: str, frame: bytes,
+    def direct(self, store_id: str, terminal_id: str, text: str,
                unless_on: tuple[str, ...]) -> None:
         conns = self._terminals.get((store_id, terminal_id))
         if not conns:
             return
-        text = frame.decode()
         for conn in conns:
             session = conn.session
             if session is not None and any(ch in session.subs for ch in unless_on):

@@ -133,10 +133,10 @@ class MemoryBackend(Backend):
                 for name in channels:
                     self._number(name, event)
                 if event.notify is not None:
-                    self.sink.direct(store_id, event.notify, encode_event(event, None, None),
-                                     channels)
+                    self.sink.direct(store_id, event.notify,
+                                     encode_event(event, None, None).decode(), channels)
         for terminal_id, event in out.direct:
-            self.sink.direct(store_id, terminal_id, encode_event(event, None, None), ())
+            self.sink.direct(store_id, terminal_id, encode_event(event, None, None).decode(), ())
         if out.audit:
             self._append_audit(store_id, out.audit)
 
@@ -147,7 +147,7 @@ class MemoryBackend(Backend):
         channel.seq += 1
         frame = encode_event(event, name, channel.seq)
         channel.history.append((channel.seq, frame))
-        self.sink.publish(name, channel.seq, frame, event)
+        self.sink.publish(name, channel.seq, frame.decode(), event.table_id)
 
     def _schedule(self, key: OrderKey, deadline: int | None) -> None:
         current = self._timers.get(key)
