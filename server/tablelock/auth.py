@@ -64,8 +64,8 @@ def terminal_of(claims: dict[str, object]) -> Terminal:
     table, name = claims.get("table"), claims.get("name")
     if not isinstance(sub, str) or not sub or not isinstance(store, str) or not store:
         raise AuthError("sub and store must be non-empty strings")
-    if ":" in store:
-        raise AuthError("store ids may not contain ':'")
+    if any(c in store for c in ":{}"):
+        raise AuthError("store ids may not contain ':', '{' or '}'")
     if role not in ROLES:
         raise AuthError(f"unknown role {role!r}")
     if isinstance(table, int) and not isinstance(table, bool):

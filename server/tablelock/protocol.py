@@ -319,17 +319,31 @@ _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
 
 
-def frame_of(event: Event, channel: str | None, seq: int | None) -> EventFrame:
+def frame_of(event: Event, direct: bool = False) -> EventFrame:
     return EventFrame(
-        "event", event.event, event.ts, channel=channel, seq=seq, direct=None if channel else True,
+        "event", event.event, event.ts, direct=True if direct else None,
         lock=event.lock, reason=event.reason, by=event.by, action=event.action,
         order=event.order, payment=event.payment, terminal=event.terminal,
         config=event.config,
     )
 
 
-def encode_event(event: Event, channel: str | None, seq: int | None) -> bytes:
-    return _encoder.encode(frame_of(event, channel, seq))
+_BODY_START = len(b'{"type":"event",')
+
+
+def event_body(event: Event) -> bytes:
+    """The event's JSON after `{"type":"event",`: encoded once, numbered per channel."""
+    return _encoder.encode(frame_of(event))[_BODY_START:]
+
+
+def direct_frame(event: Event) -> bytes:
+    return _encoder.encode(frame_of(event, direct=True))
+
+
+def numbered_frame(channel: str, seq: int, body: bytes) -> bytes:
+    """Splice channel and seq into an encoded body (the Redis scripts do the same in Lua)."""
+    return b"".join((b'{"type":"event","channel":', _encoder.encode(channel), b',"seq":',
+                     str(seq).encode(), b",", body))
 
 
 def order_channel(store_id: str, order_id: str) -> str:

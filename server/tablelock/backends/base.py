@@ -10,7 +10,7 @@ at its next deadline. Every time comes from the backend's one clock.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
@@ -113,3 +113,10 @@ class Backend(abc.ABC):
             for order_id in await self.order_ids(store_id):
                 await self.apply(store_id, order_id, ReleaseAll(), None)
         return new
+
+
+def best_for_table(records: Iterable[OrderRecord], table_id: str) -> OrderRecord | None:
+    """A table's open order, else its most recent one."""
+    ranked = [(rec.order.status == "open", rec.fence, rec.order_id, rec)
+              for rec in records if rec.order.table_id == table_id]
+    return max(ranked)[-1] if ranked else None

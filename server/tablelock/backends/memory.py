@@ -18,13 +18,15 @@ from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
-    encode_event,
+    direct_frame,
+    event_body,
+    numbered_frame,
     order_channel,
     parse_channel,
     store_channel,
 )
 from ..rules import Command, Context, Outcome, Tick, step
-from .base import Backend
+from .base import Backend, best_for_table
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 
@@ -130,24 +132,25 @@ class MemoryBackend(Backend):
         if out.events:
             channels = (order_channel(store_id, order_id), store_channel(store_id))
             for event in out.events:
+                body = event_body(event)
                 for name in channels:
-                    self._number(name, event)
+                    self._number(name, body, event.table_id)
                 if event.notify is not None:
-                    self.sink.direct(store_id, event.notify,
-                                     encode_event(event, None, None).decode(), channels)
+                    self.sink.direct(store_id, event.notify, direct_frame(event).decode(),
+                                     channels)
         for terminal_id, event in out.direct:
-            self.sink.direct(store_id, terminal_id, encode_event(event, None, None).decode(), ())
+            self.sink.direct(store_id, terminal_id, direct_frame(event).decode(), ())
         if out.audit:
             self._append_audit(store_id, out.audit)
 
-    def _number(self, name: str, event: Event) -> None:
+    def _number(self, name: str, body: bytes, table_id: str | None = None) -> None:
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = Channel(self._history_size)
         channel.seq += 1
-        frame = encode_event(event, name, channel.seq)
+        frame = numbered_frame(name, channel.seq, body)
         channel.history.append((channel.seq, frame))
-        self.sink.publish(name, channel.seq, frame.decode(), event.table_id)
+        self.sink.publish(name, channel.seq, frame.decode(), table_id)
 
     def _schedule(self, key: OrderKey, deadline: int | None) -> None:
         current = self._timers.get(key)
@@ -182,7 +185,7 @@ class MemoryBackend(Backend):
         self._retick(store_id, self._orders_of_store.get(store_id, ()))
 
     async def publish_store_event(self, store_id: str, event: Event) -> None:
-        self._number(store_channel(store_id), event)
+        self._number(store_channel(store_id), event_body(event))
 
     async def order_ids(self, store_id: str) -> list[str]:
         return list(self._orders_of_store.get(store_id, ()))
@@ -191,15 +194,8 @@ class MemoryBackend(Backend):
         return self._records.get((store_id, order_id))
 
     async def find_order(self, store_id: str, table_id: str) -> str | None:
-        best: OrderRecord | None = None
-        for order_id in self._orders_of_store.get(store_id, ()):
-            rec = self._records[(store_id, order_id)]
-            if rec.order.table_id != table_id:
-                continue
-            rank = (rec.order.status == "open", rec.ended_at is None, rec.fence)
-            if best is None or rank > (best.order.status == "open", best.ended_at is None,
-                                       best.fence):
-                best = rec
+        order_ids = self._orders_of_store.get(store_id, ())
+        best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
         return best.order_id if best else None
 
     async def snapshot(self, channel: str) -> tuple[int, Any]:
@@ -245,7 +241,7 @@ class MemoryBackend(Backend):
         online[terminal.terminal_id] = (terminal, 1)
         was_offline = self._offline.get(terminal.store_id, {}).pop(terminal.terminal_id, None)
         self._number(store_channel(terminal.store_id),
-                     Event("terminal.online", self.clock.now(), terminal=terminal))
+                     event_body(Event("terminal.online", self.clock.now(), terminal=terminal)))
         if was_offline is not None:
             self._retick(terminal.store_id, self._held_by(terminal))
 
@@ -262,7 +258,7 @@ class MemoryBackend(Backend):
         if terminal.role != "h5":  # an h5 lock ends only at its TTL
             self._offline.setdefault(terminal.store_id, {})[terminal.terminal_id] = now
         self._number(store_channel(terminal.store_id),
-                     Event("terminal.offline", now, terminal=entry[0]))
+                     event_body(Event("terminal.offline", now, terminal=entry[0])))
         self._retick(terminal.store_id, self._held_by(terminal))
 
     def _held_by(self, terminal: Terminal) -> set[str]:

@@ -1,0 +1,207 @@
+"""The Redis side's scripts: storage, ordering and numbering only, never a lock rule.
+
+Every script touches the keys of one store (one hash tag, so one Cluster slot)
+and reads the Redis server's clock itself. `COMMIT` is a compare-and-set of
+one order's record, decided by `rules.step` in Python: it refuses when the
+record or the store state moved since the broker read them, or when the time
+the broker stepped at is not within `tolerance` before Redis's own clock, and
+then hands back the fresh values so the broker can step again.
+"""
+
+from __future__ import annotations
+
+# Shared by the scripts that publish: number a frame on a channel, keep it in the
+# channel's bounded history, and add it to the message for this store's brokers.
+_EMIT = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+-- body: the event's JSON without its opening brace, channel and seq
+local function emit(out, seq_key, hist_key, channel, channel_json, body, table_id, maxlen)
+  local seq = redis.call('HINCRBY', seq_key, channel, 1)
+  local frame = '{"type":"event","channel":' .. channel_json .. ',"seq":' .. seq .. ',' .. body
+  redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame)
+  out[#out + 1] = {0, channel, seq, frame, table_id, '', ''}
+end
+local function bump(key)
+  local old = tonumber(redis.call('HGET', key, 'rev') or '0')
+  local new = math.max(old + 1, now_us())
+  redis.call('HSET', key, 'rev', string.format('%d', new))
+end
+"""
+
+# KEYS: 1 record, 2 store state, 3 seqs, 4 deadlines, 5 order ids, 6 order history,
+#       7 store history, 8 audit, 9 unhandled audit, [10 global due-stores, not in Cluster]
+# ARGV: 1 record rev seen, 2 state rev seen, 3 now stepped at, 4 tolerance ms,
+#       5 record op (keep|set|del), 6 record bytes, 7 deadline or '', 8 order id, 9 store id,
+#       10 order channel, 11 its JSON, 12 store channel, 13 its JSON, 14 pub/sub channel,
+#       15 history maxlen, 16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
+#       then per event (body, table_id, notify, direct body), per direct (terminal, body),
+#       per audit entry (json, unhandled 0|1)
+COMMIT = _EMIT + """
+local rec_rev = redis.call('HGET', KEYS[1], 'rev') or '0'
+local state_rev = redis.call('HGET', KEYS[2], 'rev') or '0'
+local real = now_ms()
+local stepped = tonumber(ARGV[3])
+if rec_rev ~= ARGV[1] or state_rev ~= ARGV[2] or stepped > real
+   or stepped < real - tonumber(ARGV[4]) then
+  return {0, real, rec_rev, redis.call('HGET', KEYS[1], 'rec') or false, state_rev,
+          redis.call('HGETALL', KEYS[2])}
+end
+local op = ARGV[5]
+local order_id = ARGV[8]
+if op == 'set' then
+  redis.call('HSET', KEYS[1], 'rec', ARGV[6])
+  bump(KEYS[1])
+  redis.call('SADD', KEYS[5], order_id)
+elseif op == 'del' then
+  redis.call('DEL', KEYS[1], KEYS[6])
+  redis.call('SREM', KEYS[5], order_id)
+end
+local deadline = ARGV[7]
+if deadline == '' or op == 'del' then
+  redis.call('ZREM', KEYS[4], order_id)
+else
+  redis.call('ZADD', KEYS[4], deadline, order_id)
+  if KEYS[10] then redis.call('ZADD', KEYS[10], 'LT', deadline, ARGV[9]) end
+end
+local out = {}
+local maxlen = ARGV[15]
+local i = 20
+for _ = 1, tonumber(ARGV[17]) do
+  local body, table_id, notify, direct = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  emit(out, KEYS[3], KEYS[6], ARGV[10], ARGV[11], body, table_id, maxlen)
+  emit(out, KEYS[3], KEYS[7], ARGV[12], ARGV[13], body, table_id, maxlen)
+  if notify ~= '' then
+    out[#out + 1] = {1, '', 0, direct, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]}
+  end
+  i = i + 4
+end
+for _ = 1, tonumber(ARGV[18]) do
+  out[#out + 1] = {1, '', 0, ARGV[i + 1], '', ARGV[i], ''}
+  i = i + 2
+end
+for _ = 1, tonumber(ARGV[19]) do
+  local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[16], '*', 'e', ARGV[i])
+  if ARGV[i + 1] == '1' then redis.call('HSET', KEYS[9], id, ARGV[i]) end
+  i = i + 2
+end
+if #out > 0 then redis.call('PUBLISH', ARGV[14], cjson.encode(out)) end
+return {1, real, redis.call('HGET', KEYS[1], 'rev') or '0'}
+"""
+
+# Read an order's record and its store's state at once (a cache miss).
+LOAD = _EMIT + """
+return {now_ms(), redis.call('HGET', KEYS[1], 'rev') or '0',
+        redis.call('HGET', KEYS[1], 'rec') or false,
+        redis.call('HGET', KEYS[2], 'rev') or '0', redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: 1 seqs, 2 store history   ARGV: 1 store channel, 2 its JSON, 3 body, 4 pub/sub, 5 maxlen
+PUBLISH_STORE = _EMIT + """
+local out = {}
+emit(out, KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], '', ARGV[5])
+redis.call('PUBLISH', ARGV[4], cjson.encode(out))
+return 1
+"""
+
+# KEYS: 1 store state   ARGV: 1 config JSON.  Bumps the state's revision: cached copies die.
+PUT_CONFIG = _EMIT + """
+redis.call('HSET', KEYS[1], 'config', ARGV[1])
+bump(KEYS[1])
+return 1
+"""
+
+# Presence of one terminal through one broker, set idempotently (a broker re-announces all
+# of its connections after losing Redis). Online and offline are published on transitions;
+# an ERP's offline time goes into the store state, which the rules read for the grace.
+# KEYS: 1 state, 2 online terminals, 3 connections per terminal|broker, 4 authorities,
+#       5 seqs, 6 store history
+# ARGV: 1 terminal id, 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
+#       6 authority 0|1, 7 store channel, 8 its JSON, 9 pub/sub, 10 maxlen,
+#       11 offline since ('' for now)
+PRESENCE = _EMIT + """
+local tid, broker = ARGV[1], ARGV[2]
+local function total()
+  local sum = 0
+  local fields = redis.call('HGETALL', KEYS[3])
+  for j = 1, #fields, 2 do
+    local f = fields[j]
+    if string.sub(f, 1, #tid + 1) == tid .. '|' and string.find(f, '|', #tid + 2, true) == nil then
+      sum = sum + tonumber(fields[j + 1])
+    end
+  end
+  return sum
+end
+local before = total()
+local field = tid .. '|' .. broker
+local count = tonumber(ARGV[3])
+if count > 0 then
+  redis.call('HSET', KEYS[3], field, count)
+else
+  redis.call('HDEL', KEYS[3], field)
+end
+if count > 0 and ARGV[6] == '1' then
+  redis.call('HSET', KEYS[4], field, ARGV[5])
+else
+  redis.call('HDEL', KEYS[4], field)
+end
+local after = total()
+local out = {}
+local now = now_ms()
+if before == 0 and after > 0 then
+  redis.call('HSET', KEYS[2], tid, ARGV[4])
+  if redis.call('HDEL', KEYS[1], 'off:' .. tid) == 1 then bump(KEYS[1]) end
+  emit(out, KEYS[5], KEYS[6], ARGV[7], ARGV[8],
+       '"event":"terminal.online","ts":' .. now .. ',"terminal":' .. ARGV[4] .. '}', '', ARGV[10])
+elseif before > 0 and after == 0 then
+  local terminal = redis.call('HGET', KEYS[2], tid) or ARGV[4]
+  redis.call('HDEL', KEYS[2], tid)
+  if ARGV[5] ~= 'h5' then
+    local since = ARGV[11]
+    if since == '' then since = tostring(now) end
+    redis.call('HSET', KEYS[1], 'off:' .. tid, since)
+    bump(KEYS[1])
+  end
+  emit(out, KEYS[5], KEYS[6], ARGV[7], ARGV[8],
+       '"event":"terminal.offline","ts":' .. now .. ',"terminal":' .. terminal .. '}', '', ARGV[10])
+end
+if #out > 0 then redis.call('PUBLISH', ARGV[9], cjson.encode(out)) end
+return after
+"""
+
+# The connections a dead broker held in one store: the terminals it held, each with role.
+# KEYS: 1 connections per terminal|broker   ARGV: 1 broker id
+DEAD_FIELDS = """
+local found = {}
+local fields = redis.call('HGETALL', KEYS[1])
+local suffix = '|' .. ARGV[1]
+for j = 1, #fields, 2 do
+  local f = fields[j]
+  if string.sub(f, -#suffix) == suffix then
+    found[#found + 1] = string.sub(f, 1, #f - #suffix)
+  end
+end
+return found
+"""
+
+# A consistent snapshot of a store: every record, the online terminals and the channel's seq.
+# KEYS: 1 order ids, 2 online terminals, 3 seqs   ARGV: 1 store channel, 2 record key prefix
+SNAPSHOT_STORE = """
+local records = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local rec = redis.call('HGET', ARGV[2] .. id, 'rec')
+  if rec then records[#records + 1] = rec end
+end
+return {redis.call('HGET', KEYS[3], ARGV[1]) or '0', records, redis.call('HVALS', KEYS[2])}
+"""
+
+# KEYS: 1 record, 2 seqs   ARGV: 1 order channel
+SNAPSHOT_ORDER = """
+return {redis.call('HGET', KEYS[2], ARGV[1]) or '0', redis.call('HGET', KEYS[1], 'rec') or false}
+"""
