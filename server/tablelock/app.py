@@ -23,13 +23,18 @@ def make_backend(settings: Settings) -> Backend:
         from .backends.memory import MemoryBackend
 
         return MemoryBackend(settings.history_size, settings.audit_size)
-    raise ValueError(f"unknown backend {settings.backend!r}: use memory")
+    if settings.backend.startswith(("redis://", "rediss://", "redis+sentinel://",
+                                    "redis+cluster://", "unix://")):
+        from .backends.redis import RedisBackend
+
+        return RedisBackend(settings.backend, settings.history_size, settings.audit_size)
+    raise ValueError(f"unknown backend {settings.backend!r}: use memory or a redis:// URL")
 
 
 def create_app(settings: Settings) -> Starlette:
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes)
-    relay = Relay(hub)
+    relay = Relay(hub, backend)
     tokens = Tokens(settings.secrets)
     gateway = Gateway(backend, hub, relay, tokens, settings)
 

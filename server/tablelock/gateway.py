@@ -183,7 +183,7 @@ class Gateway:
             session, resumed = self.hub.attach(conn, terminal, hello.resume,
                                                hello.order_authority)
             conn.locale = hello.locale or config.locale
-            await self.backend.terminal_up(terminal)
+            await self.backend.terminal_up(terminal, conn.authority)
             result = HelloResult(session.session_id, resumed, terminal,
                                  StoreInfo(terminal.store_id, config),
                                  self.settings.heartbeat_ms, await self.backend.now())
@@ -200,11 +200,8 @@ class Gateway:
         """A resumed session gets the events it missed on each channel, in order."""
         assert conn.session is not None
         for channel, last in list(conn.session.subs.items()):
-            missed = await self.backend.history(channel, last)
-            for seq, frame in missed or ():
-                if seq > conn.session.subs.get(channel, seq):
-                    conn.session.subs[channel] = seq
-                    conn.send(frame.decode())
+            for seq, frame, table_id in await self.backend.history(channel, last) or ():
+                self.hub.replay(conn, channel, seq, frame.decode(), table_id)
 
     async def _serve(self, conn: Connection, receive: Callable[[], Awaitable[Any]]) -> None:
         while True:
@@ -314,7 +311,7 @@ class Gateway:
             if request.since is not None:
                 missed = await self.backend.history(request.channel, request.since)
                 result.recovered = missed is not None
-                result.missed = [msgspec.Raw(frame) for s, frame in missed or () if s <= seq]
+                result.missed = [msgspec.Raw(m.frame) for m in missed or () if m.seq <= seq]
             conn.send(ok_frame(request.id, result))
         except BaseException:
             self.hub.unsubscribe(conn, request.channel)

@@ -19,6 +19,7 @@ from typing import Any
 from .model import Terminal
 
 CLOSE_SLOW_CONSUMER = 4010
+CLOSE_RESTARTING = 1012
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -219,6 +220,24 @@ class Hub:
             if not subs:
                 del self._subscribers[channel]
 
+    def has_subscribers(self, channel: str) -> bool:
+        return channel in self._subscribers
+
+    def lost(self, channel: str) -> None:
+        """Events were lost for good: subscribers reconnect (1012) and recover by snapshot."""
+        for conn in list(self._subscribers.get(channel, ())):
+            conn.close(CLOSE_RESTARTING, "events lost: resubscribe")
+
+    def replay(self, conn: Connection, channel: str, seq: int, text: str,
+               table_id: str | None) -> None:
+        """Deliver a missed event to one connection, as publish would have."""
+        session = conn.session
+        if session is None or seq <= session.subs.get(channel, seq):
+            return
+        session.subs[channel] = seq
+        if conn.table_id is None or table_id is None or table_id == conn.table_id:
+            conn.send(text)
+
     def subscription_count(self, conn: Connection) -> int:
         return len(conn.session.subs) if conn.session else 0
 
@@ -239,9 +258,9 @@ class Hub:
             if seq <= session.subs.get(channel, seq):
                 continue  # already delivered (a resume replay, say)
             session.subs[channel] = seq
-            if conn.table_id is not None and table_id is not None and table_id != conn.table_id:
-                continue  # an h5 sees only its own table's orders
-            conn.send(text)
+            # an h5 sees only its own table's orders
+            if conn.table_id is None or table_id is None or table_id == conn.table_id:
+                conn.send(text)
 
     def direct(self, store_id: str, terminal_id: str, text: str,
                unless_on: tuple[str, ...]) -> None:

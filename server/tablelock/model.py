@@ -127,7 +127,7 @@ class Event(msgspec.Struct, omit_defaults=True):
 class AuditEntry(msgspec.Struct):
     kind: str
     order_id: str | None
-    terminal: Terminal | Holder | None
+    terminal: Holder | None
     detail: dict[str, Any]
     ts: int = 0
     id: str = ""

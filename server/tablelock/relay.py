@@ -2,9 +2,10 @@
 
 The broker sends an `rpc` frame to the store's order authority (an online
 `erp_main`, else a terminal that said `order_authority: true`) and waits for
-its `rpc.result`. No authority, no answer in time, an error or an order that
-does not fit the question all come back as None: the caller answers
-ERP_UNAVAILABLE.
+its `rpc.result`. When the authority is connected to another broker (Redis
+backend), the question and the answer travel through the backend. No
+authority, no answer in time, an error or an order that does not fit the
+question all come back as None: the caller answers ERP_UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable
 
 import msgspec
 
+from .backends.base import Backend, Unavailable
 from .hub import Connection, Hub
 from .model import Order
 from .protocol import RpcCall, RpcResult, WireOrder, encode
@@ -22,35 +25,102 @@ from .protocol import RpcCall, RpcResult, WireOrder, encode
 log = logging.getLogger("tablelock.relay")
 
 
+class BrokerMessage(msgspec.Struct, omit_defaults=True):
+    """A question for an authority on another broker, or its answer."""
+
+    op: str  # "fetch" | "answer"
+    rid: str
+    origin: str = ""
+    store_id: str = ""
+    params: dict[str, str] = {}
+    timeout_ms: int = 0
+    answer: RpcResult | None = None
+
+
+_broker_decoder = msgspec.json.Decoder(BrokerMessage)
+
+
 class Relay:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, backend: Backend) -> None:
         self._hub = hub
+        self._backend = backend
         self._ids = itertools.count(1)
-        self._pending: dict[str, tuple[Connection, asyncio.Future[RpcResult]]] = {}
+        self._pending: dict[str, tuple[Connection | None, asyncio.Future[RpcResult | None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        backend.on_broker_message = self._on_broker_message
 
     async def fetch(self, store_id: str, params: dict[str, str], timeout_ms: int) -> Order | None:
+        try:
+            target = await self._backend.authority(store_id)
+            if target is None or target == self._backend.broker_id:
+                answer = await self._ask_local(store_id, params, timeout_ms)
+            else:
+                answer = await self._ask_remote(target, store_id, params, timeout_ms)
+        except Unavailable:
+            return None
+        return _order_of(answer, params) if answer is not None else None
+
+    async def _await(self, rid: str, conn: Connection | None, timeout_ms: int,
+                     send: Awaitable[None] | None) -> RpcResult | None:
+        """Wait for the answer to `rid` (after sending the question, if `send` does that)."""
+        future: asyncio.Future[RpcResult | None] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (conn, future)
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                if send is not None:
+                    await send
+                return await future
+        except TimeoutError:
+            log.warning("order.fetch %s timed out", rid)
+            return None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def _ask_local(self, store_id: str, params: dict[str, str],
+                         timeout_ms: int) -> RpcResult | None:
         conn = self._hub.authority(store_id)
         if conn is None:
             return None
         rid = f"r{next(self._ids)}"
-        future: asyncio.Future[RpcResult] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (conn, future)
         conn.send(encode(RpcCall("rpc", rid, "order.fetch", params)).decode())
-        try:
-            async with asyncio.timeout(timeout_ms / 1000):
-                answer = await future
-        except TimeoutError:
-            log.warning("order.fetch %s to %s timed out", params, store_id)
-            return None
-        finally:
-            self._pending.pop(rid, None)
-        return _order_of(answer, params)
+        return await self._await(rid, conn, timeout_ms, None)
+
+    async def _ask_remote(self, broker_id: str, store_id: str, params: dict[str, str],
+                          timeout_ms: int) -> RpcResult | None:
+        rid = f"{self._backend.broker_id}-{next(self._ids)}"
+        question = BrokerMessage("fetch", rid, self._backend.broker_id, store_id, params,
+                                 timeout_ms)
+        return await self._await(rid, None, timeout_ms,
+                                 self._backend.send_to_broker(broker_id, encode(question)))
 
     def resolve(self, conn: Connection, answer: RpcResult) -> None:
         """An `rpc.result` arrived; only the connection that was asked may answer."""
         pending = self._pending.get(answer.rid)
         if pending is not None and pending[0] is conn and not pending[1].done():
             pending[1].set_result(answer)
+
+    async def _on_broker_message(self, data: bytes) -> None:
+        try:
+            message = _broker_decoder.decode(data)
+        except msgspec.DecodeError:
+            log.warning("an unreadable message from another broker")
+            return
+        if message.op == "answer":
+            pending = self._pending.get(message.rid)
+            if pending is not None and pending[0] is None and not pending[1].done():
+                pending[1].set_result(message.answer)
+        elif message.op == "fetch":
+            task = asyncio.create_task(self._answer_remote(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer_remote(self, question: BrokerMessage) -> None:
+        answer = await self._ask_local(question.store_id, question.params, question.timeout_ms)
+        reply = BrokerMessage("answer", question.rid, answer=answer)
+        try:
+            await self._backend.send_to_broker(question.origin, encode(reply))
+        except Unavailable:
+            log.warning("could not return an order.fetch answer to broker %s", question.origin)
 
 
 def _order_of(answer: RpcResult, params: dict[str, str]) -> Order | None:

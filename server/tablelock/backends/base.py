@@ -10,11 +10,19 @@ at its next deadline. Every time comes from the backend's one clock.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..rules import Command, Outcome, ReleaseAll, patch_config
+
+
+class Numbered(NamedTuple):
+    """An event frame as numbered on a channel, with its order's table (for the h5 filter)."""
+
+    seq: int
+    frame: bytes
+    table_id: str | None
 
 
 class Unavailable(Exception):
@@ -33,9 +41,18 @@ class EventSink(Protocol):
         """Send to each connection of the terminal subscribed to none of `unless_on`."""
         ...
 
+    def has_subscribers(self, channel: str) -> bool: ...
+
+    def lost(self, channel: str) -> None:
+        """Events of the channel were lost for good: its subscribers must re-snapshot."""
+        ...
+
 
 class Backend(abc.ABC):
     sink: EventSink
+    broker_id = "local"
+    # Set by the relay: messages other brokers addressed to this one.
+    on_broker_message: Callable[[bytes], Awaitable[None]] | None = None
 
     async def start(self, sink: EventSink) -> None:
         self.sink = sink
@@ -82,17 +99,25 @@ class Backend(abc.ABC):
         """(seq, snapshot) of a channel, consistent with each other."""
 
     @abc.abstractmethod
-    async def history(self, channel: str, since: int) -> list[tuple[int, bytes]] | None:
-        """(seq, frame) of the events after `since`, or None when the history is too short."""
+    async def history(self, channel: str, since: int) -> list[Numbered] | None:
+        """The events after `since`, or None when the history no longer reaches back."""
 
     @abc.abstractmethod
-    async def terminal_up(self, terminal: Terminal) -> None: ...
+    async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
+        """One more connection of `terminal`; `authority`: it answers order.fetch."""
 
     @abc.abstractmethod
     async def terminal_down(self, terminal: Terminal) -> None: ...
 
     @abc.abstractmethod
     async def online_terminals(self, store_id: str) -> list[Terminal]: ...
+
+    async def authority(self, store_id: str) -> str | None:
+        """The broker connected to the store's order authority; None: look in the local hub."""
+        return None
+
+    async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
+        raise Unavailable("a single broker has no peers")
 
     @abc.abstractmethod
     async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]: ...

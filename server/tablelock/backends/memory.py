@@ -26,7 +26,7 @@ from ..protocol import (
     store_channel,
 )
 from ..rules import Command, Context, Outcome, Tick, step
-from .base import Backend, best_for_table
+from .base import Backend, Numbered, best_for_table
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 
@@ -51,7 +51,7 @@ class Channel:
 
     def __init__(self, size: int) -> None:
         self.seq = 0
-        self.history: deque[tuple[int, bytes]] = deque(maxlen=size)
+        self.history: deque[Numbered] = deque(maxlen=size)
 
 
 class StoreAudit:
@@ -149,7 +149,7 @@ class MemoryBackend(Backend):
             channel = self._channels[name] = Channel(self._history_size)
         channel.seq += 1
         frame = numbered_frame(name, channel.seq, body)
-        channel.history.append((channel.seq, frame))
+        channel.history.append(Numbered(channel.seq, frame, table_id))
         self.sink.publish(name, channel.seq, frame.decode(), table_id)
 
     def _schedule(self, key: OrderKey, deadline: int | None) -> None:
@@ -218,7 +218,7 @@ class MemoryBackend(Backend):
         found = self._channels.get(channel)
         return (found.seq if found else 0), snap
 
-    async def history(self, channel: str, since: int) -> list[tuple[int, bytes]] | None:
+    async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)
         seq = found.seq if found else 0
         if since > seq:
@@ -228,11 +228,11 @@ class MemoryBackend(Backend):
         oldest = found.history[0][0] if found.history else seq + 1
         if since + 1 < oldest:
             return None
-        return [(s, frame) for s, frame in found.history if s > since]
+        return [entry for entry in found.history if entry.seq > since]
 
     # --- presence -------------------------------------------------------------------
 
-    async def terminal_up(self, terminal: Terminal) -> None:
+    async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         online = self._online.setdefault(terminal.store_id, {})
         entry = online.get(terminal.terminal_id)
         if entry is not None:

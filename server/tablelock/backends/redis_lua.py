@@ -25,7 +25,7 @@ end
 local function emit(out, seq_key, hist_key, channel, channel_json, body, table_id, maxlen)
   local seq = redis.call('HINCRBY', seq_key, channel, 1)
   local frame = '{"type":"event","channel":' .. channel_json .. ',"seq":' .. seq .. ',' .. body
-  redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame)
+  redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame, 't', table_id)
   out[#out + 1] = {0, channel, seq, frame, table_id, '', ''}
 end
 local function bump(key)
@@ -50,7 +50,7 @@ local real = now_ms()
 local stepped = tonumber(ARGV[3])
 if rec_rev ~= ARGV[1] or state_rev ~= ARGV[2] or stepped > real
    or stepped < real - tonumber(ARGV[4]) then
-  return {0, real, rec_rev, redis.call('HGET', KEYS[1], 'rec') or false, state_rev,
+  return {0, real, rec_rev, redis.call('HGET', KEYS[1], 'rec') or false,
           redis.call('HGETALL', KEYS[2])}
 end
 local op = ARGV[5]
@@ -96,10 +96,10 @@ return {1, real, redis.call('HGET', KEYS[1], 'rev') or '0'}
 """
 
 # Read an order's record and its store's state at once (a cache miss).
+# KEYS: 1 record, 2 store state
 LOAD = _EMIT + """
 return {now_ms(), redis.call('HGET', KEYS[1], 'rev') or '0',
-        redis.call('HGET', KEYS[1], 'rec') or false,
-        redis.call('HGET', KEYS[2], 'rev') or '0', redis.call('HGETALL', KEYS[2])}
+        redis.call('HGET', KEYS[1], 'rec') or false, redis.call('HGETALL', KEYS[2])}
 """
 
 # KEYS: 1 seqs, 2 store history   ARGV: 1 store channel, 2 its JSON, 3 body, 4 pub/sub, 5 maxlen
@@ -172,7 +172,7 @@ elseif before > 0 and after == 0 then
        '"event":"terminal.offline","ts":' .. now .. ',"terminal":' .. terminal .. '}', '', ARGV[10])
 end
 if #out > 0 then redis.call('PUBLISH', ARGV[9], cjson.encode(out)) end
-return after
+return {before, after}
 """
 
 # The connections a dead broker held in one store: the terminals it held, each with role.

@@ -1,0 +1,683 @@
+"""The Redis backend: many broker processes, one truth.
+
+Each order's record is stepped by `rules.step` in Python and written back by a
+compare-and-set script (`redis_lua.COMMIT`) that refuses if the record, the
+store's state or the time moved, and then hands back the fresh values. Records
+are cached, so a transition costs one round trip when nobody else wrote. The
+script numbers the events on their channels, keeps a bounded stream per
+channel for `since`, and publishes one message per transition to the store's
+pub/sub channel, which every broker with a connection of that store listens to.
+
+Deadlines sit in a sorted set per store, indexed by a global sorted set of
+stores, and any live broker sweeps them: the compare-and-set makes each
+expiry happen once. Brokers heartbeat; the presence of a dead one's terminals
+is taken away by the others, which starts their locks' disconnect grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
+from ..protocol import (
+    OrderSnapshot,
+    StoreSnapshot,
+    direct_frame,
+    encode,
+    event_body,
+    order_channel,
+    parse_channel,
+    store_channel,
+)
+from ..rules import Command, Context, Outcome, Tick, step
+from . import redis_lua
+from .base import Backend, Numbered, Unavailable, best_for_table
+
+log = logging.getLogger("tablelock.redis")
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 16
+CALL_TIMEOUT_S = 0.9  # a lock request is answered UNAVAILABLE within 1 s, never left hanging
+
+_record_decoder = msgspec.msgpack.Decoder(OrderRecord)
+_record_encoder = msgspec.msgpack.Encoder()
+_terminal_decoder = msgspec.json.Decoder(Terminal)
+_config_decoder = msgspec.json.Decoder(StoreConfig)
+_audit_decoder = msgspec.json.Decoder(AuditEntry)
+PubEntry = tuple[int, str, int, str, str, str, str]
+_pub_decoder = msgspec.json.Decoder(list[PubEntry])
+_STREAM_ID = re.compile(r"^\d+-\d+$")
+
+
+class Keys:
+    """Every key of one store carries the hash tag {store:<id>}: one Cluster slot."""
+
+    __slots__ = ("audit", "auths", "conns", "due", "hist_store", "orders", "prefix", "pubsub",
+                 "seqs", "state", "store_channel", "store_channel_json", "store_id", "terms",
+                 "unhandled")
+
+    def __init__(self, prefix: str, store_id: str) -> None:
+        tag = f"{prefix}{{store:{store_id}}}"
+        self.store_id = store_id
+        self.prefix = tag
+        self.state = f"{tag}:state"
+        self.seqs = f"{tag}:seq"
+        self.due = f"{tag}:due"
+        self.orders = f"{tag}:orders"
+        self.hist_store = f"{tag}:h:store"
+        self.audit = f"{tag}:audit"
+        self.unhandled = f"{tag}:unhandled"
+        self.terms = f"{tag}:terms"
+        self.conns = f"{tag}:conns"
+        self.auths = f"{tag}:auths"
+        self.pubsub = f"{tag}:ev"
+        self.store_channel = store_channel(store_id)
+        self.store_channel_json = encode(self.store_channel).decode()
+
+    def record(self, order_id: str) -> str:
+        return f"{self.prefix}:o:{order_id}"
+
+    def hist_order(self, order_id: str) -> str:
+        return f"{self.prefix}:h:o:{order_id}"
+
+    def history(self, order_id: str | None) -> str:
+        return self.hist_order(order_id) if order_id is not None else self.hist_store
+
+
+@dataclass
+class StoreState:
+    rev: str
+    config: StoreConfig
+    offline: dict[str, int] = field(default_factory=dict)
+
+
+def _state_of(fields: list[bytes]) -> StoreState:
+    """A store's state from HGETALL: revision, config, offline terminals."""
+    state = StoreState("0", StoreConfig())
+    for name, value in zip(fields[::2], fields[1::2], strict=True):
+        key = name.decode()
+        if key == "rev":
+            state.rev = value.decode()
+        elif key == "config":
+            state.config = _config_decoder.decode(value)
+        elif key.startswith("off:"):
+            state.offline[key[4:]] = int(value)
+    return state
+
+
+def _text(value: str | bytes | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def connect(url: str) -> tuple[Any, bool]:
+    """A client for a redis://, rediss://, redis+sentinel:// or redis+cluster:// URL."""
+    options: dict[str, Any] = {"socket_timeout": 0.4, "socket_connect_timeout": 0.4,
+                               "retry": Retry(NoBackoff(), 1)}
+    parsed = urlparse(url)
+    if parsed.scheme == "redis+cluster":
+        hosts = parsed.netloc.split("@")[-1]
+        first = hosts.split(",")[0]
+        host, _, port = first.partition(":")
+        return RedisCluster(host=host, port=int(port or 6379), socket_timeout=0.4,
+                            socket_connect_timeout=0.4), True
+    if parsed.scheme == "redis+sentinel":
+        nodes = []
+        for node in parsed.netloc.split("@")[-1].split(","):
+            host, _, port = node.partition(":")
+            nodes.append((host, int(port or 26379)))
+        service = parsed.path.strip("/") or "mymaster"
+        sentinel = Sentinel(nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
+        return sentinel.master_for(service, **options), False
+    return aioredis.Redis.from_url(url, **options), False
+
+
+class RedisBackend(Backend):
+    def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
+                 prefix: str = "tl:", tolerance_ms: int = 50, sweep_interval_s: float = 0.05,
+                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0) -> None:
+        self.url = url
+        self.broker_id = secrets.token_hex(6)
+        self._prefix = prefix
+        self._history_size = history_size
+        self._audit_size = audit_size
+        self._tolerance_ms = tolerance_ms
+        self._sweep_interval_s = sweep_interval_s
+        self._heartbeat_s = heartbeat_s
+        self._dead_after_ms = int(dead_after_s * 1000)
+        self._redis, self._cluster = connect(url)
+        self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
+                         for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
+                                      "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
+                                      "SNAPSHOT_ORDER")}
+        self._keys: dict[str, Keys] = {}
+        self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
+        self._states: dict[str, StoreState] = {}
+        self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
+        self._stores_heard: dict[str, int] = {}  # store -> local connections (pub/sub interest)
+        self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
+        self._seen: dict[str, int] = {}  # channel -> last seq delivered here
+        self._leaving: dict[tuple[str, str], Terminal] = {}  # offline not yet told to Redis
+        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub_ok = asyncio.Event()
+        self.on_broker_message: Callable[[bytes], Awaitable[None]] | None = None
+        self.due_stores = f"{prefix}due-stores"
+        self.brokers = f"{prefix}brokers"
+
+    # --- life -------------------------------------------------------------------------
+
+    async def start(self, sink: Any) -> None:
+        await super().start(sink)
+        self._tasks = [asyncio.create_task(self._listen(), name="redis-pubsub"),
+                       asyncio.create_task(self._sweep(), name="redis-sweeper"),
+                       asyncio.create_task(self._heartbeat(), name="redis-heartbeat")]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._pubsub_ok.wait(), 5)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self._redis.zrem(self.brokers, self.broker_id)
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+    async def ready(self) -> bool:
+        try:
+            async with asyncio.timeout(0.5):
+                await self._redis.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return self._pubsub_ok.is_set()
+
+    def keys(self, store_id: str) -> Keys:
+        keys = self._keys.get(store_id)
+        if keys is None:
+            keys = self._keys[store_id] = Keys(self._prefix, store_id)
+        return keys
+
+    async def _guard(self, call: Awaitable[T]) -> T:
+        """Run a Redis call within the answer bound; any failure is UNAVAILABLE."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                return await call
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise Unavailable(str(exc) or type(exc).__name__) from None
+
+    # --- the clock ---------------------------------------------------------------------
+
+    def _learn_time(self, real_ms: int, reset: bool = False) -> None:
+        sample = real_ms - time.monotonic() * 1000
+        if reset or self._offset_ms is None or sample > self._offset_ms:
+            self._offset_ms = sample
+
+    def _now(self) -> int:
+        if self._offset_ms is None:
+            return 0  # unknown yet: the commit refuses it and teaches us the time
+        return int(time.monotonic() * 1000 + self._offset_ms)
+
+    async def now(self) -> int:
+        if self._offset_ms is None:
+            seconds, micros = await self._guard(self._redis.time())
+            self._learn_time(seconds * 1000 + micros // 1000)
+        return self._now()
+
+    # --- transitions --------------------------------------------------------------------
+
+    async def apply(self, store_id: str, order_id: str, command: Command,
+                    actor: Terminal | None) -> Outcome:
+        return await self._guard(self._apply(store_id, order_id, command, actor))
+
+    async def _apply(self, store_id: str, order_id: str, command: Command,
+                     actor: Terminal | None) -> Outcome:
+        key = (store_id, order_id)
+        keys = self.keys(store_id)
+        if self._offset_ms is None:
+            await self.now()
+        for _ in range(MAX_ATTEMPTS):
+            cached = self._records.get(key)
+            state = self._states.get(store_id)
+            if cached is None or state is None:
+                await self._load(keys, key)
+                continue
+            rec_rev, record = cached
+            now = self._now()
+            out = step(record, command, Context(now, state.config, actor, state.offline))
+            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, out)
+            if reply[0] == 1:
+                self._learn_time(int(reply[1]))
+                if out.changed:
+                    self._records[key] = (_text(reply[2]), out.record)
+                if self._cluster and out.deadline is not None:
+                    await self._redis.zadd(self.due_stores, {store_id: out.deadline}, lt=True)
+                return out
+            _, real, new_rev, raw, fields = reply
+            self._learn_time(int(real), reset=True)
+            self._records[key] = (_text(new_rev), _record_decoder.decode(raw) if raw else None)
+            self._states[store_id] = _state_of(fields)
+        raise Unavailable("too much contention on one order")
+
+    async def _load(self, keys: Keys, key: tuple[str, str]) -> None:
+        real, rec_rev, raw, fields = await self._scripts["LOAD"](
+            keys=[keys.record(key[1]), keys.state])
+        self._learn_time(int(real))
+        self._records[key] = (_text(rec_rev), _record_decoder.decode(raw) if raw else None)
+        self._states[key[0]] = _state_of(fields)
+        if len(self._records) > 200_000:  # a bounded cache: a miss only costs a round trip
+            self._records.clear()
+
+    async def _commit(self, keys: Keys, order_id: str, rec_rev: str, state_rev: str, now: int,
+                      out: Outcome) -> list[Any]:
+        op = ("set" if out.record is not None else "del") if out.changed else "keep"
+        channel = order_channel(keys.store_id, order_id)
+        args: list[Any] = [
+            rec_rev, state_rev, now, self._tolerance_ms, op,
+            _record_encoder.encode(out.record) if op == "set" else b"",
+            "" if out.deadline is None else out.deadline, order_id,
+            keys.store_id, channel, encode(channel), keys.store_channel,
+            keys.store_channel_json, keys.pubsub, self._history_size, self._audit_size,
+            len(out.events), len(out.direct), len(out.audit),
+        ]
+        for event in out.events:
+            args += [event_body(event), event.table_id or "", event.notify or "",
+                     direct_frame(event) if event.notify else b""]
+        for terminal_id, event in out.direct:
+            args += [terminal_id, direct_frame(event)]
+        for entry in out.audit:
+            args += [encode(entry), "1" if entry.handled is False else "0"]
+        key_list = [keys.record(order_id), keys.state, keys.seqs, keys.due, keys.orders,
+                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled]
+        if not self._cluster:
+            key_list.append(self.due_stores)
+        result: list[Any] = await self._scripts["COMMIT"](keys=key_list, args=args)
+        return result
+
+    # --- store state ---------------------------------------------------------------------
+
+    async def _state(self, store_id: str) -> StoreState:
+        state = self._states.get(store_id)
+        if state is None:
+            fields = await self._guard(self._redis.hgetall(self.keys(store_id).state))
+            state = self._states[store_id] = _state_of(
+                [x for pair in fields.items() for x in pair])
+        return state
+
+    async def get_config(self, store_id: str) -> StoreConfig:
+        return (await self._state(store_id)).config
+
+    async def _put_config(self, store_id: str, config: StoreConfig) -> None:
+        keys = self.keys(store_id)
+        await self._guard(self._scripts["PUT_CONFIG"](keys=[keys.state], args=[encode(config)]))
+        self._states.pop(store_id, None)
+        await self._retick_store(store_id)
+
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        keys = self.keys(store_id)
+        await self._guard(self._scripts["PUBLISH_STORE"](
+            keys=[keys.seqs, keys.hist_store],
+            args=[keys.store_channel, keys.store_channel_json, event_body(event), keys.pubsub,
+                  self._history_size]))
+
+    async def order_ids(self, store_id: str) -> list[str]:
+        members = await self._guard(self._redis.smembers(self.keys(store_id).orders))
+        return sorted(_text(m) for m in members)
+
+    async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
+        raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
+        return _record_decoder.decode(raw) if raw else None
+
+    async def _records_of(self, store_id: str) -> list[OrderRecord]:
+        keys = self.keys(store_id)
+        _, raws, _ = await self._guard(self._scripts["SNAPSHOT_STORE"](
+            keys=[keys.orders, keys.terms, keys.seqs],
+            args=[keys.store_channel, keys.prefix + ":o:"]))
+        return [_record_decoder.decode(raw) for raw in raws]
+
+    async def find_order(self, store_id: str, table_id: str) -> str | None:
+        best = best_for_table(await self._records_of(store_id), table_id)
+        return best.order_id if best else None
+
+    async def snapshot(self, channel: str) -> tuple[int, Any]:
+        parsed = parse_channel(channel)
+        assert parsed is not None
+        store_id, order_id = parsed
+        keys = self.keys(store_id)
+        if order_id is not None:
+            await self.apply(store_id, order_id, Tick(), None)  # expiry first
+            seq, raw = await self._guard(self._scripts["SNAPSHOT_ORDER"](
+                keys=[keys.record(order_id), keys.seqs], args=[channel]))
+            rec = _record_decoder.decode(raw) if raw else None
+            snap: Any = OrderSnapshot(rec.order if rec else None,
+                                      list(rec.locks.values()) if rec else [])
+        else:
+            seq, raws, terms = await self._guard(self._scripts["SNAPSHOT_STORE"](
+                keys=[keys.orders, keys.terms, keys.seqs],
+                args=[channel, keys.prefix + ":o:"]))
+            orders, locks = [], []
+            for raw in raws:
+                rec = _record_decoder.decode(raw)
+                if rec.order.status == "open":
+                    orders.append(rec.order)
+                    locks.extend(rec.locks.values())
+            snap = StoreSnapshot(orders, locks, [_terminal_decoder.decode(t) for t in terms])
+        seq = int(seq)
+        self._seen[channel] = max(self._seen.get(channel, 0), seq)
+        return seq, snap
+
+    async def history(self, channel: str, since: int) -> list[Numbered] | None:
+        parsed = parse_channel(channel)
+        assert parsed is not None
+        keys = self.keys(parsed[0])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.seqs, channel)
+            pipe.xrange(keys.history(parsed[1]), f"{since + 1}-0", "+")
+            seq_raw, entries = await self._guard(pipe.execute())
+        seq = int(seq_raw or 0)
+        if since > seq:
+            return None
+        if since == seq:
+            return []
+        frames = [Numbered(int(_text(entry_id).split("-")[0]), fields[b"f"],
+                           _text(fields.get(b"t", b"")) or None) for entry_id, fields in entries]
+        if not frames or frames[0].seq != since + 1:
+            return None
+        return [entry for entry in frames if entry.seq <= seq]
+
+    # --- presence ---------------------------------------------------------------------------
+
+    async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
+        key = (terminal.store_id, terminal.terminal_id)
+        _, count, was_authority = self._local.get(key, (terminal, 0, False))
+        self._local[key] = (terminal, count + 1, authority or was_authority)
+        await self._hear_store(terminal.store_id, +1)
+        await self._announce(terminal, count + 1, authority or was_authority)
+
+    async def terminal_down(self, terminal: Terminal) -> None:
+        key = (terminal.store_id, terminal.terminal_id)
+        entry = self._local.get(key)
+        if entry is None:
+            return
+        count = entry[1] - 1
+        if count > 0:
+            self._local[key] = (entry[0], count, entry[2])
+        else:
+            del self._local[key]
+        try:
+            await self._announce(terminal, count, entry[2])
+        except Unavailable:
+            if count == 0:  # said again once Redis is back (see _resync)
+                self._leaving[key] = terminal
+            raise
+        finally:
+            await self._hear_store(terminal.store_id, -1)
+
+    async def _announce(self, terminal: Terminal, count: int, authority: bool,
+                        broker_id: str | None = None, since: int | None = None) -> None:
+        keys = self.keys(terminal.store_id)
+        before, after = await self._guard(self._scripts["PRESENCE"](
+            keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store],
+            args=[terminal.terminal_id, broker_id or self.broker_id, count, encode(terminal),
+                  terminal.role, "1" if authority else "0", keys.store_channel,
+                  keys.store_channel_json, keys.pubsub, self._history_size,
+                  "" if since is None else since]))
+        if terminal.role != "h5" and (before == 0) != (after == 0):
+            self._states.pop(terminal.store_id, None)
+            await self._retick_store(terminal.store_id)
+
+    async def _retick_store(self, store_id: str) -> None:
+        """Recompute every pending deadline of a store (its grace or presence changed)."""
+        order_ids = await self._guard(self._redis.zrange(self.keys(store_id).due, 0, -1))
+        for order_id in order_ids:
+            await self.apply(store_id, _text(order_id), Tick(), None)
+
+    async def online_terminals(self, store_id: str) -> list[Terminal]:
+        values = await self._guard(self._redis.hvals(self.keys(store_id).terms))
+        return [_terminal_decoder.decode(v) for v in values]
+
+    async def authority(self, store_id: str) -> str | None:
+        """The broker holding the store's order authority: an erp_main first, ours first."""
+        fields = await self._guard(self._redis.hgetall(self.keys(store_id).auths))
+        best: tuple[bool, bool, str] | None = None
+        for name, role in fields.items():
+            broker = _text(name).rsplit("|", 1)[-1]
+            rank = (_text(role) == "erp_main", broker == self.broker_id, broker)
+            if best is None or rank > best:
+                best = rank
+        return best[2] if best else None
+
+    async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
+        await self._guard(self._redis.publish(f"{self._prefix}rpc:{broker_id}", payload))
+
+    async def _hear_store(self, store_id: str, delta: int) -> None:
+        """Listen to a store's pub/sub channel while any local connection belongs to it."""
+        count = self._stores_heard.get(store_id, 0) + delta
+        keys = self.keys(store_id)
+        if count > 0:
+            self._stores_heard[store_id] = count
+            if count == 1 and delta > 0:
+                await self._guard(self._redis.sadd(f"{self._prefix}broker:{self.broker_id}:stores",
+                                                   store_id))
+                if self._pubsub is not None:
+                    await self._guard(self._pubsub.subscribe(keys.pubsub))
+                    await self._guard(self._confirm(keys.pubsub))
+        else:
+            self._stores_heard.pop(store_id, None)
+            if self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(keys.pubsub)
+
+    async def _confirm(self, pubsub_channel: str) -> None:
+        """Wait until our subscription hears its own probe: no event can slip past it."""
+        while True:
+            probe_id = secrets.token_hex(6)
+            future = self._probes[probe_id] = asyncio.get_running_loop().create_future()
+            await self._redis.publish(pubsub_channel, encode([[2, probe_id, 0, "", "", "", ""]]))
+            try:
+                await asyncio.wait_for(asyncio.shield(future), 0.1)
+                return
+            except TimeoutError:
+                self._probes.pop(probe_id, None)
+
+    # --- audit --------------------------------------------------------------------------------
+
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
+        keys = self.keys(store_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(keys.audit, "+", "-", count=limit if not kind else self._audit_size)
+            pipe.hgetall(keys.unhandled)
+            entries, unhandled = await self._guard(pipe.execute())
+        found: dict[str, AuditEntry] = {}
+        for entry_id, fields in entries:
+            found[_text(entry_id)] = _audit_decoder.decode(fields[b"e"])
+        for entry_id, raw in unhandled.items():
+            found.setdefault(_text(entry_id), _audit_decoder.decode(raw))
+        open_ids = {_text(i) for i in unhandled}
+        result = []
+        for entry_id, entry in found.items():
+            entry.id = entry_id
+            if entry.kind == "payment.rejected":
+                entry.handled = entry_id not in open_ids
+            if not kind or entry.kind == kind:
+                result.append(entry)
+        result.sort(key=lambda e: tuple(int(p) for p in e.id.split("-")), reverse=True)
+        return result[:limit]
+
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
+        keys = self.keys(store_id)
+        if await self._guard(self._redis.hdel(keys.unhandled, entry_id)):
+            return True
+        if not _STREAM_ID.match(entry_id):
+            return False
+        return bool(await self._guard(self._redis.xrange(keys.audit, entry_id, entry_id)))
+
+    # --- background work --------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Deliver every store's events; after a lost subscription, resynchronise from history."""
+        delay = 0.05
+        while True:
+            try:
+                self._pubsub = self._redis.pubsub()
+                channels = [self.keys(s).pubsub for s in self._stores_heard]
+                await self._pubsub.subscribe(f"{self._prefix}rpc:{self.broker_id}", *channels)
+                if self._offset_ms is not None:  # not the first time: we may have missed some
+                    await self._resync()
+                self._pubsub_ok.set()
+                delay = 0.05
+                async for message in self._pubsub.listen():
+                    if message["type"] == "message":
+                        await self._on_message(_text(message["channel"]), message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._pubsub_ok.is_set():
+                    log.warning("lost the Redis subscription: %s", exc)
+                self._pubsub_ok.clear()
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+                self._pubsub = None
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    async def _on_message(self, channel: str, data: bytes) -> None:
+        if channel.endswith(f"rpc:{self.broker_id}"):
+            if self.on_broker_message is not None:
+                await self.on_broker_message(data)
+            return
+        store_id = channel[len(self._prefix) + 7:-4]  # tl:{store:<id>}:ev
+        for kind, name, seq, frame, table_id, terminal_id, unless in _pub_decoder.decode(data):
+            if kind == 2:  # our own probe: the subscription is live
+                probe = self._probes.pop(name, None)
+                if probe is not None and not probe.done():
+                    probe.set_result(None)
+            elif kind == 0:
+                seen = self._seen.get(name)
+                if seen is not None and seq > seen + 1:
+                    await self._recover(name, seen)  # a gap: fill it from the history first
+                if seen is not None and seq <= self._seen.get(name, 0):
+                    continue
+                self._seen[name] = seq
+                if '"event":"config.updated"' in frame:
+                    self._states.pop(store_id, None)
+                self.sink.publish(name, seq, frame, table_id or None)
+            else:
+                self.sink.direct(store_id, terminal_id, frame,
+                                 tuple(unless.split("\n")) if unless else ())
+
+    async def _recover(self, channel: str, since: int) -> None:
+        """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""
+        try:
+            missed = await self.history(channel, since)
+        except Unavailable:
+            missed = None
+        if missed is None:
+            log.warning("history of %s no longer reaches seq %d", channel, since)
+            self.sink.lost(channel)
+            return
+        for seq, frame, table_id in missed:
+            if seq > self._seen.get(channel, 0):
+                self._seen[channel] = seq
+                self.sink.publish(channel, seq, frame.decode(), table_id)
+
+    async def _resync(self) -> None:
+        """After a lost subscription: fill every local channel's gap, re-announce presence."""
+        for channel, seen in list(self._seen.items()):
+            if self.sink.has_subscribers(channel):
+                await self._recover(channel, seen)
+            else:
+                del self._seen[channel]
+        for terminal, count, authority in list(self._local.values()):
+            with contextlib.suppress(Unavailable):
+                await self._announce(terminal, count, authority)
+        for key, terminal in list(self._leaving.items()):
+            with contextlib.suppress(Unavailable):
+                await self._announce(terminal, 0, False)
+                del self._leaving[key]
+
+    async def _sweep(self) -> None:
+        """Expire what is due, whoever granted it; each broker polls the store index."""
+        while True:
+            await asyncio.sleep(self._sweep_interval_s * (0.5 + random.random()))
+            try:
+                now = await self.now()
+                stores = await self._guard(self._redis.zrangebyscore(self.due_stores, "-inf", now))
+                for store in stores:
+                    await self._sweep_store(_text(store), now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: try again next round
+                log.debug("sweep failed: %s", exc)
+
+    async def _sweep_store(self, store_id: str, now: int) -> None:
+        keys = self.keys(store_id)
+        due = await self._guard(self._redis.zrangebyscore(keys.due, "-inf", now, start=0, num=500))
+        await asyncio.gather(*(self.apply(store_id, _text(o), Tick(), None) for o in due),
+                             return_exceptions=True)
+        # Move the store's index entry to its next deadline without losing one that a
+        # concurrent commit lowered meanwhile: raise it (GT), then lower it (LT) if needed.
+        first = await self._guard(self._redis.zrange(keys.due, 0, 0, withscores=True))
+        nxt = first[0][1] if first else float("inf")
+        await self._guard(self._redis.zadd(self.due_stores, {store_id: nxt}, gt=True))
+        again = await self._guard(self._redis.zrange(keys.due, 0, 0, withscores=True))
+        if again and again[0][1] < nxt:
+            await self._guard(self._redis.zadd(self.due_stores, {store_id: again[0][1]}, lt=True))
+
+    async def _heartbeat(self) -> None:
+        """Say we are alive; take the presence away from brokers that stopped saying so."""
+        stores_key = f"{self._prefix}broker:{self.broker_id}:stores"
+        while True:
+            try:
+                now = await self.now()
+                await self._guard(self._redis.zadd(self.brokers, {self.broker_id: now}))
+                await self._guard(self._redis.sadd(stores_key, *self._stores_heard)
+                                  if self._stores_heard else asyncio.sleep(0))
+                dead = await self._guard(self._redis.zrangebyscore(
+                    self.brokers, "-inf", now - self._dead_after_ms, withscores=True))
+                for broker, last_seen in dead:
+                    await self._bury(_text(broker), int(last_seen))
+                for channel in [c for c in self._seen if not self.sink.has_subscribers(c)]:
+                    del self._seen[channel]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("heartbeat failed: %s", exc)
+            await asyncio.sleep(self._heartbeat_s)
+
+    async def _bury(self, broker_id: str, last_seen: int) -> None:
+        log.warning("broker %s stopped heart-beating: its terminals go offline", broker_id)
+        stores_key = f"{self._prefix}broker:{broker_id}:stores"
+        for store in await self._guard(self._redis.smembers(stores_key)):
+            store_id = _text(store)
+            keys = self.keys(store_id)
+            terminal_ids = await self._guard(self._scripts["DEAD_FIELDS"](
+                keys=[keys.conns], args=[broker_id]))
+            for terminal_id in terminal_ids:
+                raw = await self._guard(self._redis.hget(keys.terms, terminal_id))
+                terminal = (_terminal_decoder.decode(raw) if raw else
+                            Terminal(_text(terminal_id), "erp_secondary", _text(terminal_id),
+                                     store_id))
+                await self._announce(terminal, 0, False, broker_id=broker_id, since=last_seen)
+        await self._guard(self._redis.delete(stores_key))
+        await self._guard(self._redis.zrem(self.brokers, broker_id))
