@@ -8,12 +8,30 @@ from typing import Any
 
 import pytest
 
+from .redis_support import RedisServer
 from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[BrokerProcess]:
-    proc = BrokerProcess().start()
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server of the tests' own, on a free port (never the machine's 6379)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """Every protocol test runs against both backends, so that they stay equal."""
+    if request.param == "memory":
+        return "memory"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture(scope="session")
+def broker(backend_url: str) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(backend=backend_url).start()
     yield proc
     proc.stop()
 
@@ -55,7 +73,8 @@ class Store:
 
     async def publish(self, client: WsClient, change: str = "modify", **order_fields: Any,
                       ) -> dict[str, Any]:
-        extra = {k: order_fields.pop(k) for k in ("token", "force") if k in order_fields}
+        extra = {k: order_fields.pop(k) for k in ("token", "force", "operator", "reason")
+                 if k in order_fields}
         body = order(**order_fields)
         reply = await client.request("order.publish", order=body, change=change, **extra)
         if reply.get("ok") and hasattr(client, "orders"):
@@ -67,6 +86,27 @@ class Store:
                                    self.token("manager"), patch)
         assert status == 200, body
         return body
+
+    def channel(self, order_id: str | None = None) -> str:
+        """`store:<store>` or `order:<store>:<order>`."""
+        if order_id is None:
+            return f"store:{self.store_id}"
+        return f"order:{self.store_id}:{order_id}"
+
+    async def http(self, method: str, path: str, role: str | None = "manager",
+                   body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        """An HTTP call under /v1/stores/<store>; a fresh token of `role` unless one is given."""
+        if token is None and role is not None:
+            token = self.token(role)
+        return await ahttp(method, f"{self.broker.http}/v1/stores/{self.store_id}{path}",
+                           token, body)
+
+    async def audit(self, kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """The store's audit log, newest first, read with a manager token."""
+        query = f"?limit={limit}" + (f"&kind={kind}" if kind else "")
+        status, body = await self.http("GET", f"/audit{query}")
+        assert status == 200, body
+        return body["entries"]
 
     async def close(self) -> None:
         for client in self.clients:
