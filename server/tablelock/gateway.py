@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from .auth import AuthError, Tokens
-from .backends.base import Backend, Unavailable
+from .backends.base import Backend, Numbered, Unavailable
 from .hub import Connection, Hub
 from .model import FORCING_ROLES, Lock, Terminal
 from .prompts import prompt
@@ -143,6 +143,7 @@ class Gateway:
                 await self._serve(conn, receive)
         finally:
             await self._goodbye(conn)
+            await conn.wait_closed()
 
     async def _hello(self, conn: Connection, receive: Callable[[], Awaitable[Any]]) -> bool:
         try:
@@ -184,24 +185,34 @@ class Gateway:
                                                hello.order_authority)
             conn.locale = hello.locale or config.locale
             await self.backend.terminal_up(terminal, conn.authority)
+            missed, lost = await self._missed(conn) if resumed else ({}, [])
             result = HelloResult(session.session_id, resumed, terminal,
                                  StoreInfo(terminal.store_id, config),
-                                 self.settings.heartbeat_ms, await self.backend.now())
+                                 self.settings.heartbeat_ms, await self.backend.now(), lost)
         except Unavailable:
             conn.send(error_frame(hello.id, "UNAVAILABLE", conn.locale))
             conn.close(1013, "backend unavailable")
             return False
         conn.send(ok_frame(hello.id, result))
-        if resumed:
-            await self._replay(conn)
+        for channel, events in missed.items():  # then what the session missed, in order
+            for seq, frame, table_id in events:
+                self.hub.replay(conn, channel, seq, frame.decode(), table_id)
+            self.hub.end_subscribe(conn, channel)
         return True
 
-    async def _replay(self, conn: Connection) -> None:
-        """A resumed session gets the events it missed on each channel, in order."""
+    async def _missed(self, conn: Connection) -> tuple[dict[str, list[Numbered]], list[str]]:
+        """What a resumed session missed per channel; channels whose history is gone are
+        dropped from the session and named in the reply, for the client to subscribe again."""
         assert conn.session is not None
+        missed, lost = {}, []
         for channel, last in list(conn.session.subs.items()):
-            for seq, frame, table_id in await self.backend.history(channel, last) or ():
-                self.hub.replay(conn, channel, seq, frame.decode(), table_id)
+            events = await self.backend.history(channel, last)
+            if events is None:
+                self.hub.unsubscribe(conn, channel)
+                lost.append(channel)
+            else:
+                missed[channel] = events
+        return missed, lost
 
     async def _serve(self, conn: Connection, receive: Callable[[], Awaitable[Any]]) -> None:
         while True:

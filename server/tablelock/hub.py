@@ -38,8 +38,8 @@ class Session:
 
 
 class Connection:
-    __slots__ = ("_flusher", "_queue", "_queued_bytes", "_send", "authority", "closed",
-                 "hub", "locale", "max_bytes", "max_messages", "pending", "session",
+    __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "authority",
+                 "closed", "hub", "locale", "max_bytes", "max_messages", "pending", "session",
                  "table_id", "terminal")
 
     def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
@@ -48,6 +48,7 @@ class Connection:
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.closed = False
@@ -99,7 +100,13 @@ class Connection:
             if self._flusher is not None:
                 self._flusher.cancel()
         self.closed = True
-        asyncio.get_running_loop().create_task(self._close(code, reason))
+        self._closing = asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Let a close we started reach the peer before the endpoint returns."""
+        if self._closing is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._closing), timeout)
 
     async def _close(self, code: int, reason: str) -> None:
         if code != CLOSE_SLOW_CONSUMER:
@@ -147,6 +154,8 @@ class Hub:
         self._terminals.setdefault((terminal.store_id, terminal.terminal_id), set()).add(conn)
         for channel in session.subs:
             self._subscribers.setdefault(channel, set()).add(conn)
+            if resumed:  # hold live events back until the missed ones are replayed
+                conn.pending[channel] = []
         if authority or terminal.role == "erp_main":
             conn.authority = True
             self._authorities.setdefault(terminal.store_id, []).append(conn)
@@ -200,11 +209,12 @@ class Hub:
         conn.session.subs[channel] = 0
         self._subscribers.setdefault(channel, set()).add(conn)
 
-    def end_subscribe(self, conn: Connection, channel: str, seq: int) -> None:
-        """The reply with the snapshot at `seq` is queued: release what came after it."""
+    def end_subscribe(self, conn: Connection, channel: str, seq: int | None = None) -> None:
+        """The snapshot at `seq` (or the replay) is queued: release what came after it."""
         assert conn.session is not None
         buffered = conn.pending.pop(channel, [])
-        conn.session.subs[channel] = seq
+        if seq is not None:
+            conn.session.subs[channel] = seq
         for event_seq, text in buffered:
             if event_seq > conn.session.subs[channel]:
                 conn.session.subs[channel] = event_seq

@@ -208,6 +208,8 @@ class HelloResult(msgspec.Struct):
     store: StoreInfo
     heartbeat_ms: int
     server_time: int
+    # On resume: channels whose missed events are gone from the history; subscribe again.
+    resubscribe: list[str] = []
 
 
 class PingResult(msgspec.Struct):

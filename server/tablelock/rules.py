@@ -75,7 +75,15 @@ ACTION_OF_CHANGE: Final[dict[str, Action]] = {"add_items": "add_items", "modify"
                                                "status": "modify"}
 # Which lock blocks first when several do (PROTOCOL.md section 2, refusal order).
 BLOCKING_ORDER: Final[tuple[LockKind, ...]] = ("payment", "presettle", "order")
-H5_ACTIONS: Final = frozenset({"add_items", "pay"})
+# What each role may ever do (a `check` of anything else answers FORBIDDEN): the ERP
+# publishes and accepts orders; a manager takes locks; a customer adds dishes and pays.
+ACTIONS_OF_ROLE: Final[dict[str, frozenset[str]]] = {
+    "erp_main": frozenset(LOCK_TABLE),
+    "erp_secondary": frozenset(LOCK_TABLE),
+    "manager": frozenset({"edit", "pay", "presettle"}),
+    "h5": frozenset({"add_items", "pay"}),
+    "service": frozenset(),
+}
 
 
 # --- commands -----------------------------------------------------------------
@@ -261,7 +269,12 @@ def _refuse(out: Outcome, code: Code, variant: str = "", can_force: bool = False
 
 
 def _ended(rec: OrderRecord) -> bool:
-    return rec.order.status != "open"
+    return rec.order.status != "open" or rec.payment is not None
+
+
+def _paid(rec: OrderRecord) -> bool:
+    """Paid through the broker or at the counter: never payable again, whatever follows."""
+    return rec.payment is not None or rec.order.status == "paid"
 
 
 def _blocking(rec: OrderRecord, action: str, actor: Terminal) -> list[tuple[Lock, Cell]]:
@@ -434,7 +447,7 @@ def _ingest_order(rec: OrderRecord | None, order: Order, ctx: Context, out: Outc
         rec = _new_record(order, ctx, store_id)
         out.changed = True
         _emit(out, rec, ctx, "order.updated", order=order)
-    elif order.version > rec.order.version and rec.order.status != "paid":
+    elif order.version > rec.order.version and not _paid(rec):
         _store_order(rec, order, ctx, out)
     return rec
 
@@ -516,8 +529,8 @@ def _publish(rec: OrderRecord | None, cmd: Publish, ctx: Context, out: Outcome) 
         _emit(out, rec, ctx, "order.updated", order=cmd.order)
         out.result = {"order": cmd.order}
         return None
-    if rec.order.status == "paid" and cmd.change != "status":
-        return _refuse(out, "ORDER_PAID")
+    if _paid(rec) and (cmd.change != "status" or cmd.order.status == "open"):
+        return _refuse(out, "ORDER_PAID")  # a paid order may only be closed
     if cmd.token is not None:
         code = _publish_token_refusal(rec, cmd.token, actor)
         if code is not None:
@@ -605,9 +618,8 @@ def check_refusal(rec: OrderRecord, action: str, ctx: Context) -> Refusal | None
     """What the lock table says of `action` by the context's actor, without trying it."""
     actor = ctx.actor
     assert actor is not None
-    if actor.role == "h5" and (action not in H5_ACTIONS or rec.order.table_id != actor.table_id):
-        return Refusal("FORBIDDEN")
-    if actor.role == "service":
+    if action not in ACTIONS_OF_ROLE[actor.role] or (
+            actor.role == "h5" and rec.order.table_id != actor.table_id):
         return Refusal("FORBIDDEN")
     if _ended(rec):
         return Refusal("ORDER_PAID")
