@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
+from . import metrics
 from .auth import Tokens
 from .backends.base import Backend
 from .gateway import Gateway
@@ -33,7 +34,9 @@ def make_backend(settings: Settings) -> Backend:
 
 def create_app(settings: Settings) -> Starlette:
     backend = make_backend(settings)
-    hub = Hub(settings.max_queue_messages, settings.max_queue_bytes)
+    hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
+              settings.rate_burst)
+    metrics.watch_queues(hub.queue_depths)
     relay = Relay(hub, backend)
     tokens = Tokens(settings.secrets)
     gateway = Gateway(backend, hub, relay, tokens, settings)
@@ -55,4 +58,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.backend = backend
     app.state.hub = hub
     app.state.tokens = tokens
+    app.state.gateway = gateway
     return app

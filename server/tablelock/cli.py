@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import secrets
 import sys
+from types import FrameType
+
+import uvicorn
 
 from .auth import Tokens, parse_ttl
+from .gateway import Gateway
 from .settings import Settings
 
 
@@ -28,13 +33,15 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "http": "httptools",
         "lifespan": "on",
         "log_level": "warning",
+        "timeout_graceful_shutdown": 3,
     }
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
+    from . import logs
     from .app import create_app
+
+    logs.setup()
 
     settings = Settings.from_env(host=args.host, port=args.port, backend=args.backend)
     if args.secret:
@@ -47,7 +54,31 @@ def serve(args: argparse.Namespace) -> None:
     print(f"tablelock listening on ws://{settings.host}:{settings.port}/ws "
           f"(backend: {settings.backend}; health: http://{settings.host}:{settings.port}/healthz)",
           flush=True)
-    uvicorn.run(create_app(settings), **uvicorn_options(settings))  # type: ignore[arg-type]
+    app = create_app(settings)
+    config = uvicorn.Config(app, **uvicorn_options(settings))  # type: ignore[arg-type]
+    DrainingServer(config, app.state.gateway, settings.drain_window_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM or SIGINT drains before it stops: clients are
+    told to reconnect (1012) spread over the window, then the process exits. A second
+    signal stops at once. State survives on Redis; the in-memory backend's dies here."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, window_s: float) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.window_s = window_s
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.window_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self.gateway.drain, self.window_s)
+        loop.call_soon_threadsafe(loop.call_later, self.window_s + 0.5,
+                                  super().handle_exit, sig, frame)
 
 
 def token(args: argparse.Namespace) -> None:

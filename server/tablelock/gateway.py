@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from . import metrics
 from .auth import AuthError, Tokens
 from .backends.base import Backend, Numbered, Unavailable
 from .hub import Connection, Hub
-from .model import FORCING_ROLES, Lock, Terminal
+from .model import FORCING_ROLES, Lock, Order, Terminal
 from .prompts import prompt
 from .protocol import (
     PROTOCOL_VERSION,
@@ -44,10 +47,13 @@ from .protocol import (
     PublishResult,
     ReleaseResult,
     RenewResult,
+    Request,
     RpcResult,
     StoreInfo,
     Subscribe,
     SubscribeResult,
+    TokenRefresh,
+    TokenRefreshResult,
     Unsubscribe,
     decode,
     encode,
@@ -73,6 +79,8 @@ log = logging.getLogger("tablelock.gateway")
 CLOSE_NO_HELLO = 4001
 CLOSE_UNSUPPORTED_PROTOCOL = 4002
 CLOSE_AUTH_FAILED = 4003
+CLOSE_POLICY = 4008
+CLOSE_RESTARTING = 1012
 
 RequestId = int | str | None
 
@@ -114,8 +122,10 @@ class Gateway:
         self.tokens = tokens
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
         self._handlers: dict[type, Handler] = {
             Ping: self._ping,
+            TokenRefresh: self._refresh,
             Subscribe: self._subscribe,
             Unsubscribe: self._unsubscribe,
             OrderGet: self._order_get,
@@ -134,9 +144,16 @@ class Gateway:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        if not self._origin_allowed(scope):
+            await send({"type": "websocket.close", "code": CLOSE_AUTH_FAILED})  # HTTP 403
+            return
         offered = scope.get("subprotocols") or []
         await send({"type": "websocket.accept",
                     "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
+        if self.draining:
+            await send({"type": "websocket.close", "code": CLOSE_RESTARTING,
+                        "reason": "restarting: reconnect"})
+            return
         conn = self.hub.connection(send)
         try:
             if await self._hello(conn, receive):
@@ -172,12 +189,17 @@ class Gateway:
             conn.close(CLOSE_UNSUPPORTED_PROTOCOL, "unsupported protocol")
             return False
         try:
-            terminal, _expires = self.tokens.verify(hello.token)
+            terminal, expires = self.tokens.verify(hello.token)
             if hello.store_id is not None and hello.store_id != terminal.store_id:
                 raise AuthError("store_id differs from the token's store")
         except AuthError as exc:
             conn.send(error_frame(hello.id, "AUTH_FAILED", locale, detail=str(exc)))
             conn.close(CLOSE_AUTH_FAILED, "auth failed")
+            return False
+        full = self._full(terminal)
+        if full:
+            conn.send(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full))
+            conn.close(CLOSE_POLICY, "connection limit")
             return False
         try:
             config = await self.backend.get_config(terminal.store_id)
@@ -194,6 +216,8 @@ class Gateway:
             conn.close(1013, "backend unavailable")
             return False
         conn.send(ok_frame(hello.id, result))
+        metrics.CONNECTIONS.labels(terminal.role).inc()
+        self._expire_at(conn, expires)
         for channel, events in missed.items():  # then what the session missed, in order
             for seq, frame, table_id in events:
                 self.hub.replay(conn, channel, seq, frame.decode(), table_id)
@@ -237,24 +261,88 @@ class Gateway:
                                   detail="hello was already said"))
             return
         assert conn.terminal is not None
+        if not conn.take_token():
+            metrics.RATE_LIMITED.inc()
+            self._fail(conn, request, "RATE_LIMITED")
+            if conn.over_limit():
+                conn.close(CLOSE_POLICY, "rate limit")
+            return
+        if request.store_id is not None and request.store_id != conn.terminal.store_id:
+            self._fail(conn, request, "FORBIDDEN", detail="another store")
+            return
+        await self._run(conn, request, handler(conn, request))
+
+    async def _run(self, conn: Connection, request: Request, work: Awaitable[None]) -> None:
+        """Run a request's handler; whatever it raises becomes that request's error reply."""
         try:
-            if request.store_id is not None and request.store_id != conn.terminal.store_id:
-                raise Refused("FORBIDDEN", "another store")
-            await handler(conn, request)
+            await work
         except Refused as refused:
-            conn.send(error_frame(request.id, refused.code, conn.locale, detail=refused.detail))
+            self._fail(conn, request, refused.code, detail=refused.detail)
         except Unavailable:
-            conn.send(error_frame(request.id, "UNAVAILABLE", conn.locale))
+            self._fail(conn, request, "UNAVAILABLE")
         except Exception:
-            log.exception("request %s failed", type(request).__name__)
-            conn.send(error_frame(request.id, "UNAVAILABLE", conn.locale,
-                                  detail="internal error"))
+            log.exception("request %s failed", type(request).__name__,
+                          extra={"request_id": str(request.id)})
+            self._fail(conn, request, "UNAVAILABLE", detail="internal error")
+
+    def _origin_allowed(self, scope: dict[str, Any]) -> bool:
+        """Browsers may connect from the broker's own origin or an allowed one."""
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        if origin is None:
+            return True  # not a browser: its token is its only credential
+        allowed = self.settings.allowed_origins
+        text = origin.decode("latin-1")
+        host = headers.get(b"host", b"").decode("latin-1")
+        return "*" in allowed or text in allowed or text.split("://", 1)[-1] == host
+
+    def _full(self, terminal: Terminal) -> str:
+        """Why one more connection is refused, or '' when it is welcome."""
+        settings = self.settings
+        if len(self.hub.connections) > settings.max_connections:
+            return f"this broker holds {settings.max_connections} connections already"
+        if self.hub.store_connections(terminal.store_id) >= settings.max_connections_per_store:
+            return f"store {terminal.store_id} has {settings.max_connections_per_store} already"
+        if self.hub.online_connections(terminal) >= settings.max_connections_per_terminal:
+            return (f"terminal {terminal.terminal_id} has "
+                    f"{settings.max_connections_per_terminal} connections already")
+        return ""
+
+    def _expire_at(self, conn: Connection, expires_s: int) -> None:
+        """Close the connection when its token ends, unless `token.refresh` moves the end."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expires_s - time.time())
+        conn.expiry = loop.call_later(delay, conn.close, CLOSE_AUTH_FAILED, "token expired")
+
+    async def _refresh(self, conn: Connection, request: TokenRefresh) -> None:
+        try:
+            terminal, expires = self.tokens.verify(request.token)
+        except AuthError as exc:
+            raise Refused("AUTH_FAILED", str(exc)) from None
+        if terminal != conn.terminal:
+            raise Refused("AUTH_FAILED", "the new token names another terminal")
+        self._expire_at(conn, expires)
+        self._ok(conn, request, TokenRefreshResult(expires * 1000))
+
+    def drain(self, window_s: float) -> None:
+        """SIGTERM: refuse newcomers and ask everyone to reconnect (1012), spread out over the
+        window so that they don't all come back to the other brokers at once."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        conns = list(self.hub.connections)
+        random.shuffle(conns)
+        for n, conn in enumerate(conns):
+            loop.call_later(window_s * n / max(len(conns), 1), conn.close, CLOSE_RESTARTING,
+                            "restarting: reconnect")
 
     async def _goodbye(self, conn: Connection) -> None:
         terminal = conn.terminal
         if terminal is None:
             self.hub.connections.discard(conn)
             return
+        metrics.CONNECTIONS.labels(terminal.role).dec()
         try:
             config = await self.backend.get_config(terminal.store_id)
             grace = config.disconnect_grace_ms
@@ -268,8 +356,9 @@ class Gateway:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, conn: Connection, request: Request, work: Awaitable[None]) -> None:
+        """Answer a request that waits for an ERP without holding up the connection."""
+        task = asyncio.ensure_future(self._run(conn, request, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -277,24 +366,36 @@ class Gateway:
         assert conn.terminal is not None
         return await self.backend.apply(conn.terminal.store_id, order_id, command, conn.terminal)
 
-    def _answer(self, conn: Connection, request_id: int | str, out: Outcome,
+    @staticmethod
+    def _ok(conn: Connection, request: Request, result: msgspec.Struct | None = None) -> None:
+        _count(request, "OK")
+        conn.send(ok_frame(request.id, result))
+
+    @staticmethod
+    def _fail(conn: Connection, request: Request, code: str, *, variant: str = "",
+              can_force: bool = False, lock: Lock | None = None, detail: str = "") -> None:
+        _count(request, code)
+        conn.send(error_frame(request.id, code, conn.locale, variant=variant,
+                              can_force=can_force, lock=lock, detail=detail))
+
+    def _answer(self, conn: Connection, request: Request, out: Outcome,
                 result: Callable[[dict[str, Any]], msgspec.Struct]) -> None:
         if out.refusal is not None:
             r = out.refusal
-            conn.send(error_frame(request_id, r.code, conn.locale, variant=r.variant,
-                                  can_force=r.can_force, lock=r.lock))
+            self._fail(conn, request, r.code, variant=r.variant, can_force=r.can_force,
+                       lock=r.lock)
         else:
             assert out.result is not None
-            conn.send(ok_frame(request_id, result(out.result)))
+            self._ok(conn, request, result(out.result))
 
-    async def _fetch(self, terminal: Terminal, params: dict[str, str]):  # type: ignore[no-untyped-def]
+    async def _fetch(self, terminal: Terminal, params: dict[str, str]) -> Order | None:
         config = await self.backend.get_config(terminal.store_id)
         return await self.relay.fetch(terminal.store_id, params, config.erp_fetch_timeout_ms)
 
     # --- requests ---------------------------------------------------------------------------
 
     async def _ping(self, conn: Connection, request: Ping) -> None:
-        conn.send(ok_frame(request.id, PingResult(await self.backend.now())))
+        self._ok(conn, request, PingResult(await self.backend.now()))
 
     async def _subscribe(self, conn: Connection, request: Subscribe) -> None:
         terminal = conn.terminal
@@ -313,7 +414,7 @@ class Gateway:
                 raise Refused("FORBIDDEN", "an order of another table")
         if (request.channel not in conn.session.subs
                 and self.hub.subscription_count(conn) >= self.settings.max_subscriptions):
-            raise Refused("BAD_REQUEST", "too many subscriptions on this connection")
+            raise Refused("LIMIT_REACHED", "too many subscriptions on this connection")
         self.hub.begin_subscribe(conn, request.channel)
         seq = 0
         try:
@@ -323,7 +424,7 @@ class Gateway:
                 missed = await self.backend.history(request.channel, request.since)
                 result.recovered = missed is not None
                 result.missed = [msgspec.Raw(m.frame) for m in missed or () if m.seq <= seq]
-            conn.send(ok_frame(request.id, result))
+            self._ok(conn, request, result)
         except BaseException:
             self.hub.unsubscribe(conn, request.channel)
             raise
@@ -331,7 +432,7 @@ class Gateway:
 
     async def _unsubscribe(self, conn: Connection, request: Unsubscribe) -> None:
         self.hub.unsubscribe(conn, request.channel)
-        conn.send(ok_frame(request.id))
+        self._ok(conn, request)
 
     async def _order_get(self, conn: Connection, request: OrderGet) -> None:
         terminal = conn.terminal
@@ -342,31 +443,25 @@ class Gateway:
             raise Refused("FORBIDDEN", "another table")
         if request.fresh:
             # The ERP's answer may take a while: don't hold up this connection's other frames.
-            self._spawn(self._order_get_fresh(conn, request))
+            self._spawn(conn, request, self._order_get_fresh(conn, request))
             return
         order_id = request.order_id or await self.backend.find_order(
             terminal.store_id, request.table_id or "")
         if order_id is None:
             raise Refused("NOT_FOUND")
-        self._send_order(conn, request.id, await self._apply(conn, order_id, Tick()))
+        self._send_order(conn, request, await self._apply(conn, order_id, Tick()))
 
     async def _order_get_fresh(self, conn: Connection, request: OrderGet) -> None:
         terminal = conn.terminal
         assert terminal is not None
         params = ({"order_id": request.order_id} if request.order_id
                   else {"table_id": request.table_id or ""})
-        try:
-            order = await self._fetch(terminal, params)
-            if order is None:
-                raise Refused("ERP_UNAVAILABLE")
-            self._send_order(conn, request.id,
-                             await self._apply(conn, order.order_id, Ingest(order)))
-        except Refused as refused:
-            conn.send(error_frame(request.id, refused.code, conn.locale, detail=refused.detail))
-        except Unavailable:
-            conn.send(error_frame(request.id, "UNAVAILABLE", conn.locale))
+        order = await self._fetch(terminal, params)
+        if order is None:
+            raise Refused("ERP_UNAVAILABLE")
+        self._send_order(conn, request, await self._apply(conn, order.order_id, Ingest(order)))
 
-    def _send_order(self, conn: Connection, request_id: int | str, out: Outcome) -> None:
+    def _send_order(self, conn: Connection, request: OrderGet, out: Outcome) -> None:
         terminal = conn.terminal
         assert terminal is not None
         rec = out.record
@@ -374,13 +469,13 @@ class Gateway:
             raise Refused("NOT_FOUND")
         if terminal.role == "h5" and rec.order.table_id != terminal.table_id:
             raise Refused("FORBIDDEN", "an order of another table")
-        conn.send(ok_frame(request_id, OrderResult(rec.order, list(rec.locks.values()))))
+        self._ok(conn, request, OrderResult(rec.order, list(rec.locks.values())))
 
     async def _publish(self, conn: Connection, request: OrderPublish) -> None:
         command = Publish(request.order.to_order(), request.change, request.token, request.force,
                           request.operator, request.reason)
         out = await self._apply(conn, request.order.order_id, command)
-        self._answer(conn, request.id, out, lambda r: PublishResult(**r))
+        self._answer(conn, request, out, lambda r: PublishResult(**r))
 
     async def _check(self, conn: Connection, request: CheckRequest) -> None:
         out = await self._apply(conn, request.order_id, Check(request.action))
@@ -389,48 +484,49 @@ class Gateway:
         assert out.result is not None
         refusal = out.result.get("refusal")
         if refusal is None:
-            conn.send(ok_frame(request.id, CheckResult(True)))
+            self._ok(conn, request, CheckResult(True))
             return
         message = prompt(refusal.code, conn.locale, refusal.variant)
-        result = CheckResult(False, refusal.code, message, refusal.can_force, refusal.lock)
-        conn.send(ok_frame(request.id, result))
+        self._ok(conn, request, CheckResult(False, refusal.code, message, refusal.can_force,
+                                            refusal.lock))
 
     async def _acquire(self, conn: Connection, request: LockAcquire) -> None:
         command = Acquire(request.kind, request.force, request.operator, request.reason)
         out = await self._apply(conn, request.order_id, command)
         if out.need_fetch:
-            self._spawn(self._acquire_fresh(conn, request, command))
+            self._spawn(conn, request, self._acquire_fresh(conn, request, command))
             return
-        self._answer(conn, request.id, out, lambda r: AcquireResult(**r))
+        self._answer(conn, request, out, lambda r: AcquireResult(**r))
 
     async def _acquire_fresh(self, conn: Connection, request: LockAcquire,
                              command: Acquire) -> None:
         """Strong link: pull the order from the ERP, then decide again on the fresh copy."""
         assert conn.terminal is not None
-        try:
-            order = await self._fetch(conn.terminal, {"order_id": request.order_id})
-            retry = Acquire(command.kind, command.force, command.operator, command.reason,
-                            fetched=order, fetch_failed=order is None)
-            out = await self._apply(conn, request.order_id, retry)
-            self._answer(conn, request.id, out, lambda r: AcquireResult(**r))
-        except Unavailable:
-            conn.send(error_frame(request.id, "UNAVAILABLE", conn.locale))
+        order = await self._fetch(conn.terminal, {"order_id": request.order_id})
+        retry = Acquire(command.kind, command.force, command.operator, command.reason,
+                        fetched=order, fetch_failed=order is None)
+        out = await self._apply(conn, request.order_id, retry)
+        self._answer(conn, request, out, lambda r: AcquireResult(**r))
 
     async def _renew(self, conn: Connection, request: LockRenew) -> None:
         out = await self._apply(conn, request.order_id, Renew(request.kind, request.token))
-        self._answer(conn, request.id, out, lambda r: RenewResult(**r))
+        self._answer(conn, request, out, lambda r: RenewResult(**r))
 
     async def _release(self, conn: Connection, request: LockRelease) -> None:
         command = Release(request.kind, request.token, request.force, request.operator,
                           request.reason)
         out = await self._apply(conn, request.order_id, command)
-        self._answer(conn, request.id, out, lambda r: ReleaseResult(**r))
+        self._answer(conn, request, out, lambda r: ReleaseResult(**r))
 
     async def _complete(self, conn: Connection, request: PaymentComplete) -> None:
         command = Complete(request.token, request.version, request.amount_cents,
                            request.payment_ref)
         out = await self._apply(conn, request.order_id, command)
-        self._answer(conn, request.id, out, lambda r: PaymentResult(**r))
+        self._answer(conn, request, out, lambda r: PaymentResult(**r))
+
+
+def _count(request: Request, code: str) -> None:
+    metrics.REQUESTS.labels(request.__struct_config__.tag, code).inc()
 
 
 def _payload(message: dict[str, Any]) -> str | bytes:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import metrics
 from .model import Terminal
 
 CLOSE_SLOW_CONSUMER = 4010
@@ -38,9 +40,9 @@ class Session:
 
 
 class Connection:
-    __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "authority",
-                 "closed", "hub", "locale", "max_bytes", "max_messages", "pending", "session",
-                 "table_id", "terminal")
+    __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "_stamp",
+                 "_tokens", "authority", "closed", "expiry", "hub", "locale", "max_bytes",
+                 "max_messages", "pending", "session", "table_id", "terminal")
 
     def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
         self.hub = hub
@@ -59,6 +61,22 @@ class Connection:
         self.authority = False
         # channel -> frames that arrived while its subscribe was being answered
         self.pending: dict[str, list[tuple[int, str]]] = {}
+        self._tokens = float(hub.rate_burst)  # the request rate's token bucket
+        self._stamp = time.monotonic()
+        self.expiry: asyncio.TimerHandle | None = None  # the token's end
+
+    def take_token(self) -> bool:
+        """Spend one request from the bucket; False when the rate limit is passed."""
+        hub = self.hub
+        now = time.monotonic()
+        self._tokens = min(hub.rate_burst, self._tokens + (now - self._stamp) * hub.rate_per_s)
+        self._stamp = now
+        self._tokens -= 1  # refused requests count too: a flood digs the bucket deeper
+        return self._tokens >= 0
+
+    def over_limit(self) -> bool:
+        """Still flooding after a whole burst of refusals: time to close (4008)."""
+        return self._tokens < -self.hub.rate_burst
 
     def send(self, text: str) -> None:
         """Queue a frame; never blocks. Past the bound the connection is closed (4010)."""
@@ -67,6 +85,7 @@ class Connection:
         self._queue.append(text)
         self._queued_bytes += len(text)
         if len(self._queue) > self.max_messages or self._queued_bytes > self.max_bytes:
+            metrics.SLOW_CONSUMERS.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
             return
         if self._flusher is None:
@@ -116,15 +135,18 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, max_queue_messages: int = 2_000,
-                 max_queue_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, max_queue_messages: int = 2_000, max_queue_bytes: int = 4 * 1024 * 1024,
+                 rate_per_s: float = 300.0, rate_burst: float = 600.0) -> None:
         self.max_queue_messages = max_queue_messages
         self.max_queue_bytes = max_queue_bytes
+        self.rate_per_s = rate_per_s
+        self.rate_burst = rate_burst
         self.connections: set[Connection] = set()
         self._subscribers: dict[str, set[Connection]] = {}
         self._terminals: dict[tuple[str, str], set[Connection]] = {}
         self._authorities: dict[str, list[Connection]] = {}
         self._sessions: dict[str, Session] = {}
+        self._per_store: dict[str, int] = {}
 
     def connection(self, send: AsgiSend) -> Connection:
         conn = Connection(self, send, self.max_queue_messages, self.max_queue_bytes)
@@ -152,6 +174,7 @@ class Hub:
         conn.terminal = terminal
         conn.table_id = terminal.table_id if terminal.role == "h5" else None
         self._terminals.setdefault((terminal.store_id, terminal.terminal_id), set()).add(conn)
+        self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
         for channel in session.subs:
             self._subscribers.setdefault(channel, set()).add(conn)
             if resumed:  # hold live events back until the missed ones are replayed
@@ -165,6 +188,8 @@ class Hub:
         """Forget a closed connection; its session stays resumable for the grace."""
         self.connections.discard(conn)
         conn.closed = True
+        if conn.expiry is not None:
+            conn.expiry.cancel()
         session, terminal = conn.session, conn.terminal
         if session is None or terminal is None:
             return
@@ -180,6 +205,11 @@ class Hub:
             conns.discard(conn)
             if not conns:
                 del self._terminals[key]
+        left = self._per_store.get(terminal.store_id, 1) - 1
+        if left > 0:
+            self._per_store[terminal.store_id] = left
+        else:
+            self._per_store.pop(terminal.store_id, None)
         if conn.authority:
             authorities = self._authorities.get(terminal.store_id, [])
             if conn in authorities:
@@ -191,6 +221,12 @@ class Hub:
 
     def online_connections(self, terminal: Terminal) -> int:
         return len(self._terminals.get((terminal.store_id, terminal.terminal_id), ()))
+
+    def store_connections(self, store_id: str) -> int:
+        return self._per_store.get(store_id, 0)
+
+    def queue_depths(self) -> list[int]:
+        return [len(conn._queue) for conn in self.connections]
 
     def authority(self, store_id: str) -> Connection | None:
         """The connection that answers `order.fetch`: an erp_main first, newest first."""

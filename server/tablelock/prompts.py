@@ -61,6 +61,8 @@ _PROMPTS: Final[dict[tuple[str, Variant], tuple[str, str]]] = {
     ("UNSUPPORTED_PROTOCOL", ""): ("不支持的协议版本", "This protocol version is not supported."),
     ("RATE_LIMITED", ""): ("请求过于频繁，请稍后再试", "Too many requests. Please slow down."),
     ("NOT_FOUND", ""): ("未找到该订单", "No such order."),
+    ("LIMIT_REACHED", ""): ("连接或订阅数已达上限",
+                            "A connection or subscription limit is reached."),
     ("UNAVAILABLE", ""): (
         "锁服务暂不可用，请稍后再试",
         "The lock service is unavailable right now. Please try again shortly.",

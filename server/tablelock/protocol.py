@@ -56,6 +56,12 @@ class Ping(Request, tag="ping"):
     pass
 
 
+class TokenRefresh(Request, tag="token.refresh"):
+    """A new token for the same terminal, before the current one ends (docs/protocol.md)."""
+
+    token: Annotated[str, Meta(max_length=8192)]
+
+
 class Subscribe(Request, tag="subscribe"):
     channel: Annotated[str, Meta(min_length=1, max_length=300)]
     since: Annotated[int, Meta(ge=0)] | None = None
@@ -149,8 +155,9 @@ class RpcResult(msgspec.Struct, tag_field="type", tag="rpc.result"):
     error: RpcError | None = None
 
 
-ClientMessage = (Hello | Ping | Subscribe | Unsubscribe | OrderGet | OrderPublish | CheckRequest
-                 | LockAcquire | LockRenew | LockRelease | PaymentComplete | RpcResult)
+ClientMessage = (Hello | Ping | TokenRefresh | Subscribe | Unsubscribe | OrderGet | OrderPublish
+                 | CheckRequest | LockAcquire | LockRenew | LockRelease | PaymentComplete
+                 | RpcResult)
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 
@@ -216,6 +223,10 @@ class PingResult(msgspec.Struct):
     server_time: int
 
 
+class TokenRefreshResult(msgspec.Struct):
+    expires_at: int  # ms since the epoch
+
+
 class OrderSnapshot(msgspec.Struct, tag_field="scope", tag="order"):
     order: Order | None
     locks: list[Lock]
@@ -277,6 +288,7 @@ class PaymentResult(msgspec.Struct):
 RESULT_OF_REQUEST: dict[str, type[msgspec.Struct]] = {
     "hello": HelloResult,
     "ping": PingResult,
+    "token.refresh": TokenRefreshResult,
     "subscribe": SubscribeResult,
     "unsubscribe": msgspec.Struct,
     "order.get": OrderResult,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -19,16 +19,34 @@ class Settings:
     max_queue_bytes: int = 4 * 1024 * 1024
     history_size: int = 512
     audit_size: int = 10_000
+    # Requests per second per connection, sustained and in a burst; a busy ERP does ~100.
+    rate_per_s: float = 300.0
+    rate_burst: float = 600.0
+    max_connections: int = 50_000
+    max_connections_per_store: int = 5_000
+    max_connections_per_terminal: int = 16
+    # Browser Origins allowed besides the broker's own ("*": any). No Origin: not a browser.
+    allowed_origins: list[str] = field(default_factory=list)
+    # On SIGTERM, clients are told to reconnect (1012) spread over this window.
+    drain_window_s: float = 5.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then TABLELOCK_<FIELD> variables, then the given overrides."""
         env = os.environ
-        settings = cls(
-            host=env.get("TABLELOCK_HOST", cls.host),
-            port=int(env.get("TABLELOCK_PORT", cls.port)),
-            backend=env.get("TABLELOCK_BACKEND", cls.backend),
-            secrets=[s for s in env.get("TABLELOCK_SECRET", "").split(",") if s],
-        )
+        settings = cls()
+        for spec in fields(cls):
+            raw = env.get(f"TABLELOCK_{spec.name.upper()}")
+            if spec.name == "secrets":
+                raw = env.get("TABLELOCK_SECRET", raw)
+            if raw is None:
+                continue
+            current = getattr(settings, spec.name)
+            if isinstance(current, list):
+                value: object = [item for item in raw.split(",") if item]
+            else:
+                value = type(current)(raw)
+            setattr(settings, spec.name, value)
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)

@@ -10,9 +10,11 @@ at its next deadline. Every time comes from the backend's one clock.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
+from .. import metrics
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..rules import Command, Outcome, ReleaseAll, patch_config
 
@@ -46,6 +48,44 @@ class EventSink(Protocol):
     def lost(self, channel: str) -> None:
         """Events of the channel were lost for good: its subscribers must re-snapshot."""
         ...
+
+
+audit_log = logging.getLogger("tablelock.audit")
+
+# Which lock outcome each event or refusal counts as (metrics.LOCK_EVENTS).
+_OUTCOME_OF_EVENT = {"lock.acquired": "grant", "lock.forced": "force", "lock.expired": "expiry",
+                     "lock.released": "release", "order.paid": "payment"}
+# Every grant and release is in the audit log; only the rest is worth a log line by default.
+_ROUTINE = frozenset({"lock.acquired", "lock.released"})
+_CONFLICTS = frozenset({"ORDER_LOCKED", "PAYMENT_LOCKED", "PRESETTLE_LOCKED", "ACCEPT_BLOCKED"})
+
+
+def observe(store_id: str, order_id: str, out: Outcome, now: int, seconds: float,
+            call: str) -> None:
+    """Count and log what one transition did; the same for every backend."""
+    metrics.BACKEND_SECONDS.labels(call).observe(seconds)
+    for event in out.events:
+        outcome = _OUTCOME_OF_EVENT.get(event.event)
+        if outcome is not None:
+            metrics.LOCK_EVENTS.labels(outcome).inc()
+        if event.lock is not None and event.event in ("lock.expired", "lock.released") and (
+                event.reason in (None, "holder_disconnected")):
+            metrics.EXPIRY_LAG.observe(max(0, now - event.lock.expires_at) / 1000
+                                       if event.event == "lock.expired" else 0)
+    if out.refusal is not None and out.refusal.code in _CONFLICTS:
+        metrics.LOCK_EVENTS.labels("conflict").inc()
+    for entry in out.audit:
+        detail = entry.detail
+        routine = entry.kind in _ROUTINE and detail.get("reason") != "holder_disconnected"
+        level = logging.DEBUG if routine else logging.INFO
+        if not audit_log.isEnabledFor(level):
+            continue
+        audit_log.log(level, entry.kind, extra={
+            "store": store_id, "order": order_id,
+            "terminal": entry.terminal.terminal_id if entry.terminal else None,
+            "kind": detail.get("kind"), "token": detail.get("token"),
+            "code": detail.get("code"), "reason": detail.get("reason"),
+            "operator": detail.get("operator"), "payment_ref": detail.get("payment_ref")})
 
 
 class Backend(abc.ABC):

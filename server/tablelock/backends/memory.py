@@ -26,7 +26,7 @@ from ..protocol import (
     store_channel,
 )
 from ..rules import Command, Context, Outcome, Tick, step
-from .base import Backend, Numbered, best_for_table
+from .base import Backend, Numbered, best_for_table, observe
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 
@@ -97,6 +97,7 @@ class MemoryBackend(Backend):
 
     def apply_now(self, store_id: str, order_id: str, command: Command,
                   actor: Terminal | None) -> Outcome:
+        started = time.perf_counter()
         key = (store_id, order_id)
         before = self._records.get(key)
         ctx = Context(self.clock.now(), self._configs.get(store_id, self._default_config), actor,
@@ -106,6 +107,8 @@ class MemoryBackend(Backend):
             self._store(key, before, out.record)
         self._publish(store_id, order_id, out)
         self._schedule(key, out.deadline)
+        observe(store_id, order_id, out, ctx.now, time.perf_counter() - started,
+                type(command).__name__)
         return out
 
     def _store(self, key: OrderKey, before: OrderRecord | None, after: OrderRecord | None) -> None:

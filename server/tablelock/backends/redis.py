@@ -36,6 +36,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .. import metrics
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..protocol import (
     OrderSnapshot,
@@ -49,7 +50,7 @@ from ..protocol import (
 )
 from ..rules import Command, Context, Outcome, Tick, step
 from . import redis_lua
-from .base import Backend, Numbered, Unavailable, best_for_table
+from .base import Backend, Numbered, Unavailable, best_for_table, observe
 
 log = logging.getLogger("tablelock.redis")
 
@@ -252,6 +253,7 @@ class RedisBackend(Backend):
 
     async def _apply(self, store_id: str, order_id: str, command: Command,
                      actor: Terminal | None) -> Outcome:
+        started = time.perf_counter()
         key = (store_id, order_id)
         keys = self.keys(store_id)
         if self._offset_ms is None:
@@ -272,6 +274,8 @@ class RedisBackend(Backend):
                     self._records[key] = (_text(reply[2]), out.record)
                 if self._cluster and out.deadline is not None:
                     await self._redis.zadd(self.due_stores, {store_id: out.deadline}, lt=True)
+                observe(store_id, order_id, out, int(reply[1]), time.perf_counter() - started,
+                        type(command).__name__)
                 return out
             _, real, new_rev, raw, fields = reply
             self._learn_time(int(real), reset=True)
@@ -543,6 +547,7 @@ class RedisBackend(Backend):
                 channels = [self.keys(s).pubsub for s in self._stores_heard]
                 await self._pubsub.subscribe(f"{self._prefix}rpc:{self.broker_id}", *channels)
                 if self._offset_ms is not None:  # not the first time: we may have missed some
+                    metrics.REDIS_EVENTS.labels("resync").inc()
                     await self._resync()
                 self._pubsub_ok.set()
                 delay = 0.05
@@ -554,6 +559,7 @@ class RedisBackend(Backend):
             except Exception as exc:
                 if self._pubsub_ok.is_set():
                     log.warning("lost the Redis subscription: %s", exc)
+                    metrics.REDIS_EVENTS.labels("subscription_lost").inc()
                 self._pubsub_ok.clear()
                 with contextlib.suppress(Exception):
                     await self._pubsub.aclose()
@@ -575,6 +581,7 @@ class RedisBackend(Backend):
             elif kind == 0:
                 seen = self._seen.get(name)
                 if seen is not None and seq > seen + 1:
+                    metrics.REDIS_EVENTS.labels("gap_recovery").inc()
                     await self._recover(name, seen)  # a gap: fill it from the history first
                 if seen is not None and seq <= self._seen.get(name, 0):
                     continue

@@ -1,0 +1,58 @@
+"""Prometheus metrics (prometheus-client). Names and meanings: docs/operations.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+CONNECTIONS = Gauge("tablelock_connections", "Open authenticated connections", ["role"])
+REQUESTS = Counter("tablelock_requests_total", "Requests answered, by type and result code",
+                   ["type", "code"])
+LOCK_EVENTS = Counter("tablelock_lock_events_total",
+                      "Lock outcomes: grants, conflicts, forces, expiries, releases, payments",
+                      ["outcome"])
+FANOUT_SECONDS = Histogram("tablelock_fanout_seconds",
+                           "From state change to event frame written to a socket (sampled)",
+                           buckets=_FAST)
+BACKEND_SECONDS = Histogram("tablelock_backend_seconds", "Backend call latency, by call",
+                            ["call"], buckets=_FAST)
+REDIS_EVENTS = Counter("tablelock_redis_events_total",
+                       "Redis subscription losses, resynchronisations and gap recoveries",
+                       ["kind"])
+SLOW_CONSUMERS = Counter("tablelock_slow_consumers_total",
+                         "Connections closed (4010) because their send queue passed its bound")
+RATE_LIMITED = Counter("tablelock_rate_limited_total", "Requests refused RATE_LIMITED")
+EXPIRY_LAG = Histogram("tablelock_expiry_lag_seconds",
+                       "How late a lock.expired was published after its deadline",
+                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+
+class QueueDepth(Collector):
+    """Outbound queue depth over all connections, read at scrape time (nothing per send)."""
+
+    def __init__(self, depths: Callable[[], Iterable[int]]) -> None:
+        self._depths = depths
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        depths = list(self._depths())
+        total = GaugeMetricFamily("tablelock_send_queue_frames",
+                                  "Frames waiting in outbound queues", labels=["stat"])
+        total.add_metric(["sum"], sum(depths))
+        total.add_metric(["max"], max(depths, default=0))
+        yield total
+
+
+_queue_collector: QueueDepth | None = None
+
+
+def watch_queues(depths: Callable[[], Iterable[int]]) -> None:
+    global _queue_collector
+    if _queue_collector is not None:
+        REGISTRY.unregister(_queue_collector)
+    _queue_collector = QueueDepth(depths)
+    REGISTRY.register(_queue_collector)
