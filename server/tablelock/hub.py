@@ -26,6 +26,15 @@ CLOSE_RESTARTING = 1012
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class TimedFrame(str):
+    """A frame whose write is timed: one fan-out in FANOUT_SAMPLE is measured (metrics)."""
+
+    t0: float
+
+
+FANOUT_SAMPLE = 64
+
+
 class Session:
     """What a terminal's connection leaves behind for `resume`: its subscriptions."""
 
@@ -98,6 +107,8 @@ class Connection:
                 text = queue.popleft()
                 self._queued_bytes -= len(text)
                 await self._send({"type": "websocket.send", "text": text})
+                if text.__class__ is TimedFrame:
+                    metrics.FANOUT_SECONDS.observe(time.perf_counter() - text.t0)  # type: ignore[attr-defined]
         except Exception:  # the peer went away: the receive loop will see it
             self.closed = True
             queue.clear()
@@ -147,6 +158,7 @@ class Hub:
         self._authorities: dict[str, list[Connection]] = {}
         self._sessions: dict[str, Session] = {}
         self._per_store: dict[str, int] = {}
+        self._fanouts = 0
 
     def connection(self, send: AsgiSend) -> Connection:
         conn = Connection(self, send, self.max_queue_messages, self.max_queue_bytes)
@@ -293,6 +305,11 @@ class Hub:
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
+        self._fanouts += 1
+        if self._fanouts % FANOUT_SAMPLE == 0:
+            timed = TimedFrame(text)
+            timed.t0 = time.perf_counter()
+            text = timed  # every subscriber's write of this one is observed
         for conn in subscribers:
             session = conn.session
             if session is None:
