@@ -108,6 +108,17 @@ class Store:
         assert status == 200, body
         return body["entries"]
 
+    async def disconnect(self, client: WsClient) -> None:
+        """Close the last connection of `client`'s terminal and wait until the broker has seen
+        it go (its `terminal.offline` on the store channel), so that what follows is ordered."""
+        watcher = await self.connect("manager", unique("watch"))
+        await watcher.request("subscribe", channel=self.channel())
+        terminal_id = client.hello["terminal"]["terminal_id"]
+        await client.close()
+        await watcher.event("terminal.offline",
+                            where=lambda e: e["terminal"]["terminal_id"] == terminal_id)
+        await watcher.close()
+
     async def close(self) -> None:
         for client in self.clients:
             await client.close()

@@ -125,6 +125,7 @@ class WsClient:
         self.rpc_handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]] | None = None
         self.hello: dict[str, Any] = {}
         self.close_code: int | None = None
+        self._rpc_tasks: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -151,7 +152,9 @@ class WsClient:
                 if frame.get("type") == "event":
                     self.events.put_nowait(frame)
                 elif frame.get("type") == "rpc":
-                    asyncio.create_task(self._answer_rpc(frame))
+                    task = asyncio.create_task(self._answer_rpc(frame))
+                    self._rpc_tasks.add(task)
+                    task.add_done_callback(self._rpc_tasks.discard)
                 else:
                     future = self._replies.pop(frame.get("id"), None)
                     if future is not None and not future.done():
@@ -182,6 +185,14 @@ class WsClient:
         await self.ws.send(json.dumps({"id": request_id, "type": type_, **params}))
         return await asyncio.wait_for(future, timeout)
 
+    async def raw_request(self, data: str | bytes, reply_id: Any = None,
+                          timeout: float = 5.0) -> dict[str, Any]:
+        """Send a frame as is and await the reply carrying `reply_id` (None: an id-less one)."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[reply_id] = future
+        await self.ws.send(data)
+        return await asyncio.wait_for(future, timeout)
+
     async def next_reply(self, request_id: Any, timeout: float = 5.0) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
@@ -199,10 +210,37 @@ class WsClient:
             if (name is None or frame["event"] == name) and (where is None or where(frame)):
                 return frame
 
-    async def no_event(self, name: str, within: float = 0.3) -> None:
+    async def no_event(self, name: str | None, within: float = 0.3,
+                       where: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Prove that no such event (any event for `name=None`) arrives within `within` s."""
         with contextlib.suppress(TimeoutError):
-            frame = await self.event(name, timeout=within)
-            raise AssertionError(f"unexpected {name}: {frame}")
+            frame = await self.event(name, timeout=within, where=where)
+            raise AssertionError(f"unexpected {name or 'event'}: {frame}")
+
+    async def collect(self, count: int, name: str | None = None, timeout: float = 5.0,
+                      where: Callable[[dict[str, Any]], bool] | None = None,
+                      ) -> list[dict[str, Any]]:
+        """The next `count` events with this name (others are skipped), in arrival order."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        found = []
+        while len(found) < count:
+            remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+            found.append(await self.event(name, timeout=remaining, where=where))
+        return found
+
+    async def clock_offset(self, samples: int = 5) -> tuple[float, float]:
+        """(broker clock - local clock, round trip), in ms, from the tightest of a few pings."""
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            sent = time.time() * 1000
+            reply = await self.request("ping")
+            back = time.time() * 1000
+            rtt = back - sent
+            offset = reply["server_time"] - (sent + back) / 2
+            if best is None or rtt < best[1]:
+                best = (offset, rtt)
+        assert best is not None
+        return best
 
     def drain_events(self) -> list[dict[str, Any]]:
         drained = []
