@@ -1,0 +1,92 @@
+"""tablelock_client: the Python SDK of the tablelock order-lock broker.
+
+    client = await tablelock_client.connect(url, token)
+    async with client.lock(order_id, "payment") as lock:
+        ...  # lock.token fences every write; lock.lost fires if it is taken away
+
+`tablelock_client.sync.connect` is the same for programs that are not asyncio.
+"""
+
+from .client import Client, FetchHandler, connect
+from .connection import VERSION as __version__
+from .errors import (
+    ERRORS,
+    AcceptBlocked,
+    AmountMismatch,
+    AuthFailed,
+    BadRequest,
+    Disconnected,
+    ErpUnavailable,
+    Fenced,
+    Forbidden,
+    LockExpired,
+    NotFound,
+    NotHolder,
+    OrderLocked,
+    OrderPaid,
+    PaymentLocked,
+    PresettleLocked,
+    RateLimited,
+    StaleVersion,
+    TablelockError,
+    Unavailable,
+    UnsupportedProtocol,
+    error_from,
+)
+from .locks import LockHandle
+from .mirror import Change, ChangeStream, Mirror, OrderMirror, StoreMirror
+from .model import (
+    CheckResult,
+    Holder,
+    Lock,
+    Order,
+    OrderView,
+    Payment,
+    PaymentResult,
+    StoreConfig,
+    Terminal,
+)
+
+__all__ = [
+    "ERRORS",
+    "AcceptBlocked",
+    "AmountMismatch",
+    "AuthFailed",
+    "BadRequest",
+    "Change",
+    "ChangeStream",
+    "CheckResult",
+    "Client",
+    "Disconnected",
+    "ErpUnavailable",
+    "Fenced",
+    "FetchHandler",
+    "Forbidden",
+    "Holder",
+    "Lock",
+    "LockExpired",
+    "LockHandle",
+    "Mirror",
+    "NotFound",
+    "NotHolder",
+    "Order",
+    "OrderLocked",
+    "OrderMirror",
+    "OrderPaid",
+    "OrderView",
+    "Payment",
+    "PaymentLocked",
+    "PaymentResult",
+    "PresettleLocked",
+    "RateLimited",
+    "StaleVersion",
+    "StoreConfig",
+    "StoreMirror",
+    "TablelockError",
+    "Terminal",
+    "Unavailable",
+    "UnsupportedProtocol",
+    "__version__",
+    "connect",
+    "error_from",
+]

@@ -1,0 +1,112 @@
+"""The wire records the SDK hands out, as msgspec structs.
+
+Unknown fields are ignored on decode, so a newer broker that adds fields
+(PROTOCOL.md: "extra fields may be added freely") does not break old clients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+if TYPE_CHECKING:
+    from .errors import TablelockError
+
+LockKind = Literal["order", "payment", "presettle"]
+Action = Literal["edit", "add_items", "modify", "pay", "presettle", "accept"]
+Change = Literal["add_items", "modify", "status"]
+
+
+class Holder(msgspec.Struct, frozen=True):
+    terminal_id: str
+    role: str
+    name: str = ""
+
+
+class Lock(msgspec.Struct, frozen=True):
+    store_id: str
+    order_id: str
+    kind: str
+    token: int
+    holder: Holder
+    acquired_at: int
+    expires_at: int
+    order_version: int
+
+
+class Order(msgspec.Struct):
+    order_id: str
+    table_id: str
+    version: int
+    amount_cents: int
+    items: list[Any] = msgspec.field(default_factory=list)
+    status: str = "open"
+
+
+class Terminal(msgspec.Struct, frozen=True):
+    terminal_id: str
+    role: str
+    name: str = ""
+    store_id: str = ""
+    table_id: str | None = None
+
+
+class StoreConfig(msgspec.Struct, frozen=True):
+    strong_link: bool = True
+    h5_payment_lock_ttl_ms: int = 15_000
+    erp_lock_ttl_ms: int = 600_000
+    disconnect_grace_ms: int = 30_000
+    erp_fetch_timeout_ms: int = 3_000
+    locale: str = "zh-CN"
+    order_retention_ms: int = 86_400_000
+
+
+class Payment(msgspec.Struct, frozen=True):
+    token: int | None
+    amount_cents: int
+    payment_ref: str
+    by: Terminal | None = None
+
+
+class OrderView(msgspec.Struct):
+    """`order.get`: the order and its current locks."""
+
+    order: Order | None
+    locks: list[Lock] = msgspec.field(default_factory=list)
+
+
+class PaymentResult(msgspec.Struct):
+    order: Order
+    payment: Payment | None = None
+
+
+class CheckResult(msgspec.Struct):
+    """`check`: whether `action` would be allowed now, and if not, why."""
+
+    allowed: bool
+    code: str | None = None
+    message: str | None = None
+    can_force: bool = False
+    lock: Lock | None = None
+
+    @property
+    def error(self) -> TablelockError | None:
+        """The typed exception the action would raise, or None when allowed."""
+        if self.allowed:
+            return None
+        from .errors import error_from
+
+        return error_from({"code": self.code, "message": self.message,
+                           "can_force": self.can_force,
+                           "lock": msgspec.to_builtins(self.lock) if self.lock else None})
+
+
+def convert(value: Any, type_: type[Any]) -> Any:
+    """Decode a piece of a JSON frame into one of the structs above."""
+    return msgspec.convert(value, type_)
+
+
+def as_wire(value: Any) -> Any:
+    """Structs (or plain mappings) as JSON-ready builtins."""
+    return msgspec.to_builtins(value)
