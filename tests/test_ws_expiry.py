@@ -72,6 +72,10 @@ async def test_lapsed_h5_payment_is_rejected_then_paid_again(store: Store) -> No
                                amount_cents=2000, payment_ref="wx-late")
     assert late["error"]["code"] == "LOCK_EXPIRED"
     assert late["error"]["message"] == LOCK_EXPIRED
+    # A release with the lapsed token is a write under that lock, too late.
+    release = await phone.request("lock.release", order_id="o4", kind="payment",
+                                  token=old_token)
+    assert release["error"]["code"] == "LOCK_EXPIRED", release
     entries = [e for e in await store.audit("payment.rejected")
                if e["detail"]["payment_ref"] == "wx-late"]
     assert len(entries) == 1 and entries[0]["detail"]["code"] == "LOCK_EXPIRED"
@@ -272,3 +276,17 @@ async def test_renewal_moves_expires_at_and_publishes_nothing(store: Store) -> N
                                   token=lock["token"] - 1))["error"]["code"] == "FENCED"
     assert (await phone.request("lock.renew", order_id="o", kind="payment", token=lock["token"])
             )["error"]["code"] == "FORBIDDEN"
+
+
+async def test_a_session_of_another_terminal_is_not_resumed(store: Store) -> None:
+    await store.config(disconnect_grace_ms=5000)
+    victim = await store.erp("victim")
+    await store.publish(victim, order_id="o")
+    await victim.request("subscribe", channel=store.channel("o"))
+    session_id = victim.hello["session_id"]
+    await store.disconnect(victim)
+    thief = await store.erp("thief", resume=session_id)
+    assert thief.hello["resumed"] is False and thief.hello["session_id"] != session_id
+    assert (await store.publish(thief, order_id="o",
+                                version=2))["ok"]
+    await thief.no_event(None, within=0.2)  # the victim's subscription was not handed over
