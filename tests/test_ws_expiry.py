@@ -290,3 +290,19 @@ async def test_a_session_of_another_terminal_is_not_resumed(store: Store) -> Non
     assert (await store.publish(thief, order_id="o",
                                 version=2))["ok"]
     await thief.no_event(None, within=0.2)  # the victim's subscription was not handed over
+
+
+async def test_h5_reacquire_returns_its_lock_without_renewing_it(store: Store) -> None:
+    erp = await store.erp("erp")
+    await store.publish(erp, order_id="o")
+    phone = await store.connect("h5", "phone", table="t1")
+    first = await phone.request("lock.acquire", order_id="o", kind="payment")
+    await asyncio.sleep(0.02)  # let the broker's clock move on, so that a renewal would show
+    again = await phone.request("lock.acquire", order_id="o", kind="payment")
+    assert again["ok"] and again["lock"] == first["lock"], (first, again)
+    other = await store.connect("erp_secondary", "other")
+    for params in ({}, {"token": first["lock"]["token"]}):
+        reply = await other.request("lock.release", order_id="o", kind="payment", **params)
+        assert reply["error"]["code"] == "NOT_HOLDER", reply
+    assert (await other.request("lock.release", order_id="o", kind="order"))["error"][
+        "code"] == "NOT_HOLDER"
