@@ -143,7 +143,8 @@ class Proxy:
 
 async def test_broker_restart_recovers_subscriptions_and_state(
         broker_factory: Callable[..., BrokerProcess]) -> None:
-    proc = broker_factory().start()
+    # A short drain: the broker still says 1012 and refuses newcomers first, just not for 5 s.
+    proc = broker_factory(env={"TABLELOCK_DRAIN_WINDOW_S": "0.5"}).start()
     store_id = unique()
     client = await tl.connect(proc.url, mint(store_id, "erp_main", "cashier-1"), locale="en",
                               **FAST)
@@ -316,14 +317,26 @@ async def test_lock_lost_when_the_connection_stays_down_past_the_grace(
 # --- locks ---------------------------------------------------------------------------------------
 
 async def test_erp_lock_is_renewed_past_its_ttl_and_h5_lock_is_not(
-        store: Store, sdk: Factory) -> None:
+        broker_factory: Callable[..., BrokerProcess]) -> None:
+    # It must wait out a TTL, so it runs once, on a broker of its own (memory backend).
+    store = Store(broker_factory(env={"TABLELOCK_DRAIN_WINDOW_S": "0"}).start())
     await store.config(erp_lock_ttl_ms=10_000, h5_payment_lock_ttl_ms=5_000)
-    cashier = await sdk("erp_main", "cashier-1")
+    cashier = await tl.connect(store.broker.url, store.token("erp_main", "cashier-1"),
+                               locale="en", **FAST)
+    phone = await tl.connect(store.broker.url, store.token("h5", "phone-1", table="t2"),
+                             locale="en", **FAST)
+    try:
+        await renewal_scenario(cashier, phone)
+    finally:
+        await phone.close()
+        await cashier.close()
+
+
+async def renewal_scenario(cashier: tl.Client, phone: tl.Client) -> None:
     orders = {"o1": order("o1"), "o2": order("o2", table_id="t2")}
     cashier.serve_order_fetch(fetch_from(orders))
     for o in orders.values():
         await cashier.publish_order(o, "modify")
-    phone = await sdk("h5", "phone-1", table="t2")
     assert cashier.config.erp_lock_ttl_ms == 10_000
 
     async with cashier.lock("o1", "order") as lock, phone.lock("o2", "payment") as paying:
@@ -447,6 +460,15 @@ async def test_typed_errors_for_each_refusal(store: Store, sdk: Factory) -> None
     cashier.serve_order_fetch(broken)
     with pytest.raises(tl.ErpUnavailable):
         await phone.acquire("o9", "payment")
+
+
+async def test_token_refresh(store: Store, sdk: Factory) -> None:
+    cashier = await sdk("erp_main", "cashier-1")
+    longer = mint(store.store_id, "erp_main", "cashier-1", ttl_s=7200)
+    expires_at = await cashier.refresh_token(longer)
+    assert abs(expires_at - (await cashier.ping() + 7_200_000)) < 5_000
+    with pytest.raises(tl.AuthFailed):
+        await cashier.refresh_token(mint(store.store_id, "erp_main", "someone-else"))
 
 
 @pytest.mark.parametrize("kind", ["garbage", "expired"])

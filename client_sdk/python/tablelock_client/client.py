@@ -415,6 +415,20 @@ class Client:
         self._offset_ms = server_time - (sent + now_ms()) // 2
         return server_time
 
+    async def refresh_token(self, token: str | None = None) -> int:
+        """`token.refresh`: a new token for this terminal before the current one ends.
+
+        The broker closes a connection when its token expires. Without `token`
+        the token source given to connect() is asked. The new token is also
+        used for later reconnects. Returns its expiry (ms since the epoch).
+        """
+        if token is None:
+            token = await self._conn._token()
+        reply = await self._request("token.refresh", token=token)
+        if isinstance(self._conn.token, str):
+            self._conn.token = token
+        return int(reply["expires_at"])
+
     async def subscribe(self, channel: str) -> Mirror:
         """Subscribe and return the channel's live mirror (the same one if already subscribed)."""
         existing = self._mirrors.get(channel)

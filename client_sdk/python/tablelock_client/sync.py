@@ -117,6 +117,9 @@ class SyncClient:
     def ping(self) -> int:
         return self._call(self.client.ping())
 
+    def refresh_token(self, token: str | None = None) -> int:
+        return self._call(self.client.refresh_token(token))
+
     def check(self, order_id: str, action: str) -> CheckResult:
         return self._call(self.client.check(order_id, action))
 
