@@ -626,8 +626,6 @@ def test_payment_while_presettle_is_held_keeps_it_until_paid() -> None:
     assert sim.record is not None and sim.record.locks == {}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an h5 payment lock taken under a presettle lock "
-                   "is granted at the ERP pull's newer version, not at the presettled version")
 def test_h5_payment_under_presettle_is_at_the_presettled_version_after_the_pull() -> None:
     sim = open_order(version=1, amount_cents=1000)
     presettle = sim.grant(ERP2, "presettle")

@@ -210,10 +210,6 @@ async def test_an_answer_about_another_order_is_not_taken(store: Store) -> None:
     assert (await erp.request("order.get", order_id="o"))["locks"] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: under a presettle lock the h5 pull stores the ERP's newer order and grants the "
-    "payment lock at that version, not at the presettled one (rules._ingest_order ignores "
-    "the presettle lock)"))
 async def test_h5_pay_under_a_pre_bill_stays_at_the_presettled_version(store: Store) -> None:
     """PROTOCOL.md 2: a payment lock taken while a presettle lock is held is granted at the
     presettled version; nothing is overwritten silently."""

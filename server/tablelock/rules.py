@@ -447,8 +447,8 @@ def _ingest_order(rec: OrderRecord | None, order: Order, ctx: Context, out: Outc
         rec = _new_record(order, ctx, store_id)
         out.changed = True
         _emit(out, rec, ctx, "order.updated", order=order)
-    elif order.version > rec.order.version and not _paid(rec):
-        _store_order(rec, order, ctx, out)
+    elif order.version > rec.order.version and not _paid(rec) and "presettle" not in rec.locks:
+        _store_order(rec, order, ctx, out)  # a printed pre-bill freezes the order
     return rec
 
 

@@ -27,6 +27,14 @@ class Numbered(NamedTuple):
     table_id: str | None
 
 
+def first_seq(now_ms: int) -> int:
+    """Where a new channel's numbering starts: from the clock, so that a broker (or Redis)
+    that lost its state never numbers an event as a seq some client already holds, and a
+    stale `since` gets `recovered: false` rather than another history's events. Events
+    can come a million a second for centuries before reaching 2^53."""
+    return now_ms * 1000
+
+
 class Unavailable(Exception):
     """The backend cannot be reached: refuse, never guess (code UNAVAILABLE)."""
 

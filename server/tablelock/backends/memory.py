@@ -26,7 +26,7 @@ from ..protocol import (
     store_channel,
 )
 from ..rules import Command, Context, Outcome, Tick, step
-from .base import Backend, Numbered, best_for_table, observe
+from .base import Backend, Numbered, best_for_table, first_seq, observe
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 
@@ -49,8 +49,8 @@ class MonotonicClock:
 class Channel:
     __slots__ = ("history", "seq")
 
-    def __init__(self, size: int) -> None:
-        self.seq = 0
+    def __init__(self, size: int, first_seq: int) -> None:
+        self.seq = first_seq
         self.history: deque[Numbered] = deque(maxlen=size)
 
 
@@ -146,10 +146,15 @@ class MemoryBackend(Backend):
         if out.audit:
             self._append_audit(store_id, out.audit)
 
-    def _number(self, name: str, body: bytes, table_id: str | None = None) -> None:
+    def _channel(self, name: str) -> Channel:
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = Channel(self._history_size)
+            channel = self._channels[name] = Channel(self._history_size,
+                                                     first_seq(self.clock.now()))
+        return channel
+
+    def _number(self, name: str, body: bytes, table_id: str | None = None) -> None:
+        channel = self._channel(name)
         channel.seq += 1
         frame = numbered_frame(name, channel.seq, body)
         channel.history.append(Numbered(channel.seq, frame, table_id))
@@ -218,15 +223,16 @@ class MemoryBackend(Backend):
                     locks.extend(rec.locks.values())
             terminals = [t for t, _ in self._online.get(store_id, {}).values()]
             snap = StoreSnapshot(orders, locks, terminals)
-        found = self._channels.get(channel)
-        return (found.seq if found else 0), snap
+        return self._channel(channel).seq, snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)
-        seq = found.seq if found else 0
+        if found is None:
+            return None
+        seq = found.seq
         if since > seq:
             return None
-        if found is None or since == seq:
+        if since == seq:
             return []
         oldest = found.history[0][0] if found.history else seq + 1
         if since + 1 < oldest:

@@ -63,7 +63,7 @@ _record_encoder = msgspec.msgpack.Encoder()
 _terminal_decoder = msgspec.json.Decoder(Terminal)
 _config_decoder = msgspec.json.Decoder(StoreConfig)
 _audit_decoder = msgspec.json.Decoder(AuditEntry)
-PubEntry = tuple[int, str, int, str, str, str, str]
+PubEntry = tuple[int, str, str, str, str, str, str]  # kind, channel, seq, frame, ...
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
 _STREAM_ID = re.compile(r"^\d+-\d+$")
 
@@ -398,7 +398,9 @@ class RedisBackend(Backend):
             pipe.hget(keys.seqs, channel)
             pipe.xrange(keys.history(parsed[1]), f"{since + 1}-0", "+")
             seq_raw, entries = await self._guard(pipe.execute())
-        seq = int(seq_raw or 0)
+        if seq_raw is None:
+            return None  # a channel this Redis never numbered: the client's seq is another's
+        seq = int(seq_raw)
         if since > seq:
             return None
         if since == seq:
@@ -497,7 +499,7 @@ class RedisBackend(Backend):
         while True:
             probe_id = secrets.token_hex(6)
             future = self._probes[probe_id] = asyncio.get_running_loop().create_future()
-            await self._redis.publish(pubsub_channel, encode([[2, probe_id, 0, "", "", "", ""]]))
+            await self._redis.publish(pubsub_channel, encode([[2, probe_id, "0", "", "", "", ""]]))
             try:
                 await asyncio.wait_for(asyncio.shield(future), 0.1)
                 return
@@ -573,7 +575,8 @@ class RedisBackend(Backend):
                 await self.on_broker_message(data)
             return
         store_id = channel[len(self._prefix) + 7:-4]  # tl:{store:<id>}:ev
-        for kind, name, seq, frame, table_id, terminal_id, unless in _pub_decoder.decode(data):
+        for kind, name, seq_text, frame, table_id, terminal_id, unless in _pub_decoder.decode(data):
+            seq = int(seq_text)
             if kind == 2:  # our own probe: the subscription is live
                 probe = self._probes.pop(name, None)
                 if probe is not None and not probe.done():

@@ -21,9 +21,19 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+-- A channel's numbering starts from the clock (see backends.base.first_seq).
+local function seq_of(seq_key, channel)
+  local seq = redis.call('HGET', seq_key, channel)
+  if seq then return seq end
+  seq = string.format('%d', now_ms() * 1000)
+  redis.call('HSET', seq_key, channel, seq)
+  return seq
+end
 -- body: the event's JSON without its opening brace, channel and seq
 local function emit(out, seq_key, hist_key, channel, channel_json, body, table_id, maxlen)
-  local seq = redis.call('HINCRBY', seq_key, channel, 1)
+  seq_of(seq_key, channel)
+  -- seqs pass 2^31: format them as integers, never let Lua or cjson write 1.7e+15
+  local seq = string.format('%d', redis.call('HINCRBY', seq_key, channel, 1))
   local frame = '{"type":"event","channel":' .. channel_json .. ',"seq":' .. seq .. ',' .. body
   redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame, 't', table_id)
   out[#out + 1] = {0, channel, seq, frame, table_id, '', ''}
@@ -78,12 +88,12 @@ for _ = 1, tonumber(ARGV[17]) do
   emit(out, KEYS[3], KEYS[6], ARGV[10], ARGV[11], body, table_id, maxlen)
   emit(out, KEYS[3], KEYS[7], ARGV[12], ARGV[13], body, table_id, maxlen)
   if notify ~= '' then
-    out[#out + 1] = {1, '', 0, direct, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]}
+    out[#out + 1] = {1, '', '0', direct, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]}
   end
   i = i + 4
 end
 for _ = 1, tonumber(ARGV[18]) do
-  out[#out + 1] = {1, '', 0, ARGV[i + 1], '', ARGV[i], ''}
+  out[#out + 1] = {1, '', '0', ARGV[i + 1], '', ARGV[i], ''}
   i = i + 2
 end
 for _ = 1, tonumber(ARGV[19]) do
@@ -192,16 +202,16 @@ return found
 
 # A consistent snapshot of a store: every record, the online terminals and the channel's seq.
 # KEYS: 1 order ids, 2 online terminals, 3 seqs   ARGV: 1 store channel, 2 record key prefix
-SNAPSHOT_STORE = """
+SNAPSHOT_STORE = _EMIT + """
 local records = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local rec = redis.call('HGET', ARGV[2] .. id, 'rec')
   if rec then records[#records + 1] = rec end
 end
-return {redis.call('HGET', KEYS[3], ARGV[1]) or '0', records, redis.call('HVALS', KEYS[2])}
+return {seq_of(KEYS[3], ARGV[1]), records, redis.call('HVALS', KEYS[2])}
 """
 
 # KEYS: 1 record, 2 seqs   ARGV: 1 order channel
-SNAPSHOT_ORDER = """
-return {redis.call('HGET', KEYS[2], ARGV[1]) or '0', redis.call('HGET', KEYS[1], 'rec') or false}
+SNAPSHOT_ORDER = _EMIT + """
+return {seq_of(KEYS[2], ARGV[1]), redis.call('HGET', KEYS[1], 'rec') or false}
 """
