@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -13,7 +14,7 @@ from . import metrics
 from .auth import Tokens
 from .backends.base import Backend
 from .gateway import Gateway
-from .http import http_routes
+from .http import http_routes, page_routes
 from .hub import Hub
 from .relay import Relay
 from .settings import Settings
@@ -32,7 +33,9 @@ def make_backend(settings: Settings) -> Backend:
     raise ValueError(f"unknown backend {settings.backend!r}: use memory or a redis:// URL")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings,
+               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> Starlette:
+    """The broker; `background` jobs (the demo's simulated store) run while it serves."""
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
               settings.rate_burst)
@@ -48,13 +51,18 @@ def create_app(settings: Settings) -> Starlette:
         # collector's generations so that its pauses stay short under load.
         gc.collect()
         gc.freeze()
+        jobs = [asyncio.create_task(job()) for job in background]
         try:
             yield
         finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
             await backend.close()
 
-    app = Starlette(routes=[WebSocketRoute("/ws", gateway), *http_routes(backend, tokens)],
-                    lifespan=lifespan)
+    routes = [WebSocketRoute("/ws", gateway), *http_routes(backend, tokens),
+              *page_routes(tokens, settings.demo_store)]
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.backend = backend
     app.state.hub = hub
     app.state.tokens = tokens

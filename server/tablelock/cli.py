@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import secrets
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 
 import uvicorn
@@ -37,12 +38,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
     }
 
 
-def serve(args: argparse.Namespace) -> None:
-    from . import logs
-    from .app import create_app
-
-    logs.setup()
-
+def serve_settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env(host=args.host, port=args.port, backend=args.backend)
     if args.secret:
         settings.secrets = [s for s in args.secret.split(",") if s]
@@ -51,12 +47,47 @@ def serve(args: argparse.Namespace) -> None:
         settings.secrets = [generated]
         print(f"No secret given: generated one for this process. Tokens die with it.\n"
               f"  TABLELOCK_SECRET={generated}", flush=True)
+    return settings
+
+
+def run_broker(settings: Settings,
+               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
+    from . import logs
+    from .app import create_app
+
+    logs.setup()
+    app = create_app(settings, background)
+    config = uvicorn.Config(app, **uvicorn_options(settings))  # type: ignore[arg-type]
+    DrainingServer(config, app.state.gateway, settings.drain_window_s).run()
+
+
+def serve(args: argparse.Namespace) -> None:
+    settings = serve_settings(args)
     print(f"tablelock listening on ws://{settings.host}:{settings.port}/ws "
           f"(backend: {settings.backend}; health: http://{settings.host}:{settings.port}/healthz)",
           flush=True)
-    app = create_app(settings)
-    config = uvicorn.Config(app, **uvicorn_options(settings))  # type: ignore[arg-type]
-    DrainingServer(config, app.state.gateway, settings.drain_window_s).run()
+    run_broker(settings)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """A broker, a simulated store playing the races that matter, and the dashboard."""
+    from tablelock_demo.simulation import simulate
+
+    settings = serve_settings(args)
+    settings.demo_store = args.store
+    base = f"http://{settings.host}:{settings.port}"
+    tokens = Tokens(settings.secrets)
+
+    async def play() -> None:
+        await simulate(f"ws://{settings.host}:{settings.port}/ws", tokens, args.store,
+                       seed=args.seed, tables=args.tables)
+
+    print(f"tablelock demo: store {args.store!r}, seed {args.seed}\n"
+          f"  dashboard     {base}/app/dashboard.html\n"
+          f"  ERP terminal  {base}/app/erp.html\n"
+          f"  H5 page       {base}/app/h5.html?table=T01\n"
+          f"  metrics       {base}/metrics", flush=True)
+    run_broker(settings, [play] if not args.no_simulation else [])
 
 
 class DrainingServer(uvicorn.Server):
@@ -104,6 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("--backend", help="memory (default) or a redis:// URL")
     p_serve.add_argument("--secret", help="token secret(s), comma-separated; first signs")
     p_serve.set_defaults(run=serve)
+
+    p_demo = commands.add_parser("demo", help="a broker, a simulated store and the dashboard")
+    p_demo.add_argument("--host")
+    p_demo.add_argument("--port", type=int)
+    p_demo.add_argument("--backend", help="memory (default) or a redis:// URL")
+    p_demo.add_argument("--secret")
+    p_demo.add_argument("--store", default="demo", help="the simulated store's id")
+    p_demo.add_argument("--seed", type=int, default=1, help="the simulation's random seed")
+    p_demo.add_argument("--tables", type=int, default=12)
+    p_demo.add_argument("--no-simulation", action="store_true",
+                        help="serve the pages without the simulated terminals")
+    p_demo.set_defaults(run=demo)
 
     p_token = commands.add_parser("token", help="mint a terminal token")
     p_token.add_argument("--store", required=True)

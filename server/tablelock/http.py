@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .auth import AuthError, Tokens
 from .backends.base import Backend, Unavailable
@@ -154,3 +156,40 @@ def http_routes(backend: Backend, tokens: Tokens) -> list[Route]:
         Route("/v1/stores/{store}/audit", guarded(audit)),
         Route("/v1/stores/{store}/audit/{id}/handled", guarded(handled), methods=["POST"]),
     ]
+
+
+SDK_DIR = Path(__file__).resolve().parents[2] / "client_sdk" / "js"
+
+
+class DemoTokenBody(msgspec.Struct):
+    role: str
+    sub: str
+    table: str | None = None
+    name: str | None = None
+
+
+def page_routes(tokens: Tokens, demo_store: str) -> list[BaseRoute]:
+    """The dashboard and terminal pages (/app/), the browser SDK (/sdk/), and in demo mode
+    only, tokens for the pages of the demo store: a real store's pages bring their own."""
+    from tablelock_demo import STATIC
+
+    routes: list[BaseRoute] = [
+        Route("/", lambda request: RedirectResponse("/app/dashboard.html")),
+        Mount("/app", StaticFiles(directory=STATIC, html=True)),
+    ]
+    if SDK_DIR.is_dir():
+        routes.append(Mount("/sdk", StaticFiles(directory=SDK_DIR)))
+    if not demo_store:
+        return routes
+
+    async def demo_token(request: Request) -> Response:
+        try:
+            body = msgspec.json.decode(await request.body(), type=DemoTokenBody)
+            token = tokens.mint(store=demo_store, role=body.role, sub=body.sub,
+                                table=body.table, name=body.name)
+        except (msgspec.DecodeError, ValueError) as exc:
+            return error_response(400, "BAD_REQUEST", str(exc))
+        return json_response({"token": token, "store_id": demo_store})
+
+    routes.append(Route("/demo/token", demo_token, methods=["POST"]))
+    return routes

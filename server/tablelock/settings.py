@@ -29,6 +29,8 @@ class Settings:
     allowed_origins: list[str] = field(default_factory=list)
     # On SIGTERM, clients are told to reconnect (1012) spread over this window.
     drain_window_s: float = 5.0
+    # `tablelock demo`: the store whose pages may ask /demo/token for tokens ("": none).
+    demo_store: str = ""
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
