@@ -526,7 +526,7 @@ class Gateway:
 
 
 def _count(request: Request, code: str) -> None:
-    metrics.REQUESTS.labels(request.__struct_config__.tag, code).inc()
+    metrics.REQUESTS.inc(request.__struct_config__.tag, code)
 
 
 def _payload(message: dict[str, Any]) -> str | bytes:

@@ -1,7 +1,9 @@
 """Plain typed records shared by the core, the backends and the wire.
 
 Everything here is a msgspec Struct, so the same types serialise the Redis
-state, build the replies and generate the JSON schema.
+state, build the replies and generate the JSON schema. None of them can take
+part in a reference cycle, so none is tracked by the garbage collector
+(`gc=False`): the records a broker holds by the thousand cost no collector time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ FORCING_ROLES = frozenset({"erp_main", "erp_secondary", "manager"})
 ERP_ROLES = frozenset({"erp_main", "erp_secondary"})
 
 
-class Terminal(msgspec.Struct, frozen=True):
+class Terminal(msgspec.Struct, frozen=True, gc=False):
     terminal_id: str
     role: Role
     name: str
@@ -30,13 +32,13 @@ class Terminal(msgspec.Struct, frozen=True):
     table_id: str | None = None
 
 
-class Holder(msgspec.Struct, frozen=True):
+class Holder(msgspec.Struct, frozen=True, gc=False):
     terminal_id: str
     role: Role
     name: str
 
 
-class Lock(msgspec.Struct, frozen=True):
+class Lock(msgspec.Struct, frozen=True, gc=False):
     store_id: str
     order_id: str
     kind: LockKind
@@ -47,7 +49,7 @@ class Lock(msgspec.Struct, frozen=True):
     order_version: int
 
 
-class Order(msgspec.Struct):
+class Order(msgspec.Struct, gc=False):
     order_id: str
     table_id: str
     version: int
@@ -56,14 +58,14 @@ class Order(msgspec.Struct):
     status: OrderStatus = "open"
 
 
-class Payment(msgspec.Struct, frozen=True):
+class Payment(msgspec.Struct, frozen=True, gc=False):
     token: int | None
     amount_cents: int
     payment_ref: str
     by: Terminal | None
 
 
-class StoreConfig(msgspec.Struct, frozen=True):
+class StoreConfig(msgspec.Struct, frozen=True, gc=False):
     strong_link: bool = True
     h5_payment_lock_ttl_ms: int = 15_000
     erp_lock_ttl_ms: int = 600_000
@@ -83,7 +85,7 @@ CONFIG_RANGES: dict[str, tuple[int, int]] = {
 }
 
 
-class OrderRecord(msgspec.Struct):
+class OrderRecord(msgspec.Struct, gc=False):
     """Everything the broker knows about one order: the unit of atomicity.
 
     `fence` is the last fencing token granted on this order. `lapsed` maps a
@@ -102,7 +104,7 @@ class OrderRecord(msgspec.Struct):
     ended_at: int | None = None
 
 
-class Event(msgspec.Struct, omit_defaults=True):
+class Event(msgspec.Struct, omit_defaults=True, gc=False):
     """One state change, before it is numbered on a channel.
 
     `notify` names the revoked holder of a `lock.forced` or `lock.expired`, who
@@ -124,7 +126,7 @@ class Event(msgspec.Struct, omit_defaults=True):
     config: StoreConfig | None = None  # config.updated
 
 
-class AuditEntry(msgspec.Struct):
+class AuditEntry(msgspec.Struct, gc=False):
     kind: str
     order_id: str | None
     terminal: Holder | None

@@ -38,7 +38,7 @@ class ClientInfo(msgspec.Struct):
     version: Text = ""
 
 
-class Request(msgspec.Struct, tag_field="type", kw_only=True):
+class Request(msgspec.Struct, tag_field="type", kw_only=True, gc=False):
     id: RequestId
     store_id: Name | None = None
 
@@ -77,7 +77,7 @@ class OrderGet(Request, tag="order.get"):
     fresh: bool = False
 
 
-class WireOrder(msgspec.Struct):
+class WireOrder(msgspec.Struct, gc=False):
     """An order as an ERP sends it; validated, then kept as a model.Order."""
 
     order_id: Name
@@ -303,7 +303,7 @@ RESULT_OF_REQUEST: dict[str, type[msgspec.Struct]] = {
 
 # --- events ------------------------------------------------------------------------
 
-class EventFrame(msgspec.Struct, omit_defaults=True):
+class EventFrame(msgspec.Struct, omit_defaults=True, gc=False):
     """An event as it goes on the wire: numbered on a channel, or direct."""
 
     type: Literal["event"]

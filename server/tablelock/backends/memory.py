@@ -9,10 +9,13 @@ per order that has one, so nothing polls; a timer only wakes the record and
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import msgspec
 
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..protocol import (
@@ -29,6 +32,7 @@ from ..rules import Command, Context, Outcome, Tick, step
 from .base import Backend, Numbered, best_for_table, first_seq, observe
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
+_NONE: frozenset[str] = frozenset()
 
 
 class MonotonicClock:
@@ -46,6 +50,61 @@ class MonotonicClock:
         return self._mono0 + ms / 1000 - self._wall0
 
 
+class Deadlines:
+    """When each record must be stepped next, behind one loop timer.
+
+    A heap of (deadline, key) with the latest deadline per key in `_due`; entries
+    that no longer match are skipped when they come up. Setting a deadline costs a
+    heap push, not a loop timer created and cancelled for every lock.
+    """
+
+    def __init__(self, clock: MonotonicClock, wake: Callable[[OrderKey], None]) -> None:
+        self._clock = clock
+        self._wake = wake
+        self._due: dict[OrderKey, int] = {}
+        self._heap: list[tuple[int, OrderKey]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: int | None = None
+
+    def set(self, key: OrderKey, deadline: int | None) -> None:
+        if deadline is None:
+            self._due.pop(key, None)
+            return
+        if self._due.get(key) == deadline:
+            return
+        self._due[key] = deadline
+        heapq.heappush(self._heap, (deadline, key))
+        if len(self._heap) > 2 * len(self._due) + 1024:  # drop what was overtaken
+            self._heap = [(d, k) for k, d in self._due.items()]
+            heapq.heapify(self._heap)
+        if self._timer_at is None or deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _arm(self, deadline: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        # +1 ms: a timer may fire a hair early, and the step must see the deadline passed.
+        self._timer = loop.call_at(self._clock.loop_time_of(deadline + 1), self._fire)
+        self._timer_at = deadline
+
+    def _fire(self) -> None:
+        self._timer = self._timer_at = None
+        now = self._clock.now()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, key = heapq.heappop(heap)
+            if self._due.get(key) == deadline:
+                del self._due[key]
+                self._wake(key)  # may set new deadlines, and arm the timer
+        if heap and (self._timer_at is None or heap[0][0] < self._timer_at):
+            self._arm(heap[0][0])
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class Channel:
     __slots__ = ("history", "seq")
 
@@ -55,13 +114,20 @@ class Channel:
 
 
 class StoreAudit:
-    """A bounded audit log whose unhandled `payment.rejected` entries are never evicted."""
+    """A bounded audit log whose unhandled `payment.rejected` entries are never evicted.
+
+    Entries are kept encoded: bytes cost the garbage collector nothing, and the log is
+    read far less often than it is written."""
 
     __slots__ = ("entries", "unhandled")
 
     def __init__(self, size: int) -> None:
-        self.entries: deque[AuditEntry] = deque(maxlen=size)
-        self.unhandled: dict[str, AuditEntry] = {}
+        self.entries: deque[bytes] = deque(maxlen=size)
+        self.unhandled: dict[str, bytes] = {}
+
+
+_audit_encoder = msgspec.json.Encoder()
+_audit_decoder = msgspec.json.Decoder(AuditEntry)
 
 
 class MemoryBackend(Backend):
@@ -71,7 +137,7 @@ class MemoryBackend(Backend):
         self._audit_size = audit_size
         self._records: dict[OrderKey, OrderRecord] = {}
         self._orders_of_store: dict[str, set[str]] = {}
-        self._timers: dict[OrderKey, tuple[int, asyncio.TimerHandle]] = {}
+        self._deadlines = Deadlines(self.clock, self._wake)
         self._channels: dict[str, Channel] = {}
         self._configs: dict[str, StoreConfig] = {}
         self._online: dict[str, dict[str, tuple[Terminal, int]]] = {}
@@ -85,9 +151,7 @@ class MemoryBackend(Backend):
         return self.clock.now()
 
     async def close(self) -> None:
-        for _, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._deadlines.close()
 
     # --- transitions -----------------------------------------------------------
 
@@ -106,9 +170,8 @@ class MemoryBackend(Backend):
         if out.changed:
             self._store(key, before, out.record)
         self._publish(store_id, order_id, out)
-        self._schedule(key, out.deadline)
-        observe(store_id, order_id, out, ctx.now, time.perf_counter() - started,
-                type(command).__name__)
+        self._deadlines.set(key, out.deadline)
+        observe(store_id, order_id, out, ctx.now, started, type(command).__name__)
         return out
 
     def _store(self, key: OrderKey, before: OrderRecord | None, after: OrderRecord | None) -> None:
@@ -120,8 +183,10 @@ class MemoryBackend(Backend):
         else:
             self._records[key] = after
             self._orders_of_store.setdefault(store_id, set()).add(order_id)
-        old = {lock.holder.terminal_id for lock in before.locks.values()} if before else set()
-        new = {lock.holder.terminal_id for lock in after.locks.values()} if after else set()
+        old = {lock.holder.terminal_id for lock in before.locks.values()} if before else _NONE
+        new = {lock.holder.terminal_id for lock in after.locks.values()} if after else _NONE
+        if old == new:
+            return
         for terminal_id in old - new:
             held = self._holdings.get((store_id, terminal_id))
             if held is not None:
@@ -160,22 +225,7 @@ class MemoryBackend(Backend):
         channel.history.append(Numbered(channel.seq, frame, table_id))
         self.sink.publish(name, channel.seq, frame.decode(), table_id)
 
-    def _schedule(self, key: OrderKey, deadline: int | None) -> None:
-        current = self._timers.get(key)
-        if current is not None:
-            if current[0] == deadline:
-                return
-            current[1].cancel()
-            del self._timers[key]
-        if deadline is None:
-            return
-        loop = asyncio.get_running_loop()
-        # +1 ms: a timer may fire a hair early, and the step must see the deadline passed.
-        handle = loop.call_at(self.clock.loop_time_of(deadline + 1), self._wake, key)
-        self._timers[key] = (deadline, handle)
-
     def _wake(self, key: OrderKey) -> None:
-        self._timers.pop(key, None)
         self.apply_now(key[0], key[1], Tick(), None)
 
     def _retick(self, store_id: str, order_ids: Iterable[str]) -> None:
@@ -285,17 +335,26 @@ class MemoryBackend(Backend):
         for entry in entries:
             self._audit_seq += 1
             entry.id = str(self._audit_seq)
-            log.entries.append(entry)
+            raw = _audit_encoder.encode(entry)
+            log.entries.append(raw)
             if entry.handled is False:
-                log.unhandled[entry.id] = entry
+                log.unhandled[entry.id] = raw
+
+    def _entries(self, log: StoreAudit) -> list[AuditEntry]:
+        """Every kept entry, newest first; evicted but unhandled ones stay listed."""
+        found = {entry.id: entry for entry in map(_audit_decoder.decode, log.entries)}
+        for entry_id, raw in log.unhandled.items():
+            found.setdefault(entry_id, _audit_decoder.decode(raw))
+        for entry in found.values():
+            if entry.handled is not None:
+                entry.handled = entry.id not in log.unhandled
+        return sorted(found.values(), key=lambda e: int(e.id), reverse=True)
 
     async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
         log = self._audit.get(store_id)
         if log is None:
             return []
-        kept = {entry.id: entry for entry in log.entries}
-        kept.update(log.unhandled)  # evicted but unhandled entries stay listed
-        entries = sorted(kept.values(), key=lambda e: int(e.id), reverse=True)
+        entries = self._entries(log)
         if kind:
             entries = [e for e in entries if e.kind == kind]
         return entries[:limit]
@@ -304,11 +363,6 @@ class MemoryBackend(Backend):
         log = self._audit.get(store_id)
         if log is None:
             return False
-        entry = log.unhandled.pop(entry_id, None)
-        if entry is None:
-            entry = next((e for e in log.entries if e.id == entry_id), None)
-        if entry is None:
-            return False
-        if entry.handled is not None:
-            entry.handled = True
-        return True
+        if log.unhandled.pop(entry_id, None) is not None:
+            return True
+        return any(entry.id == entry_id for entry in self._entries(log))

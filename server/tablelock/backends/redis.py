@@ -274,8 +274,7 @@ class RedisBackend(Backend):
                     self._records[key] = (_text(reply[2]), out.record)
                 if self._cluster and out.deadline is not None:
                     await self._redis.zadd(self.due_stores, {store_id: out.deadline}, lt=True)
-                observe(store_id, order_id, out, int(reply[1]), time.perf_counter() - started,
-                        type(command).__name__)
+                observe(store_id, order_id, out, int(reply[1]), started, type(command).__name__)
                 return out
             _, real, new_rev, raw, fields = reply
             self._learn_time(int(real), reset=True)
