@@ -1,0 +1,1 @@
+"""The tablelock benchmark: `python -m bench` (see bench/README.md)."""

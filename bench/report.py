@@ -1,0 +1,222 @@
+"""RESULTS.md and results.json: the machine, the date, the table, ratios and the targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .procs import LOADGEN_CORE, PINNED, SERVER_CORE
+from .targets import RAW, SOCKETIO, STARLETTE, TABLELOCK
+
+Row = dict[str, Any]
+COMMAND = ".venv/bin/python -m bench"
+
+
+def load_rows(path: Path, keep_unless: set[str]) -> list[Row]:
+    """Rows of earlier runs, less those of the scenarios about to run again."""
+    if not path.exists():
+        return []
+    rows: list[Row] = json.loads(path.read_text())
+    return [r for r in rows if r["scenario"] not in keep_unless]
+
+
+def write_results(out: Path, rows: list[Row], quick: bool) -> None:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    for row in rows:
+        row.setdefault("date", stamp)
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "RESULTS.md").write_text(render(rows, quick))
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+    except OSError:
+        kib = 0
+    versions = ", ".join(f"{name} {_version(name)}" for name in
+                         ("uvloop", "websockets", "uvicorn", "starlette", "wsproto",
+                          "python-socketio", "msgspec", "redis"))
+    redis = os.popen("redis-server --version 2>/dev/null").read().split(" ")[2:3]
+    return (f"{model}, {os.cpu_count()} cores, {kib / 2**20:.0f} GiB; "
+            f"Linux {platform.release()}; Python {sys.version.split()[0]}; {versions}; "
+            f"redis-server {redis[0].removeprefix('v=') if redis else 'absent'}")
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _ms(summary: dict[str, Any] | None, *keys: str) -> str:
+    if not summary or summary.get("p50") is None:
+        return "-"
+    return " / ".join(_num(summary[k]) for k in keys)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _target(row: Row) -> str:
+    if row["backend"] == "redis":
+        return f"{row['target']} (redis, {row['brokers']} proc)"
+    return row["target"]
+
+
+def table(rows: Iterable[Row]) -> list[str]:
+    lines = [
+        "| scenario | target | run | conns | pairs/s | reply p50 / p99 / max ms | "
+        "fan-out p50 / p99 ms | events/s | errors | server RSS before → after MiB | "
+        "KiB/conn | server CPU % | server µs/pair | load-gen CPU % | load-gen µs/frame | "
+        "others on cores % | bottleneck |",
+        "|" + "---|" * 17,
+    ]
+    for r in rows:
+        cpu = f"{_num(r['server_cpu_pct'])}"
+        if r.get("redis_cpu_pct") is not None:
+            cpu += f" (+redis {_num(r['redis_cpu_pct'])})"
+        others = ", ".join(f"c{c}: {p}" for c, p in r["other_load_pct"].items()) or "-"
+        errors = str(r["error_count"]) if not r["error_count"] else \
+            f"**{r['error_count']}** ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})"
+        lines.append(
+            f"| {r['scenario']} | {_target(r)} | {r['mode']} | {r['connections']} | "
+            f"{r['pairs_per_s']:.0f} | {_ms(r['reply_ms'], 'p50', 'p99', 'max')} | "
+            f"{_ms(r['fanout_ms'], 'p50', 'p99')} | {r['events_per_s']:.0f} | {errors} | "
+            f"{r['rss_before_kib'] / 1024:.1f} → {r['rss_after_connect_kib'] / 1024:.1f} | "
+            f"{_num(r['kib_per_connection'])} | {cpu} | {_num(r['server_cpu_us_per_pair'])} | "
+            f"{_num(r['loadgen_cpu_pct'])} | {_num(r['loadgen_us_per_frame'])} | {others} | "
+            f"{r['bottleneck']} |")
+    return lines
+
+
+def find(rows: list[Row], scenario: str, target: str, mode: str = "closed",
+         brokers: int | None = None) -> Row | None:
+    for r in rows:
+        if (r["scenario"] == scenario and r["target"] == target and r["mode"].startswith(mode)
+                and (brokers is None or r["brokers"] == brokers)):
+            return r
+    return None
+
+
+def ratios(rows: list[Row]) -> list[str]:
+    ours = find(rows, "store", TABLELOCK)
+    if ours is None:
+        return ["(run the `store` scenario for ratios)"]
+    lines = ["| baseline | its pairs/s | tablelock / baseline | its server µs/pair | "
+             "its KiB/conn (idle) | tablelock KiB/conn / its |", "|---|---|---|---|---|---|"]
+    idle_ours = find(rows, "idle", TABLELOCK)
+    for name in (RAW, *STARLETTE, SOCKETIO):
+        base = find(rows, "store", name)
+        if base is None:
+            continue
+        ratio = ours["pairs_per_s"] / base["pairs_per_s"] if base["pairs_per_s"] else None
+        idle_base = find(rows, "idle", name)
+        kib = idle_base["kib_per_connection"] if idle_base else None
+        kib_ratio = (idle_ours["kib_per_connection"] / kib
+                     if idle_ours and kib and idle_ours["kib_per_connection"] else None)
+        lines.append(f"| {name} | {base['pairs_per_s']:.0f} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{_num(base['server_cpu_us_per_pair'])} | {_num(kib)} | "
+                     f"{'-' if kib_ratio is None else f'{kib_ratio:.2f}x'} |")
+    return lines
+
+
+def _check(value: float | None, ok: bool, shown: str) -> tuple[str, str]:
+    if value is None:
+        return "not measured", "-"
+    return shown, "met" if ok else "**not met**"
+
+
+def targets(rows: list[Row]) -> list[str]:
+    ours, raw, sio = (find(rows, "store", t) for t in (TABLELOCK, RAW, SOCKETIO))
+    opened = find(rows, "store", TABLELOCK, "open")
+    idle = find(rows, "idle", TABLELOCK)
+    exp = find(rows, "expiry", TABLELOCK, "expiry")
+    r1, r2 = (find(rows, "redis", TABLELOCK, brokers=n) for n in (1, 2))
+    checks: list[tuple[str, tuple[str, str]]] = []
+
+    def ratio(a: Row | None, b: Row | None, key: str) -> float | None:
+        return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
+
+    v = ratio(ours, raw, "pairs_per_s")
+    checks.append(("`store` in-memory ≥ 75% of the raw-websockets limit's pairs/s",
+                   _check(v, (v or 0) >= 0.75, f"{(v or 0) * 100:.0f}%")))
+    v = ratio(ours, sio, "pairs_per_s")
+    checks.append(("`store` in-memory ≥ 3x python-socketio",
+                   _check(v, (v or 0) >= 3, f"{v or 0:.2f}x")))
+    v = idle["kib_per_connection"] if idle else None
+    checks.append(("≤ 24 KiB per idle authenticated subscribed connection",
+                   _check(v, (v or 1e9) <= 24, f"{v} KiB")))
+    v = opened["fanout_ms"]["p99"] if opened else None
+    checks.append(("fan-out p99 ≤ 5 ms in open loop at half capacity (`store`)",
+                   _check(v, (v or 1e9) <= 5, f"{v} ms")))
+    ok = bool(idle and idle["connections"] >= 15_000 and not idle["error_count"])
+    checks.append(("`idle`: 15,000 connections with no errors",
+                   _check(idle["connections"] if idle else None, ok,
+                          f"{idle['connections'] if idle else 0} connections, "
+                          f"{idle['error_count'] if idle else 0} errors")))
+    v = exp["expiry_late_ms"]["p99"] if exp and exp["expiry_late_ms"] else None
+    checks.append(("`expiry` p99 ≤ 250 ms late", _check(v, (v or 1e9) <= 250, f"{v} ms")))
+    v = ratio(r1, ours, "pairs_per_s")
+    checks.append(("Redis `store` ≥ 50% of in-memory pairs/s, one process",
+                   _check(v, (v or 0) >= 0.5, f"{(v or 0) * 100:.0f}%")))
+    v = ratio(r2, r1, "server_cpu_us_per_pair")
+    checks.append(("Redis, two processes: server CPU per pair ≤ 1.15x one process's",
+                   _check(v, (v or 1e9) <= 1.15, f"{v or 0:.2f}x")))
+    lines = ["| target | measured | status |", "|---|---|---|"]
+    lines += [f"| {name} | {shown} | {status} |" for name, (shown, status) in checks]
+    return lines
+
+
+def render(rows: list[Row], quick: bool) -> str:
+    dates = sorted({r["date"] for r in rows})
+    pin = (f"server processes on core {SERVER_CORE}, load generators on core {LOADGEN_CORE}; "
+           f"redis-server shares core {LOADGEN_CORE} with the load generator" if PINNED
+           else "nothing pinned (fewer than two cores or no taskset)")
+    expiry = [r for r in rows if r["scenario"] == "expiry"]
+    out = [
+        "# tablelock benchmark results",
+        "",
+        f"Regenerate with `{COMMAND}{' --quick' if quick else ''}` (see README.md here for "
+        "what each figure means). " + ("**Quick smoke form: not for comparison.**"
+                                       if quick else ""),
+        "",
+        f"- Date: {', '.join(dates) if dates else '-'}",
+        f"- Machine: {machine()}",
+        f"- Pinning: {pin}.",
+        "- `others on cores` is CPU that processes other than ours used on the two cores "
+        "during the run: where it is high, the machine was shared and the figures are noisy.",
+        "",
+        "## Runs",
+        "",
+        *table(rows),
+        "",
+    ]
+    if expiry:
+        out += ["## Expiry", "", "| locks asked | granted → lock.expired received | "
+                "late p50 / p99 / max ms | acquire reply (incl. order.fetch) p50 / p99 ms |",
+                "|---|---|---|---|"]
+        for r in expiry:
+            out.append(f"| {r['locks_requested']} | {r['pairs']} → {r['locks_expired']} | "
+                       f"{_ms(r['expiry_late_ms'], 'p50', 'p99', 'max')} | "
+                       f"{_ms(r['reply_ms'], 'p50', 'p99')} |")
+        out.append("")
+    out += ["## Against the baselines (`store`, closed loop)", "", *ratios(rows), "",
+            "## Targets", "", *targets(rows), ""]
+    return "\n".join(out)

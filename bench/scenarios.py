@@ -1,0 +1,134 @@
+"""The scenarios of issue 6, each a list of sessions and the commands measured in them.
+
+store   50 stores x 10 orders, 3 ERP per store, 2 h5 per order, 100 actors: a closed loop,
+        then an open loop at half the closed loop's rate. Every target. (--quick: 10 stores,
+        20 actors.)
+idle    15,000 idle authenticated subscribed connections (two load-generator processes)
+        plus 20 actors: memory per connection and latency under many sockets.
+fanout  one order with 500 subscribers (499 phones on its channel, 1 ERP on the store's),
+        one actor: closed loop, then open loop at half capacity. Every target.
+expiry  10,000 h5 payment locks (5 s TTL) taken over 10 s; how late each lock.expired is.
+redis   `store` on the Redis backend, with one and with two broker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .session import Session
+from .targets import ALL_TARGETS, RAW, SOCKETIO, STARLETTE, TABLELOCK
+from .workload import Workload
+
+log = logging.getLogger("bench")
+Row = dict[str, Any]
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    seconds: float | None = None  # overrides each run's length
+    targets: tuple[str, ...] = ALL_TARGETS
+    secret: str = "bench-secret-0123456789abcdef0123456789"
+
+    def length(self, full: float, quick: float = 2.0) -> float:
+        return self.seconds if self.seconds is not None else (quick if self.quick else full)
+
+    def wanted(self, default: tuple[str, ...]) -> list[str]:
+        return [t for t in default if t in self.targets]
+
+
+def _closed_then_open(session: Session, seconds: float) -> list[Row]:
+    closed = session.measure({"cmd": "closed", "seconds": seconds}, "closed loop")
+    rate = max(1.0, closed["pairs_per_s"] / 2)
+    opened = session.measure({"cmd": "open", "rate": rate, "seconds": seconds},
+                             f"open loop {rate:.0f}/s")
+    return [closed, opened]
+
+
+def _run(scenario: str, target: str, workloads: list[Workload], opts: Options,
+         body: Callable[[Session], list[Row]], redis: bool = False,
+         brokers: int = 1) -> list[Row]:
+    with tempfile.TemporaryDirectory(prefix="tablelock-bench-") as tmp:
+        log.info("%s: %s%s ...", scenario, target, f" (redis x{brokers})" if redis else "")
+        session = Session(scenario, target, workloads, opts.secret, Path(tmp), redis, brokers)
+        try:
+            rows = body(session)
+        finally:
+            session.close()
+    for row in rows:
+        log.info("  %s: %.0f pairs/s, %d errors, bottleneck: %s", row["mode"],
+                 row["pairs_per_s"], row["error_count"], row["bottleneck"])
+    return rows
+
+
+def store_workload(opts: Options) -> Workload:
+    """50 stores (10 in the quick form, whose connections are a smoke test's set-up time)."""
+    stores = 10 if opts.quick else 50
+    return Workload(urls=[], stores=stores, orders=10, erp=3, h5=2, actors=2 * stores)
+
+
+def store(opts: Options) -> list[Row]:
+    seconds = opts.length(10)
+    rows: list[Row] = []
+    for target in opts.wanted(ALL_TARGETS):
+        rows += _run("store", target, [store_workload(opts)], opts,
+                     lambda s: _closed_then_open(s, seconds))
+    return rows
+
+
+def redis(opts: Options) -> list[Row]:
+    seconds = opts.length(10)
+    rows: list[Row] = []
+    if TABLELOCK in opts.targets:
+        for brokers in (1, 2):
+            rows += _run("redis", TABLELOCK, [store_workload(opts)], opts,
+                         lambda s: _closed_then_open(s, seconds), redis=True, brokers=brokers)
+    return rows
+
+
+def fanout(opts: Options) -> list[Row]:
+    seconds = opts.length(10)
+    rows: list[Row] = []
+    for target in opts.wanted(ALL_TARGETS):
+        workload = Workload(urls=[], stores=1, orders=1, erp=1, h5=499, actors=1)
+        rows += _run("fanout", target, [workload], opts,
+                     lambda s: _closed_then_open(s, seconds))
+    return rows
+
+
+def idle(opts: Options) -> list[Row]:
+    seconds = opts.length(10)
+    total = 2_000 if opts.quick else 15_000
+    half = total // 2
+    rows: list[Row] = []
+    for target in opts.wanted((TABLELOCK, RAW, STARLETTE[0], SOCKETIO)):
+        active = Workload(urls=[], stores=2, orders=10, erp=3, h5=2, actors=20, idle=half,
+                          connect_concurrency=200)
+        second = Workload(urls=[], idle=total - half, idle_first=half, part=1,
+                          connect_concurrency=200)
+        rows += _run("idle", target, [active, second], opts,
+                     lambda s: [s.measure({"cmd": "closed", "seconds": seconds},
+                                          "closed loop")])
+    return rows
+
+
+def expiry(opts: Options) -> list[Row]:
+    if TABLELOCK not in opts.targets:
+        return []
+    count, seconds = (1_000, opts.length(10, 2)) if opts.quick else (10_000, opts.length(10))
+    tables = count // 100  # per store; 10 stores, 10 orders per table
+    workload = Workload(urls=[], stores=10, erp=1, erp_subscribe=False, publish=False,
+                        expiry_tables=tables, expiry_orders_per_table=10)
+    return _run("expiry", TABLELOCK, [workload], opts,
+                lambda s: [s.measure({"cmd": "expiry", "count": count, "seconds": seconds},
+                                     f"expiry {count} locks")])
+
+
+SCENARIOS: dict[str, Callable[[Options], list[Row]]] = {
+    "store": store, "idle": idle, "fanout": fanout, "expiry": expiry, "redis": redis,
+}

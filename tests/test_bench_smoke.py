@@ -1,0 +1,28 @@
+"""The benchmark's quick form runs end to end: `store` on tablelock (memory) and on the
+raw-websockets baseline, about 2 s each. It asserts that it ran and that nothing errored,
+never a timing: the figures belong to bench/RESULTS.md, made on a quiet machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_store_runs_without_errors(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "bench", "--quick", "--scenario", "store", "--seconds", "1",
+           "--targets", "tablelock,raw-websockets", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {(r["target"], r["mode"].split(" ")[0]) for r in rows} == {
+        ("tablelock", "closed"), ("tablelock", "open"),
+        ("raw-websockets", "closed"), ("raw-websockets", "open")}
+    for row in rows:
+        assert row["error_count"] == 0, row["errors"]
+        assert row["connections"] == 10 * (3 + 10 * 2 + 2)  # the quick store
+        assert row["pairs"] > 0 and row["fanout_ms"]["n"] > 0
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# tablelock benchmark results")
