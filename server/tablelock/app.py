@@ -8,7 +8,7 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from . import metrics
 from .auth import Tokens
@@ -34,7 +34,7 @@ def make_backend(settings: Settings) -> Backend:
 
 
 def create_app(settings: Settings,
-               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> Starlette:
+               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> Broker:
     """The broker; `background` jobs (the demo's simulated store) run while it serves."""
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
@@ -63,11 +63,27 @@ def create_app(settings: Settings,
             await asyncio.gather(*jobs, return_exceptions=True)
             await backend.close()
 
-    routes = [WebSocketRoute("/ws", gateway), *http_routes(backend, tokens),
-              *page_routes(tokens, settings.demo_store)]
+    routes = [*http_routes(backend, tokens), *page_routes(tokens, settings.demo_store)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.backend = backend
     app.state.hub = hub
     app.state.tokens = tokens
     app.state.gateway = gateway
-    return app
+    return Broker(gateway, app)
+
+
+class Broker:
+    """The ASGI entry: `/ws` goes straight to the gateway, with the server's own `send`
+    (Starlette's exception middleware would wrap every frame in another coroutine, and
+    hide the protocol that wire.direct_writer writes to); the rest is Starlette's."""
+
+    def __init__(self, gateway: Gateway, app: Starlette) -> None:
+        self.gateway = gateway
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/ws":
+            await self.gateway(scope, receive, send)  # type: ignore[arg-type]
+        else:
+            await self.app(scope, receive, send)

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import metrics
 from .model import Terminal
+from .wire import direct_writer
 
 CLOSE_SLOW_CONSUMER = 4010
 CLOSE_RESTARTING = 1012
@@ -50,12 +51,13 @@ class Session:
 
 class Connection:
     __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "_stamp",
-                 "_tokens", "authority", "closed", "expiry", "hub", "locale", "max_bytes",
-                 "max_messages", "pending", "session", "table_id", "terminal")
+                 "_tokens", "_write_now", "authority", "closed", "expiry", "hub", "locale",
+                 "max_bytes", "max_messages", "pending", "session", "table_id", "terminal")
 
     def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
         self.hub = hub
         self._send = send
+        self._write_now = direct_writer(send)
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -88,8 +90,14 @@ class Connection:
         return self._tokens < -self.hub.rate_burst
 
     def send(self, text: str) -> None:
-        """Queue a frame; never blocks. Past the bound the connection is closed (4010)."""
+        """Write a frame now if the socket takes it, else queue it; never blocks. Past the
+        queue's bound the connection is closed (4010)."""
         if self.closed:
+            return
+        if not self._queue and self._flusher is None and self._write_now is not None and (
+                self._write_now(text)):
+            if text.__class__ is TimedFrame:
+                metrics.FANOUT_SECONDS.observe(time.perf_counter() - text.t0)  # type: ignore[attr-defined]
             return
         self._queue.append(text)
         self._queued_bytes += len(text)
