@@ -28,7 +28,7 @@ from .support import BrokerProcess, WsClient, mint, order
 
 BrokerFactory = Callable[..., BrokerProcess]
 MESSAGE_TYPES = get_args(ClientMessage)
-# Nesting the fuzzing stays within; deeper frames are a known bug (see the xfail tests below).
+# Nesting the fuzzing stays within; deeper frames are tested on their own below.
 FUZZ_DEPTH = 100
 KNOWN_CODES = {"BAD_REQUEST", "FORBIDDEN", "NOT_FOUND", "ORDER_PAID", "LOCK_EXPIRED", "FENCED",
                "STALE_VERSION", "AMOUNT_MISMATCH", "ORDER_LOCKED", "PAYMENT_LOCKED",
@@ -160,10 +160,6 @@ def test_every_template_decodes() -> None:
 DEEP = 3000  # 6 KiB of brackets, far below the 64 KiB frame limit
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "BUG: decode() lets RecursionError out (not BadFrame) for a frame nested ~1000 deep "
-    "anywhere, e.g. an unknown field or order.items: msgspec recurses per level "
-    "and the gateway catches only BadFrame"))
 @pytest.mark.parametrize("where", ["unknown_field", "items", "rpc_result"])
 def test_decode_deeply_nested_frame(where: str) -> None:
     deep = "[" * DEEP + "]" * DEEP
@@ -179,9 +175,6 @@ def test_decode_deeply_nested_frame(where: str) -> None:
         decode(frame)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason=(
-    "BUG (minor, not reachable over a WebSocket, whose text frames must be valid UTF-8): "
-    "decode() of a str holding a lone surrogate raises UnicodeEncodeError, not BadFrame"))
 def test_decode_str_with_a_lone_surrogate() -> None:
     with pytest.raises(BadFrame):
         decode('{"id": 1, "type": "ping", "x": "\ud800"}')
@@ -254,11 +247,6 @@ async def test_fuzzed_frames_on_a_live_connection(broker_factory: BrokerFactory,
     broker_log_clean(capfd.readouterr().err)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a frame nested ~1000 deep (2 KiB of '[' and ']') makes decode() raise RecursionError, "
-    "which Gateway._serve does not catch: no BAD_REQUEST, the connection is dropped without a "
-    "close frame (client sees 1006) and uvicorn logs 'Exception in ASGI application' with a "
-    "traceback"))
 async def test_deeply_nested_frame_on_a_live_connection(
         broker_factory: BrokerFactory, capfd: pytest.CaptureFixture[str]) -> None:
     broker = broker_factory(env={"TABLELOCK_DRAIN_WINDOW_S": "0"}).start()

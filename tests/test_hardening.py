@@ -238,10 +238,6 @@ async def test_default_limits_let_a_busy_terminal_do_200_requests_a_second(
         await store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: frames that do not decode (and a second hello) are answered BAD_REQUEST before the "
-    "rate limiter is consulted (Gateway._serve/_dispatch), so a flood of garbage is never "
-    "RATE_LIMITED nor closed 4008"))
 async def test_a_flood_of_garbage_is_rate_limited_too(broker_factory: BrokerFactory) -> None:
     broker = start_broker(broker_factory, rate_per_s=50, rate_burst=20)
     store = Store(broker)
@@ -333,12 +329,7 @@ async def test_subscriptions_per_connection(broker_factory: BrokerFactory) -> No
         await store.close()
 
 
-@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.xfail(
-    strict=True, reason=(
-        "BUG: connection limits are checked (Gateway._full) before the hello awaits the backend "
-        "(get_config) and counted only later (hub.attach), so hellos that overlap all pass the "
-        "check: with Redis answering 300 ms late, 8 simultaneous hellos of one terminal with a "
-        "limit of 2 are all accepted. The per-store and per-process limits share the flaw")))])
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_connection_limit_holds_for_simultaneous_hellos(
         broker_factory: BrokerFactory, backend: str, request: pytest.FixtureRequest) -> None:
     url = "memory" if backend == "memory" else request.getfixturevalue("redis_server").url
@@ -406,11 +397,6 @@ async def test_a_consumer_that_stops_reading_is_closed_4010(broker_factory: Brok
         await store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a connection the broker has closed (here 4010) keeps having its requests executed "
-    "until the client completes the close handshake: Connection.close() only drops replies, "
-    "Gateway._serve goes on decoding and dispatching frames. A stuck consumer that never reads "
-    "(so never receives the close frame) can go on publishing orders and taking locks."))
 async def test_a_closed_slow_consumer_has_no_more_requests_executed(
         broker_factory: BrokerFactory) -> None:
     broker = start_broker(broker_factory, max_queue_messages=50)
@@ -691,10 +677,6 @@ async def test_redis_down_shows_in_readiness_and_metrics(broker_factory: BrokerF
         await store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a hello refused UNAVAILABLE (1013) because Redis is down still decrements "
-    "tablelock_connections{role} in Gateway._goodbye, which it never incremented (hub.attach has "
-    "set conn.terminal before backend.terminal_up failed): the gauge goes negative"))
 async def test_connection_gauge_survives_hellos_refused_while_redis_is_down(
         broker_factory: BrokerFactory, own_redis: RedisServer) -> None:
     broker = start_broker(broker_factory, backend=own_redis.url)
@@ -769,9 +751,6 @@ async def test_json_logs_carry_store_order_terminal(broker_factory: BrokerFactor
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: logs.py says connections are logged (and has a close_code field), but nothing logs a "
-    "connection or its close: a terminal closed 4008 (or 4010, 4003, 1012) leaves no log line"))
 async def test_a_policy_close_is_logged(broker_factory: BrokerFactory,
                                         capfd: pytest.CaptureFixture[str]) -> None:
     broker = start_broker(broker_factory, rate_per_s=50, rate_burst=20, log_format="json")

@@ -63,7 +63,8 @@ def create_app(settings: Settings,
             await asyncio.gather(*jobs, return_exceptions=True)
             await backend.close()
 
-    routes = [*http_routes(backend, tokens), *page_routes(tokens, settings.demo_store)]
+    routes = [*http_routes(backend, tokens, lambda: gateway.draining),
+              *page_routes(tokens, settings.demo_store)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.backend = backend
     app.state.hub = hub

@@ -201,10 +201,13 @@ class Gateway:
             conn.send(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full))
             conn.close(CLOSE_POLICY, "connection limit")
             return False
+        # Counted at once, before any await, so that simultaneous hellos see each other.
+        session, resumed = self.hub.attach(conn, terminal, hello.resume, hello.order_authority)
+        metrics.CONNECTIONS.labels(terminal.role).inc()
+        log.info("connected", extra={"store": terminal.store_id, "terminal": terminal.terminal_id,
+                                     "role": terminal.role})
         try:
             config = await self.backend.get_config(terminal.store_id)
-            session, resumed = self.hub.attach(conn, terminal, hello.resume,
-                                               hello.order_authority)
             conn.locale = hello.locale or config.locale
             await self.backend.terminal_up(terminal, conn.authority)
             missed, lost = await self._missed(conn) if resumed else ({}, [])
@@ -216,7 +219,6 @@ class Gateway:
             conn.close(1013, "backend unavailable")
             return False
         conn.send(ok_frame(hello.id, result))
-        metrics.CONNECTIONS.labels(terminal.role).inc()
         self._expire_at(conn, expires)
         for channel, events in missed.items():  # then what the session missed, in order
             for seq, frame, table_id in events:
@@ -239,15 +241,29 @@ class Gateway:
         return missed, lost
 
     async def _serve(self, conn: Connection, receive: Callable[[], Awaitable[Any]]) -> None:
-        while True:
+        while not conn.closed:  # once the broker closes a connection, it reads no more
             message = await receive()
-            if message["type"] != "websocket.receive":
+            if conn.closed:
                 return
+            if message["type"] != "websocket.receive":
+                conn.close_code = conn.close_code or message.get("code")
+                return
+            problem = ""
             try:
-                request = decode(_payload(message))
+                request: ClientMessage | None = decode(_payload(message))
+                request_id = getattr(request, "id", None)
             except BadFrame as bad:
-                conn.send(error_frame(bad.request_id, "BAD_REQUEST", conn.locale,
-                                      detail=bad.detail))
+                request, request_id, problem = None, bad.request_id, bad.detail
+            if not conn.take_token():  # every frame counts, good or bad
+                metrics.RATE_LIMITED.inc()
+                if isinstance(request, Request):
+                    _count(request, "RATE_LIMITED")
+                conn.send(error_frame(request_id, "RATE_LIMITED", conn.locale))
+                if conn.over_limit():
+                    conn.close(CLOSE_POLICY, "rate limit")
+                continue
+            if request is None:
+                conn.send(error_frame(request_id, "BAD_REQUEST", conn.locale, detail=problem))
                 continue
             await self._dispatch(conn, request)
 
@@ -261,12 +277,6 @@ class Gateway:
                                   detail="hello was already said"))
             return
         assert conn.terminal is not None
-        if not conn.take_token():
-            metrics.RATE_LIMITED.inc()
-            self._fail(conn, request, "RATE_LIMITED")
-            if conn.over_limit():
-                conn.close(CLOSE_POLICY, "rate limit")
-            return
         if request.store_id is not None and request.store_id != conn.terminal.store_id:
             self._fail(conn, request, "FORBIDDEN", detail="another store")
             return
@@ -293,8 +303,9 @@ class Gateway:
             return True  # not a browser: its token is its only credential
         allowed = self.settings.allowed_origins
         text = origin.decode("latin-1")
-        host = headers.get(b"host", b"").decode("latin-1")
-        return "*" in allowed or text in allowed or text.split("://", 1)[-1] == host
+        scheme = "https" if scope.get("scheme") == "wss" else "http"
+        own = f"{scheme}://{headers.get(b'host', b'').decode('latin-1')}"
+        return "*" in allowed or text in allowed or text == own
 
     def _full(self, terminal: Terminal) -> str:
         """Why one more connection is refused, or '' when it is welcome."""
@@ -343,6 +354,9 @@ class Gateway:
             self.hub.connections.discard(conn)
             return
         metrics.CONNECTIONS.labels(terminal.role).dec()
+        log.info("disconnected", extra={"store": terminal.store_id,
+                                        "terminal": terminal.terminal_id,
+                                        "role": terminal.role, "close_code": conn.close_code})
         try:
             config = await self.backend.get_config(terminal.store_id)
             grace = config.disconnect_grace_ms

@@ -48,7 +48,8 @@ def error_response(status: int, code: str, detail: str = "", locale: str = "en")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def http_routes(backend: Backend, tokens: Tokens) -> list[Route]:
+def http_routes(backend: Backend, tokens: Tokens,
+                draining: Callable[[], bool] = lambda: False) -> list[Route]:
     def caller(request: Request, store_id: str, roles: Iterable[str] | None = None) -> Terminal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -84,7 +85,8 @@ def http_routes(backend: Backend, tokens: Tokens) -> list[Route]:
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        ready = await backend.ready()
+        # Not ready while draining, so that a load balancer sends newcomers elsewhere.
+        ready = not draining() and await backend.ready()
         return json_response({"ready": ready}, 200 if ready else 503)
 
     async def metrics(request: Request) -> Response:

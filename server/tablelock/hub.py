@@ -51,8 +51,9 @@ class Session:
 
 class Connection:
     __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "_stamp",
-                 "_tokens", "_write_now", "authority", "closed", "expiry", "hub", "locale",
-                 "max_bytes", "max_messages", "pending", "session", "table_id", "terminal")
+                 "_tokens", "_write_now", "authority", "close_code", "closed", "expiry", "hub",
+                 "locale", "max_bytes", "max_messages", "pending", "session", "table_id",
+                 "terminal")
 
     def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
         self.hub = hub
@@ -65,6 +66,7 @@ class Connection:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.closed = False
+        self.close_code: int | None = None  # for the log: who closed, and why
         self.terminal: Terminal | None = None
         self.table_id: str | None = None  # set for h5: events of other tables are not shown
         self.session: Session | None = None
@@ -132,6 +134,7 @@ class Connection:
         """Close after what is queued, or at once for a slow consumer."""
         if self.closed:
             return
+        self.close_code = code
         if code == CLOSE_SLOW_CONSUMER:
             self._queue.clear()
             self._queued_bytes = 0

@@ -37,12 +37,12 @@ class SampledHistogram:
     def __init__(self, histogram: Histogram, every: int = 16) -> None:
         self._histogram = histogram
         self._every = every
-        self._n = 0
+        self._calls: defaultdict[str, int] = defaultdict(int)  # per label: none is starved
         self._children: dict[str, Histogram] = {}
 
-    def due(self) -> bool:
-        self._n += 1
-        return self._n % self._every == 0
+    def due(self, label: str) -> bool:
+        self._calls[label] += 1
+        return self._calls[label] % self._every == 0
 
     def observe(self, label: str, seconds: float) -> None:
         child = self._children.get(label)

@@ -7,6 +7,7 @@ per channel. `docs/asyncapi.json` is generated from these same types
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -176,16 +177,34 @@ class BadFrame(Exception):
         self.detail = detail
 
 
+_ID_FIELD = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.){0,128}"|-?\d{1,18})[\s,}]')
+
+
+def _read_id(frame: str | bytes) -> int | str | None:
+    """A bad frame's `id`, so that its error reply can be matched: null if unreadable."""
+    try:
+        return _id_decoder.decode(frame).id
+    except (msgspec.DecodeError, UnicodeError):
+        return None
+    except RecursionError:  # too deep to skip: look for a top-level-looking "id" instead
+        text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+        found = _ID_FIELD.search(text[:4096])
+        if found is None:
+            return None
+        try:
+            return msgspec.json.decode(found.group(1), type=RequestId)  # type: ignore[no-any-return]
+        except msgspec.DecodeError:
+            return None
+
+
 def decode(frame: str | bytes) -> ClientMessage:
     """Decode and validate one client frame, or raise BadFrame with what id could be read."""
     try:
         return _decoder.decode(frame)
-    except msgspec.DecodeError as exc:
-        try:
-            request_id = _id_decoder.decode(frame).id
-        except msgspec.DecodeError:
-            request_id = None
-        raise BadFrame(request_id, str(exc)) from None
+    except (msgspec.DecodeError, RecursionError, UnicodeError) as exc:
+        request_id = _read_id(frame)
+        detail = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise BadFrame(request_id, detail) from None
 
 
 # --- replies ---------------------------------------------------------------------

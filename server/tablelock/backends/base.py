@@ -73,7 +73,7 @@ def observe(store_id: str, order_id: str, out: Outcome, now: int, started: float
             call: str) -> None:
     """Count and log what one transition did; the same for every backend. Cheap: it runs
     for every request."""
-    if metrics.BACKEND_SECONDS.due():
+    if metrics.BACKEND_SECONDS.due(call):
         metrics.BACKEND_SECONDS.observe(call, time.perf_counter() - started)
     for event in out.events:
         outcome = _OUTCOME_OF_EVENT.get(event.event)
