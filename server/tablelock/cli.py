@@ -71,14 +71,14 @@ def serve(args: argparse.Namespace) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     """A broker, a simulated store playing the races that matter, and the dashboard."""
-    from tablelock_demo.simulation import simulate
-
     settings = serve_settings(args)
     settings.demo_store = args.store
     base = f"http://{settings.host}:{settings.port}"
     tokens = Tokens(settings.secrets)
 
     async def play() -> None:
+        from tablelock_demo.simulation import simulate
+
         await simulate(f"ws://{settings.host}:{settings.port}/ws", tokens, args.store,
                        seed=args.seed, tables=args.tables)
 

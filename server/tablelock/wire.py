@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from websockets.protocol import State
+
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
         WebSocketsSansIOProtocol as _SansIO,
@@ -31,8 +33,9 @@ def direct_writer(send: Callable[..., Any]) -> DirectWriter | None:
     conn, writable = protocol.conn, protocol.writable
 
     def write(text: str) -> bool:
-        if (not writable.is_set() or protocol.close_sent or protocol.disconnected
-                or not protocol.handshake_complete):
+        # Anything but an open, writable socket goes the slow way, which knows how to fail.
+        if (conn.state is not State.OPEN or not writable.is_set() or protocol.close_sent
+                or protocol.disconnected or not protocol.handshake_complete):
             return False
         conn.send_text(text.encode())
         protocol.transport.write(b"".join(conn.data_to_send()))
