@@ -96,8 +96,9 @@ async def counter_edits_while_customer_pays(store: Store, rng: random.Random,
         order = store.book.order(oid)
         edit: Callable[[dict[str, Any]], None]
         if order is not None and len(order["items"]) > 1:
-            what = f"takes {order['items'][-1]['name'].split(' ', 1)[-1]} off the bill"
-            edit = lambda o: o["items"].pop()  # noqa: E731
+            what = (f"takes {order['items'][0]['name'].split(' ', 1)[-1]} off the bill "
+                    "(the kitchen ran out)")
+            edit = lambda o: o["items"].pop(0)  # noqa: E731
         else:
             what = "adds a rice"
             edit = lambda o: add_dishes(o, [RICE])  # noqa: E731
