@@ -123,6 +123,9 @@ class Gateway:
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        # A reconnect storm queues here rather than all at once at the backend, where its
+        # calls would time out together and come back, refused, as another storm.
+        self._arrivals = asyncio.Semaphore(32)
         self._handlers: dict[type, Handler] = {
             Ping: self._ping,
             TokenRefresh: self._refresh,
@@ -207,14 +210,17 @@ class Gateway:
         log.info("connected", extra={"store": terminal.store_id, "terminal": terminal.terminal_id,
                                      "role": terminal.role})
         try:
-            config = await self.backend.get_config(terminal.store_id)
-            conn.locale = hello.locale or config.locale
-            await self.backend.terminal_up(terminal, conn.authority)
-            missed, lost = await self._missed(conn) if resumed else ({}, [])
-            result = HelloResult(session.session_id, resumed, terminal,
-                                 StoreInfo(terminal.store_id, config),
-                                 self.settings.heartbeat_ms, await self.backend.now(), lost)
-        except Unavailable:
+            async with self._arrivals:
+                config = await self.backend.get_config(terminal.store_id)
+                conn.locale = hello.locale or config.locale
+                await self.backend.terminal_up(terminal, conn.authority)
+                missed, lost = await self._missed(conn) if resumed else ({}, [])
+                result = HelloResult(session.session_id, resumed, terminal,
+                                     StoreInfo(terminal.store_id, config),
+                                     self.settings.heartbeat_ms, await self.backend.now(), lost)
+        except Unavailable as exc:
+            log.warning("hello refused: backend unavailable (%s)", exc,
+                        extra={"store": terminal.store_id, "terminal": terminal.terminal_id})
             conn.send(error_frame(hello.id, "UNAVAILABLE", conn.locale))
             conn.close(1013, "backend unavailable")
             return False

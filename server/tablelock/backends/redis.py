@@ -146,8 +146,12 @@ def connect(url: str) -> tuple[Any, bool]:
             nodes.append((host, int(port or 26379)))
         service = parsed.path.strip("/") or "mymaster"
         sentinel = Sentinel(nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
-        return sentinel.master_for(service, **options), False
-    return aioredis.Redis.from_url(url, **options), False
+        return sentinel.master_for(service, max_connections=512, **options), False
+    # A bounded pool that makes a burst wait for a connection (within the answer bound)
+    # rather than fail with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=128, timeout=0.5,
+                                                    **options)
+    return aioredis.Redis(connection_pool=pool), False
 
 
 class RedisBackend(Backend):
