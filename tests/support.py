@@ -62,8 +62,9 @@ class BrokerProcess:
 
     def start(self, timeout: float = 15.0) -> BrokerProcess:
         # No drain window unless a test asks for one: stopping a test broker stays quick.
+        # Warnings only in the log, unless a test reads the log.
         env = {**os.environ, "TABLELOCK_SECRET": SECRET, "TABLELOCK_DRAIN_WINDOW_S": "0",
-               **self.env}
+               "TABLELOCK_LOG_LEVEL": "WARNING", **self.env}
         cmd = [sys.executable, "-m", "tablelock", "serve", "--port", str(self.port),
                "--backend", self.backend]
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -709,7 +709,8 @@ async def test_json_logs_carry_store_order_terminal(broker_factory: BrokerFactor
                                                     log_backend: str,
                                                     capfd: pytest.CaptureFixture[str]) -> None:
     # The broker inherits the test's stderr, which capfd captures at the descriptor level.
-    broker = start_broker(broker_factory, backend=log_backend, log_format="json")
+    broker = start_broker(broker_factory, backend=log_backend, log_format="json",
+                          log_level="INFO")
     store = Store(broker)
     try:
         first = await store.erp("till-1")
@@ -753,7 +754,8 @@ async def test_json_logs_carry_store_order_terminal(broker_factory: BrokerFactor
 
 async def test_a_policy_close_is_logged(broker_factory: BrokerFactory,
                                         capfd: pytest.CaptureFixture[str]) -> None:
-    broker = start_broker(broker_factory, rate_per_s=50, rate_burst=20, log_format="json")
+    broker = start_broker(broker_factory, rate_per_s=50, rate_burst=20, log_format="json",
+                          log_level="INFO")
     store = Store(broker)
     try:
         flood = await store.connect("erp_secondary", "flooder")
