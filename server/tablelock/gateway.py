@@ -94,20 +94,20 @@ class Refused(Exception):
         self.detail = detail
 
 
-def ok_frame(request_id: int | str, result: msgspec.Struct | None = None) -> str:
+def ok_frame(request_id: int | str, result: msgspec.Struct | None = None) -> bytes:
     """`{"id": ..., "ok": true, ...result}`, spliced from the result's own encoding."""
     head = b'{"id":' + encode(request_id) + b',"ok":true'
     body = encode(result) if result is not None else b"{}"
-    return (head + (b"," + body[1:] if len(body) > 2 else b"}")).decode()
+    return head + (b"," + body[1:] if len(body) > 2 else b"}")
 
 
 def error_frame(request_id: RequestId, code: str, locale: str, *, variant: str = "",
-                can_force: bool = False, lock: Lock | None = None, detail: str = "") -> str:
+                can_force: bool = False, lock: Lock | None = None, detail: str = "") -> bytes:
     message = prompt(code, locale, variant)
     if detail:
         message = f"{message} ({detail})"
     body = ErrorBody(code, message, can_force, lock)
-    return encode(ErrorReply(request_id, body)).decode()
+    return encode(ErrorReply(request_id, body))
 
 
 Handler = Callable[[Connection, Any], Awaitable[None]]
@@ -228,7 +228,7 @@ class Gateway:
         self._expire_at(conn, expires)
         for channel, events in missed.items():  # then what the session missed, in order
             for seq, frame, table_id in events:
-                self.hub.replay(conn, channel, seq, frame.decode(), table_id)
+                self.hub.replay(conn, channel, seq, frame, table_id)
             self.hub.end_subscribe(conn, channel)
         return True
 

@@ -1,7 +1,7 @@
 """Who is connected to this process, what they subscribe to, and fan-out.
 
 The hub is the backend's event sink: a numbered frame arrives once per channel,
-is decoded to text once, and is queued on every subscribed connection. Each
+is written to every subscribed connection as it came, bytes encoded once. Each
 connection has a bounded outbound queue drained by a writer task that exists
 only while there is something to write; a consumer that falls behind its bound
 is closed with 4010 rather than allowed to grow memory.
@@ -27,7 +27,7 @@ CLOSE_RESTARTING = 1012
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class TimedFrame(str):
+class TimedFrame(bytes):
     """A frame whose write is timed: one fan-out in FANOUT_SAMPLE is measured (metrics)."""
 
     t0: float
@@ -59,7 +59,7 @@ class Connection:
         self.hub = hub
         self._send = send
         self._write_now = direct_writer(send)
-        self._queue: deque[str] = deque()
+        self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -73,7 +73,7 @@ class Connection:
         self.locale = "zh-CN"
         self.authority = False
         # channel -> frames that arrived while its subscribe was being answered
-        self.pending: dict[str, list[tuple[int, str]]] = {}
+        self.pending: dict[str, list[tuple[int, bytes]]] = {}
         self._tokens = float(hub.rate_burst)  # the request rate's token bucket
         self._stamp = time.monotonic()
         self.expiry: asyncio.TimerHandle | None = None  # the token's end
@@ -91,18 +91,18 @@ class Connection:
         """Still flooding after a whole burst of refusals: time to close (4008)."""
         return self._tokens < -self.hub.rate_burst
 
-    def send(self, text: str) -> None:
+    def send(self, frame: bytes) -> None:
         """Write a frame now if the socket takes it, else queue it; never blocks. Past the
         queue's bound the connection is closed (4010)."""
         if self.closed:
             return
         if not self._queue and self._flusher is None and self._write_now is not None and (
-                self._write_now(text)):
-            if text.__class__ is TimedFrame:
-                metrics.FANOUT_SECONDS.observe(time.perf_counter() - text.t0)  # type: ignore[attr-defined]
+                self._write_now(frame)):
+            if frame.__class__ is TimedFrame:
+                metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)  # type: ignore[attr-defined]
             return
-        self._queue.append(text)
-        self._queued_bytes += len(text)
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
         if len(self._queue) > self.max_messages or self._queued_bytes > self.max_bytes:
             metrics.SLOW_CONSUMERS.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
@@ -114,11 +114,12 @@ class Connection:
         queue = self._queue
         try:
             while queue:
-                text = queue.popleft()
-                self._queued_bytes -= len(text)
-                await self._send({"type": "websocket.send", "text": text})
-                if text.__class__ is TimedFrame:
-                    metrics.FANOUT_SECONDS.observe(time.perf_counter() - text.t0)  # type: ignore[attr-defined]
+                frame = queue.popleft()
+                self._queued_bytes -= len(frame)
+                # ASGI takes text frames as str: only this slow path pays the decode
+                await self._send({"type": "websocket.send", "text": frame.decode()})
+                if frame.__class__ is TimedFrame:
+                    metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)  # type: ignore[attr-defined]
         except Exception:  # the peer went away: the receive loop will see it
             self.closed = True
             queue.clear()
@@ -297,7 +298,7 @@ class Hub:
         for conn in list(self._subscribers.get(channel, ())):
             conn.close(CLOSE_RESTARTING, "events lost: resubscribe")
 
-    def replay(self, conn: Connection, channel: str, seq: int, text: str,
+    def replay(self, conn: Connection, channel: str, seq: int, text: bytes,
                table_id: str | None) -> None:
         """Deliver a missed event to one connection, as publish would have."""
         session = conn.session
@@ -312,7 +313,7 @@ class Hub:
 
     # --- the backend's event sink ------------------------------------------------------------
 
-    def publish(self, channel: str, seq: int, text: str, table_id: str | None) -> None:
+    def publish(self, channel: str, seq: int, text: bytes, table_id: str | None) -> None:
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
@@ -336,7 +337,7 @@ class Hub:
             if conn.table_id is None or table_id is None or table_id == conn.table_id:
                 conn.send(text)
 
-    def direct(self, store_id: str, terminal_id: str, text: str,
+    def direct(self, store_id: str, terminal_id: str, text: bytes,
                unless_on: tuple[str, ...]) -> None:
         conns = self._terminals.get((store_id, terminal_id))
         if not conns:

@@ -82,7 +82,7 @@ class Relay:
         if conn is None:
             return None
         rid = f"r{next(self._ids)}"
-        conn.send(encode(RpcCall("rpc", rid, "order.fetch", params)).decode())
+        conn.send(encode(RpcCall("rpc", rid, "order.fetch", params)))
         return await self._await(rid, conn, timeout_ms, None)
 
     async def _ask_remote(self, broker_id: str, store_id: str, params: dict[str, str],

@@ -43,11 +43,11 @@ class Unavailable(Exception):
 class EventSink(Protocol):
     """Where numbered and direct events go: the hub of local connections."""
 
-    def publish(self, channel: str, seq: int, frame: str, table_id: str | None) -> None:
+    def publish(self, channel: str, seq: int, frame: bytes, table_id: str | None) -> None:
         """Fan a numbered frame out; `table_id` hides an order's events from other tables' h5."""
         ...
 
-    def direct(self, store_id: str, terminal_id: str, frame: str,
+    def direct(self, store_id: str, terminal_id: str, frame: bytes,
                unless_on: tuple[str, ...]) -> None:
         """Send to each connection of the terminal subscribed to none of `unless_on`."""
         ...

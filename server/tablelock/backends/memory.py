@@ -204,10 +204,10 @@ class MemoryBackend(Backend):
                 for name in channels:
                     self._number(name, body, event.table_id)
                 if event.notify is not None:
-                    self.sink.direct(store_id, event.notify, direct_frame(event).decode(),
+                    self.sink.direct(store_id, event.notify, direct_frame(event),
                                      channels)
         for terminal_id, event in out.direct:
-            self.sink.direct(store_id, terminal_id, direct_frame(event).decode(), ())
+            self.sink.direct(store_id, terminal_id, direct_frame(event), ())
         if out.audit:
             self._append_audit(store_id, out.audit)
 
@@ -223,7 +223,7 @@ class MemoryBackend(Backend):
         channel.seq += 1
         frame = numbered_frame(name, channel.seq, body)
         channel.history.append(Numbered(channel.seq, frame, table_id))
-        self.sink.publish(name, channel.seq, frame.decode(), table_id)
+        self.sink.publish(name, channel.seq, frame, table_id)
 
     def _wake(self, key: OrderKey) -> None:
         self.apply_now(key[0], key[1], Tick(), None)

@@ -594,9 +594,9 @@ class RedisBackend(Backend):
                 self._seen[name] = seq
                 if '"event":"config.updated"' in frame:
                     self._states.pop(store_id, None)
-                self.sink.publish(name, seq, frame, table_id or None)
+                self.sink.publish(name, seq, frame.encode(), table_id or None)
             else:
-                self.sink.direct(store_id, terminal_id, frame,
+                self.sink.direct(store_id, terminal_id, frame.encode(),
                                  tuple(unless.split("\n")) if unless else ())
 
     async def _recover(self, channel: str, since: int) -> None:
@@ -612,7 +612,7 @@ class RedisBackend(Backend):
         for seq, frame, table_id in missed:
             if seq > self._seen.get(channel, 0):
                 self._seen[channel] = seq
-                self.sink.publish(channel, seq, frame.decode(), table_id)
+                self.sink.publish(channel, seq, frame, table_id)
 
     async def _resync(self) -> None:
         """After a lost subscription: fill every local channel's gap, re-announce presence."""
