@@ -59,7 +59,7 @@ class Connection:
         self.hub = hub
         self._send = send
         self._write_now = direct_writer(send)
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # made when a frame must wait (760 bytes)
         self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -96,14 +96,17 @@ class Connection:
         queue's bound the connection is closed (4010)."""
         if self.closed:
             return
-        if not self._queue and self._flusher is None and self._write_now is not None and (
+        queue = self._queue
+        if not queue and self._flusher is None and self._write_now is not None and (
                 self._write_now(frame)):
             if frame.__class__ is TimedFrame:
                 metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)  # type: ignore[attr-defined]
             return
-        self._queue.append(frame)
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append(frame)
         self._queued_bytes += len(frame)
-        if len(self._queue) > self.max_messages or self._queued_bytes > self.max_bytes:
+        if len(queue) > self.max_messages or self._queued_bytes > self.max_bytes:
             metrics.SLOW_CONSUMERS.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
             return
@@ -112,6 +115,7 @@ class Connection:
 
     async def _flush(self) -> None:
         queue = self._queue
+        assert queue is not None
         try:
             while queue:
                 frame = queue.popleft()
@@ -125,6 +129,7 @@ class Connection:
             queue.clear()
         finally:
             self._flusher = None
+            self._queue = None  # empty: give its memory back
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written (used before closing)."""
@@ -136,7 +141,7 @@ class Connection:
         if self.closed:
             return
         self.close_code = code
-        if code == CLOSE_SLOW_CONSUMER:
+        if code == CLOSE_SLOW_CONSUMER and self._queue is not None:
             self._queue.clear()
             self._queued_bytes = 0
             if self._flusher is not None:
@@ -250,7 +255,7 @@ class Hub:
         return self._per_store.get(store_id, 0)
 
     def queue_depths(self) -> list[int]:
-        return [len(conn._queue) for conn in self.connections]
+        return [len(conn._queue) for conn in self.connections if conn._queue]
 
     def authority(self, store_id: str) -> Connection | None:
         """The connection that answers `order.fetch`: an erp_main first, newest first."""

@@ -106,11 +106,20 @@ class Deadlines:
 
 
 class Channel:
-    __slots__ = ("history", "seq")
+    """A channel's seq and bounded history; the history (760 bytes even empty) is only
+    made when the first event comes, so that quiet channels with subscribers cost little."""
+
+    __slots__ = ("history", "seq", "size")
 
     def __init__(self, size: int, first_seq: int) -> None:
         self.seq = first_seq
-        self.history: deque[Numbered] = deque(maxlen=size)
+        self.size = size
+        self.history: deque[Numbered] | None = None
+
+    def append(self, entry: Numbered) -> None:
+        if self.history is None:
+            self.history = deque(maxlen=self.size)
+        self.history.append(entry)
 
 
 class StoreAudit:
@@ -222,7 +231,7 @@ class MemoryBackend(Backend):
         channel = self._channel(name)
         channel.seq += 1
         frame = numbered_frame(name, channel.seq, body)
-        channel.history.append(Numbered(channel.seq, frame, table_id))
+        channel.append(Numbered(channel.seq, frame, table_id))
         self.sink.publish(name, channel.seq, frame, table_id)
 
     def _wake(self, key: OrderKey) -> None:
@@ -284,10 +293,11 @@ class MemoryBackend(Backend):
             return None
         if since == seq:
             return []
-        oldest = found.history[0][0] if found.history else seq + 1
+        history = found.history or ()
+        oldest = history[0].seq if history else seq + 1
         if since + 1 < oldest:
             return None
-        return [entry for entry in found.history if entry.seq > since]
+        return [entry for entry in history if entry.seq > since]
 
     # --- presence -------------------------------------------------------------------
 
