@@ -214,7 +214,7 @@ class Gateway:
                 config = await self.backend.get_config(terminal.store_id)
                 conn.locale = hello.locale or config.locale
                 await self.backend.terminal_up(terminal, conn.authority)
-                missed, lost = await self._missed(conn) if resumed else ({}, [])
+                missed, lost = await self._missed(conn, hello.seen) if resumed else ({}, [])
                 result = HelloResult(session.session_id, resumed, terminal,
                                      StoreInfo(terminal.store_id, config),
                                      self.settings.heartbeat_ms, await self.backend.now(), lost)
@@ -232,12 +232,16 @@ class Gateway:
             self.hub.end_subscribe(conn, channel)
         return True
 
-    async def _missed(self, conn: Connection) -> tuple[dict[str, list[Numbered]], list[str]]:
-        """What a resumed session missed per channel; channels whose history is gone are
-        dropped from the session and named in the reply, for the client to subscribe again."""
+    async def _missed(self, conn: Connection, seen: dict[str, int] | None,
+                      ) -> tuple[dict[str, list[Numbered]], list[str]]:
+        """What a resumed session missed per channel, from the last seq written to it or the
+        last the client says it read; channels whose history is gone are dropped from the
+        session and named in the reply, for the client to subscribe again."""
         assert conn.session is not None
         missed, lost = {}, []
-        for channel, last in list(conn.session.subs.items()):
+        for channel, written in list(conn.session.subs.items()):
+            last = min(written, (seen or {}).get(channel, written))
+            conn.session.subs[channel] = last
             events = await self.backend.history(channel, last)
             if events is None:
                 self.hub.unsubscribe(conn, channel)

@@ -50,6 +50,9 @@ class Hello(Request, tag="hello"):
     client: ClientInfo | None = None
     locale: Locale | None = None
     resume: Name | None = None
+    # With `resume`: the last seq the client *read* per channel, when frames may have died
+    # in flight with the old socket; the replay starts from there.
+    seen: dict[str, Annotated[int, Meta(ge=0)]] | None = None
     order_authority: bool = False
 
 

@@ -179,7 +179,9 @@ class RedisBackend(Backend):
         self._stores_heard: dict[str, int] = {}  # store -> local connections (pub/sub interest)
         self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
-        self._leaving: dict[tuple[str, str], Terminal] = {}  # offline not yet told to Redis
+        self._unsaid: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
+        self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._healthy_since: float | None = None  # since when our heartbeats get through
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -292,7 +294,7 @@ class RedisBackend(Backend):
         self._learn_time(int(real))
         self._records[key] = (_text(rec_rev), _record_decoder.decode(raw) if raw else None)
         self._states[key[0]] = _state_of(fields)
-        if len(self._records) > 200_000:  # a bounded cache: a miss only costs a round trip
+        if len(self._records) > 20_000:  # a bounded cache: a miss only costs a round trip
             self._records.clear()
 
     async def _commit(self, keys: Keys, order_id: str, rec_rev: str, state_rev: str, now: int,
@@ -389,9 +391,7 @@ class RedisBackend(Backend):
                     orders.append(rec.order)
                     locks.extend(rec.locks.values())
             snap = StoreSnapshot(orders, locks, [_terminal_decoder.decode(t) for t in terms])
-        seq = int(seq)
-        self._seen[channel] = max(self._seen.get(channel, 0), seq)
-        return seq, snap
+        return int(seq), snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         parsed = parse_channel(channel)
@@ -421,26 +421,40 @@ class RedisBackend(Backend):
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
         await self._hear_store(terminal.store_id, +1)
-        await self._announce(terminal, count + 1, authority or was_authority)
+        await self._sync_presence(key, terminal)
 
     async def terminal_down(self, terminal: Terminal) -> None:
         key = (terminal.store_id, terminal.terminal_id)
         entry = self._local.get(key)
         if entry is None:
             return
-        count = entry[1] - 1
-        if count > 0:
-            self._local[key] = (entry[0], count, entry[2])
+        if entry[1] > 1:
+            self._local[key] = (entry[0], entry[1] - 1, entry[2])
         else:
             del self._local[key]
         try:
-            await self._announce(terminal, count, entry[2])
-        except Unavailable:
-            if count == 0:  # said again once Redis is back (see _resync)
-                self._leaving[key] = terminal
-            raise
+            await self._sync_presence(key, terminal)
         finally:
             await self._hear_store(terminal.store_id, -1)
+
+    async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
+        """Tell Redis how many connections this broker has for the terminal *now*. One at a
+        time per terminal, so that a goodbye's count can't land after the next hello's; one
+        that fails is said again after Redis returns (see _resync)."""
+        lock = self._presence_locks.get(key)
+        if lock is None:
+            lock = self._presence_locks[key] = asyncio.Lock()
+        async with lock:
+            entry = self._local.get(key)
+            count, authority = (entry[1], entry[2]) if entry else (0, False)
+            try:
+                await self._announce(terminal, count, authority)
+            except Unavailable:
+                self._unsaid[key] = terminal
+                raise
+            self._unsaid.pop(key, None)
+        if key not in self._local and not lock.locked():
+            self._presence_locks.pop(key, None)
 
     async def _announce(self, terminal: Terminal, count: int, authority: bool,
                         broker_id: str | None = None, since: int | None = None) -> None:
@@ -585,13 +599,14 @@ class RedisBackend(Backend):
                 if probe is not None and not probe.done():
                     probe.set_result(None)
             elif kind == 0:
+                # Only gaps are this broker's business: each connection drops what it has
+                # already had (Hub.publish), so nothing is skipped here.
                 seen = self._seen.get(name)
                 if seen is not None and seq > seen + 1:
                     metrics.REDIS_EVENTS.labels("gap_recovery").inc()
                     await self._recover(name, seen)  # a gap: fill it from the history first
-                if seen is not None and seq <= self._seen.get(name, 0):
-                    continue
-                self._seen[name] = seq
+                if seq > self._seen.get(name, 0):
+                    self._seen[name] = seq
                 if '"event":"config.updated"' in frame:
                     self._states.pop(store_id, None)
                 self.sink.publish(name, seq, frame.encode(), table_id or None)
@@ -604,7 +619,7 @@ class RedisBackend(Backend):
         try:
             missed = await self.history(channel, since)
         except Unavailable:
-            missed = None
+            return  # not now: the next event's gap brings us back here
         if missed is None:
             log.warning("history of %s no longer reaches seq %d", channel, since)
             self.sink.lost(channel)
@@ -621,13 +636,15 @@ class RedisBackend(Backend):
                 await self._recover(channel, seen)
             else:
                 del self._seen[channel]
-        for terminal, count, authority in list(self._local.values()):
+        await self._reannounce()
+
+    async def _reannounce(self) -> None:
+        """Say every local connection again, and what Redis missed (idempotent)."""
+        terminals = {key: entry[0] for key, entry in self._local.items()}
+        terminals.update(self._unsaid)
+        for key, terminal in terminals.items():
             with contextlib.suppress(Unavailable):
-                await self._announce(terminal, count, authority)
-        for key, terminal in list(self._leaving.items()):
-            with contextlib.suppress(Unavailable):
-                await self._announce(terminal, 0, False)
-                del self._leaving[key]
+                await self._sync_presence(key, terminal)
 
     async def _sweep(self) -> None:
         """Expire what is due, whoever granted it; each broker polls the store index."""
@@ -663,19 +680,27 @@ class RedisBackend(Backend):
         while True:
             try:
                 now = await self.now()
-                await self._guard(self._redis.zadd(self.brokers, {self.broker_id: now}))
+                added = await self._guard(self._redis.zadd(self.brokers, {self.broker_id: now}))
+                if added and self._healthy_since is not None:  # taken for dead: we aren't
+                    await self._reannounce()
+                if self._healthy_since is None:
+                    self._healthy_since = time.monotonic()
                 await self._guard(self._redis.sadd(stores_key, *self._stores_heard)
                                   if self._stores_heard else asyncio.sleep(0))
-                dead = await self._guard(self._redis.zrangebyscore(
-                    self.brokers, "-inf", now - self._dead_after_ms, withscores=True))
-                for broker, last_seen in dead:
-                    await self._bury(_text(broker), int(last_seen))
+                # After an outage, every broker's heartbeat is old: give them all a full
+                # period to say they live before any is taken for dead.
+                if (time.monotonic() - self._healthy_since) * 1000 >= self._dead_after_ms:
+                    dead = await self._guard(self._redis.zrangebyscore(
+                        self.brokers, "-inf", now - self._dead_after_ms, withscores=True))
+                    for broker, last_seen in dead:
+                        await self._bury(_text(broker), int(last_seen))
                 for channel in [c for c in self._seen if not self.sink.has_subscribers(c)]:
                     del self._seen[channel]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("heartbeat failed: %s", exc)
+                self._healthy_since = None
             await asyncio.sleep(self._heartbeat_s)
 
     async def _bury(self, broker_id: str, last_seen: int) -> None:
