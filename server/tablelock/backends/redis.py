@@ -391,6 +391,9 @@ class RedisBackend(Backend):
                     orders.append(rec.order)
                     locks.extend(rec.locks.values())
             snap = StoreSnapshot(orders, locks, [_terminal_decoder.decode(t) for t in terms])
+        # From here a later event that skips a seq is a gap to fill from the history, even
+        # if this broker's subscription missed the events in between (say it was re-made).
+        self._seen[channel] = max(self._seen.get(channel, 0), int(seq))
         return int(seq), snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
