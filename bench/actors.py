@@ -31,14 +31,24 @@ class Driver:
         self.busy = 0
         self.drained = asyncio.Event()
 
-    def done(self, actor: Actor, now: float) -> None:
+    def done(self, actor: Actor, now: float, failed: bool = False) -> None:
         if self.closed_loop and now < self.end:
-            actor.start(now)
+            if failed:  # no storm of instant retries: try again in 50 ms
+                asyncio.get_running_loop().call_later(0.05, self._retry, actor)
+            else:
+                actor.start(now)
             return
         self.busy -= 1
         self.idle.append(actor)
         if self.busy == 0:
             self.drained.set()
+
+    def _retry(self, actor: Actor) -> None:
+        now = _now()
+        if self.closed_loop and now < self.end:
+            actor.start(now)
+        else:
+            self.done(actor, now)
 
     def launch(self, actor: Actor, now: float) -> None:
         self.busy += 1
@@ -111,7 +121,7 @@ class Actor:
             if not msg.ok or lock is None:
                 stats.error(msg.error.code if msg.error else "no lock")
                 self.state = IDLE
-                self.driver.done(self, now)
+                self.driver.done(self, now, failed=True)
                 return
             self.token = lock.token
             stats.granted(self.order_id, lock.token, self.sent)
@@ -125,4 +135,4 @@ class Actor:
             else:
                 stats.error(msg.error.code if msg.error else "release refused")
             self.state = IDLE
-            self.driver.done(self, now)
+            self.driver.done(self, now, failed=not msg.ok)

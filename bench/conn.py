@@ -29,7 +29,7 @@ class Conn:
         self._futures: dict[int, asyncio.Future[Msg]] = {}
         self._next_id = 0
 
-    async def open(self, url: str, timeout: float = 20.0) -> None:
+    async def open(self, url: str, timeout: float = 60.0) -> None:
         parsed = urlparse(url)
         host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
         self.sock = await open_socket(host, port, self.codec.path, self.codec.subprotocol,
@@ -54,7 +54,7 @@ class Conn:
         self.sock.send(self.codec.request(self._next_id, type_, params))
         return self._next_id
 
-    async def call(self, type_: str, timeout: float = 30.0, **params: Any) -> Msg:
+    async def call(self, type_: str, timeout: float = 60.0, **params: Any) -> Msg:
         """Send a request and wait for its reply (set-up only)."""
         request_id = self.send(type_, params)
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()

@@ -18,6 +18,7 @@ import json
 import resource
 import sys
 import time
+import zlib
 from typing import Any
 
 from .actors import Actor, Driver
@@ -53,6 +54,7 @@ class LoadGen:
         self.driver = Driver(self.stats)
         self.conns: list[Conn] = []
         self.phones: list[Phone] = []
+        self.published: set[str] = set()
         self._shared_codec = codec_for(spec.dialect)
         self._turn = 0
         self._gate = asyncio.Semaphore(spec.connect_concurrency)
@@ -64,8 +66,12 @@ class LoadGen:
     async def connect(self, store: str, role: str, sub: str, table: str | None = None,
                       channel: str | None = None) -> Conn | None:
         """Open, say hello, subscribe; a failure is counted, not raised."""
-        url = self.spec.urls[self._turn % len(self.spec.urls)]
-        self._turn += 1
+        urls = self.spec.urls
+        if self.spec.affinity == "store":  # a balancer that hashes the store: no cross traffic
+            url = urls[zlib.crc32(store.encode()) % len(urls)]
+        else:  # round-robin, as a plain TCP balancer: a store's events cross brokers
+            url = urls[self._turn % len(urls)]
+            self._turn += 1
         conn = Conn(self._codec(), self.stats)
         async with self._gate:
             try:
@@ -134,8 +140,9 @@ class LoadGen:
             order = {"order_id": order_id(i, j), "table_id": table_id(i, j), "version": 1,
                      "amount_cents": 4200, "status": "open",
                      "items": [{"sku": "rice", "qty": 2}, {"sku": "tea", "qty": 1}]}
-            reply = await conn_call(erp, "order.publish", order=order, change="modify")
-            if not reply:
+            if await conn_call(erp, "order.publish", order=order, change="modify"):
+                self.published.add(order_id(i, j))
+            else:
                 self.stats.error("setup:publish")
 
     async def _actors(self) -> None:
@@ -144,6 +151,8 @@ class LoadGen:
         if spec.actors > total:
             raise SystemExit(f"{spec.actors} actors need as many orders; there are {total}")
         chosen = [(a % spec.stores, a // spec.stores) for a in range(spec.actors)]
+        if spec.publish and spec.erp:  # an order whose publish failed gets no actor
+            chosen = [(i, j) for i, j in chosen if order_id(i, j) in self.published]
         conns = await asyncio.gather(*(self.connect(store_id(i), "erp_secondary", f"actor{j}")
                                        for i, j in chosen))
         for (i, j), conn in zip(chosen, conns, strict=True):

@@ -47,14 +47,16 @@ def pin_self(core: int | None) -> None:
 class Child:
     def __init__(self, name: str, cmd: list[str], core: int | None,
                  env: dict[str, str] | None = None, stdin: bool = False,
-                 stdout: bool = False) -> None:
+                 stdout: bool = False, log: Path | None = None) -> None:
         self.name = name
+        self.log = log
         full = [_TASKSET, "-c", str(core), *cmd] if core is not None and _TASKSET else cmd
-        self.proc = subprocess.Popen(
-            full, cwd=ROOT, env={**os.environ, **(env or {})},
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-            stderr=None, text=True, preexec_fn=_die_with_parent)
+        with open(log, "ab") if log is not None else contextlib.nullcontext() as stderr:
+            self.proc = subprocess.Popen(
+                full, cwd=ROOT, env={**os.environ, **(env or {})},
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                stderr=stderr, text=True, preexec_fn=_die_with_parent)
         self.pid = self.proc.pid  # taskset execs the command: same pid
 
     def alive(self) -> bool:
@@ -78,11 +80,17 @@ class Child:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}"
+                                   f"{self.log_tail()}")
             if check():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not become ready in {timeout} s")
+
+    def log_tail(self, size: int = 2000) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return ":\n" + self.log.read_bytes()[-size:].decode(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -126,7 +134,7 @@ def start_redis(workdir: Path) -> tuple[Child, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     child = Child("redis-server", [server, "--port", str(port), "--bind", "127.0.0.1",
                                    "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                  LOADGEN_CORE)
+                  LOADGEN_CORE, log=workdir / "redis.log")
     child.wait_ready(redis_ready(port))
     return child, port
 

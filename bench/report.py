@@ -75,7 +75,8 @@ def _num(value: float | None) -> str:
 
 def _target(row: Row) -> str:
     if row["backend"] == "redis":
-        return f"{row['target']} (redis, {row['brokers']} proc)"
+        spread = f", {row['affinity']}" if row.get("affinity") else ""
+        return f"{row['target']} (redis, {row['brokers']} proc{spread})"
     return row["target"]
 
 
@@ -106,20 +107,40 @@ def table(rows: Iterable[Row]) -> list[str]:
 
 
 def find(rows: list[Row], scenario: str, target: str, mode: str = "closed",
-         brokers: int | None = None) -> Row | None:
+         brokers: int | None = None, affinity: str | None = None) -> Row | None:
     for r in rows:
         if (r["scenario"] == scenario and r["target"] == target and r["mode"].startswith(mode)
-                and (brokers is None or r["brokers"] == brokers)):
+                and (brokers is None or r["brokers"] == brokers)
+                and (affinity is None or r.get("affinity", "") == affinity)):
             return r
     return None
+
+
+def quiet(*rows: Row | None) -> bool:
+    """Other processes took < 15% of the server's core, and left the load generator (with
+    redis-server) its headroom, during these runs."""
+    def ok(r: Row | None) -> bool:
+        if r is None:
+            return False
+        other = {int(k): v for k, v in r["other_load_pct"].items()}
+        gen_core = other.get(LOADGEN_CORE if LOADGEN_CORE is not None else -1, 0)
+        return (other.get(SERVER_CORE if SERVER_CORE is not None else -1, 0) < 15
+                and gen_core + r["loadgen_cpu_pct"] + (r.get("redis_cpu_pct") or 0) < 85)
+    return all(ok(r) for r in rows)
 
 
 def ratios(rows: list[Row]) -> list[str]:
     ours = find(rows, "store", TABLELOCK)
     if ours is None:
         return ["(run the `store` scenario for ratios)"]
-    lines = ["| baseline | its pairs/s | tablelock / baseline | its server µs/pair | "
-             "its KiB/conn (idle) | tablelock KiB/conn / its |", "|---|---|---|---|---|---|"]
+    lines = [f"tablelock: {ours['pairs_per_s']:.0f} pairs/s, "
+             f"{_num(ours['server_cpu_us_per_pair'])} server µs/pair. The CPU ratio "
+             "(baseline's server µs/pair ÷ tablelock's) is what the pairs/s ratio would be if "
+             "both servers had their core to themselves: it is the figure to trust when "
+             "`others on cores` is high.", "",
+             "| baseline | its pairs/s | tablelock / baseline (pairs/s) | its server µs/pair | "
+             "tablelock / baseline (by CPU per pair) | its KiB/conn (idle) | "
+             "tablelock KiB/conn / its |", "|---|---|---|---|---|---|---|"]
     idle_ours = find(rows, "idle", TABLELOCK)
     for name in (RAW, *STARLETTE, SOCKETIO):
         base = find(rows, "store", name)
@@ -130,9 +151,12 @@ def ratios(rows: list[Row]) -> list[str]:
         kib = idle_base["kib_per_connection"] if idle_base else None
         kib_ratio = (idle_ours["kib_per_connection"] / kib
                      if idle_ours and kib and idle_ours["kib_per_connection"] else None)
+        cpu = (base["server_cpu_us_per_pair"] / ours["server_cpu_us_per_pair"]
+               if base["server_cpu_us_per_pair"] and ours["server_cpu_us_per_pair"] else None)
         lines.append(f"| {name} | {base['pairs_per_s']:.0f} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
-                     f"{_num(base['server_cpu_us_per_pair'])} | {_num(kib)} | "
+                     f"{_num(base['server_cpu_us_per_pair'])} | "
+                     f"{'-' if cpu is None else f'{cpu:.2f}x'} | {_num(kib)} | "
                      f"{'-' if kib_ratio is None else f'{kib_ratio:.2f}x'} |")
     return lines
 
@@ -143,29 +167,55 @@ def _check(value: float | None, ok: bool, shown: str) -> tuple[str, str]:
     return shown, "met" if ok else "**not met**"
 
 
+def _throughput(a: Row | None, b: Row | None, goal: float, label: str,
+                ) -> tuple[str, str]:
+    """a's pairs/s over b's, judged by pairs/s when both runs had their cores, else by
+    server CPU per pair (what the pairs/s ratio would be on free cores)."""
+    if a is None or b is None or not a["pairs_per_s"] or not b["pairs_per_s"]:
+        return "not measured", "-"
+    by_rate = a["pairs_per_s"] / b["pairs_per_s"]
+    by_cpu = (b["server_cpu_us_per_pair"] / a["server_cpu_us_per_pair"]
+              if a["server_cpu_us_per_pair"] and b["server_cpu_us_per_pair"] else None)
+    shown = f"{label(by_rate)} by pairs/s; {label(by_cpu) if by_cpu else '-'} by CPU per pair"
+    if quiet(a, b) or by_cpu is None:
+        return shown, "met" if by_rate >= goal else "**not met**"
+    verdict = "met" if by_cpu >= goal else "**not met**"
+    return shown + " (the machine was shared: judged by CPU per pair)", verdict
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def targets(rows: list[Row]) -> list[str]:
     ours, raw, sio = (find(rows, "store", t) for t in (TABLELOCK, RAW, SOCKETIO))
     opened = find(rows, "store", TABLELOCK, "open")
     idle = find(rows, "idle", TABLELOCK)
     exp = find(rows, "expiry", TABLELOCK, "expiry")
-    r1, r2 = (find(rows, "redis", TABLELOCK, brokers=n) for n in (1, 2))
-    checks: list[tuple[str, tuple[str, str]]] = []
-
-    def ratio(a: Row | None, b: Row | None, key: str) -> float | None:
-        return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
-
-    v = ratio(ours, raw, "pairs_per_s")
-    checks.append(("`store` in-memory ≥ 75% of the raw-websockets limit's pairs/s",
-                   _check(v, (v or 0) >= 0.75, f"{(v or 0) * 100:.0f}%")))
-    v = ratio(ours, sio, "pairs_per_s")
-    checks.append(("`store` in-memory ≥ 3x python-socketio",
-                   _check(v, (v or 0) >= 3, f"{v or 0:.2f}x")))
+    r1 = find(rows, "redis", TABLELOCK, brokers=1)
+    r2 = find(rows, "redis", TABLELOCK, brokers=2, affinity="round-robin")
+    r2s = find(rows, "redis", TABLELOCK, brokers=2, affinity="store")
+    checks: list[tuple[str, tuple[str, str]]] = [
+        ("`store` in-memory ≥ 75% of the raw-websockets limit's pairs/s",
+         _throughput(ours, raw, 0.75, _pct)),
+        ("`store` in-memory ≥ 3x python-socketio", _throughput(ours, sio, 3, _times)),
+    ]
     v = idle["kib_per_connection"] if idle else None
     checks.append(("≤ 24 KiB per idle authenticated subscribed connection",
                    _check(v, (v or 1e9) <= 24, f"{v} KiB")))
     v = opened["fanout_ms"]["p99"] if opened else None
-    checks.append(("fan-out p99 ≤ 5 ms in open loop at half capacity (`store`)",
-                   _check(v, (v or 1e9) <= 5, f"{v} ms")))
+    fan = find(rows, "fanout", TABLELOCK, "open")
+    shown = f"{v} ms" + (f"; `fanout` scenario: {fan['fanout_ms']['p99']} ms" if fan else "")
+    status = _check(v, (v or 1e9) <= 5, shown)
+    if opened and opened.get("open_loop_missed"):
+        status = (shown + f" (this open loop ran over capacity: {opened['open_loop_missed']} "
+                  "starts found no idle actor, so it is no half-capacity figure)",
+                  "not measured validly")
+    checks.append(("fan-out p99 ≤ 5 ms in open loop at half capacity (`store`)", status))
     ok = bool(idle and idle["connections"] >= 15_000 and not idle["error_count"])
     checks.append(("`idle`: 15,000 connections with no errors",
                    _check(idle["connections"] if idle else None, ok,
@@ -173,12 +223,18 @@ def targets(rows: list[Row]) -> list[str]:
                           f"{idle['error_count'] if idle else 0} errors")))
     v = exp["expiry_late_ms"]["p99"] if exp and exp["expiry_late_ms"] else None
     checks.append(("`expiry` p99 ≤ 250 ms late", _check(v, (v or 1e9) <= 250, f"{v} ms")))
-    v = ratio(r1, ours, "pairs_per_s")
     checks.append(("Redis `store` ≥ 50% of in-memory pairs/s, one process",
-                   _check(v, (v or 0) >= 0.5, f"{(v or 0) * 100:.0f}%")))
-    v = ratio(r2, r1, "server_cpu_us_per_pair")
+                   _throughput(r1, ours, 0.5, _pct)))
+
+    def cost(a: Row | None) -> float | None:
+        return (a["server_cpu_us_per_pair"] / r1["server_cpu_us_per_pair"]
+                if a and r1 and a["server_cpu_us_per_pair"] and r1["server_cpu_us_per_pair"]
+                else None)
+
+    v, vs = cost(r2), cost(r2s)
+    shown = f"{_times(v)} with connections round-robin; {_times(vs)} with each store on one broker"
     checks.append(("Redis, two processes: server CPU per pair ≤ 1.15x one process's",
-                   _check(v, (v or 1e9) <= 1.15, f"{v or 0:.2f}x")))
+                   _check(v, (v or 1e9) <= 1.15, shown)))
     lines = ["| target | measured | status |", "|---|---|---|"]
     lines += [f"| {name} | {shown} | {status} |" for name, (shown, status) in checks]
     return lines
@@ -197,7 +253,8 @@ def render(rows: list[Row], quick: bool) -> str:
         "what each figure means). " + ("**Quick smoke form: not for comparison.**"
                                        if quick else ""),
         "",
-        f"- Date: {', '.join(dates) if dates else '-'}",
+        f"- Date: {dates[0] if dates else '-'}"
+        + (f" to {dates[-1]}" if len(dates) > 1 else ""),
         f"- Machine: {machine()}",
         f"- Pinning: {pin}.",
         "- `others on cores` is CPU that processes other than ours used on the two cores "

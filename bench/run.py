@@ -2,7 +2,8 @@
 
 Runs the scenarios, prints one JSON line per measured run, and writes RESULTS.md and
 results.json into the output folder: bench/ for the full form, bench/out/ for --quick. A
-scenario run alone replaces only its own rows there. Exits 1 if any run counted an error.
+scenario run alone replaces only its own rows there. Exits 1 if any run of tablelock counted an
+error (a baseline's errors are reported, not fatal).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in SCENARIOS[name](opts):
             row["quick"] = args.quick
             print(json.dumps(row), flush=True)
-            errors += row["error_count"]
+            if row["target"] == "tablelock":  # the baselines' own failures are figures
+                errors += row["error_count"]
             rows.append(row)
         write_results(out, rows, quick=args.quick)
     return 1 if errors else 0

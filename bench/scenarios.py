@@ -1,14 +1,15 @@
 """The scenarios of issue 6, each a list of sessions and the commands measured in them.
 
-store   50 stores x 10 orders, 3 ERP per store, 2 h5 per order, 100 actors: a closed loop,
-        then an open loop at half the closed loop's rate. Every target. (--quick: 10 stores,
-        20 actors.)
+store   50 stores x 10 orders, 3 ERP per store, 2 h5 per order, 100 actors: a closed loop
+        (best of 3), then an open loop at half the closed loop's rate. Every target.
+        (--quick: 10 stores, 20 actors, one closed loop.)
 idle    15,000 idle authenticated subscribed connections (two load-generator processes)
         plus 20 actors: memory per connection and latency under many sockets.
 fanout  one order with 500 subscribers (499 phones on its channel, 1 ERP on the store's),
         one actor: closed loop, then open loop at half capacity. Every target.
 expiry  10,000 h5 payment locks (5 s TTL) taken over 10 s; how late each lock.expired is.
-redis   `store` on the Redis backend, with one and with two broker processes.
+redis   `store` on the Redis backend: one broker process; two with connections round-robin
+        (a store's events cross brokers through Redis); two with each store on one broker.
 """
 
 from __future__ import annotations
@@ -38,12 +39,29 @@ class Options:
     def length(self, full: float, quick: float = 2.0) -> float:
         return self.seconds if self.seconds is not None else (quick if self.quick else full)
 
+    @property
+    def repeat(self) -> int:
+        """Closed loops per session in `store` and `redis` (the best is kept)."""
+        return 1 if self.quick else 3
+
     def wanted(self, default: tuple[str, ...]) -> list[str]:
         return [t for t in default if t in self.targets]
 
 
-def _closed_then_open(session: Session, seconds: float) -> list[Row]:
-    closed = session.measure({"cmd": "closed", "seconds": seconds}, "closed loop")
+def _closed_then_open(session: Session, seconds: float, repeat: int = 1) -> list[Row]:
+    """The closed loop `repeat` times, keeping the best (other people's load only ever slows
+    a run down), then the open loop at half its rate."""
+    tries = [session.measure({"cmd": "closed", "seconds": seconds}, "closed loop")
+             for _ in range(repeat)]
+    closed = max(tries, key=lambda r: r["pairs_per_s"])
+    if repeat > 1:
+        closed["mode"] = f"closed loop, best of {repeat}"
+        closed["tries_pairs_per_s"] = [r["pairs_per_s"] for r in tries]
+        for other in tries:  # an error in any try is an error
+            if other is not closed:
+                for key, n in other["errors"].items():
+                    closed["errors"][key] = closed["errors"].get(key, 0) + n
+        closed["error_count"] = sum(closed["errors"].values())
     rate = max(1.0, closed["pairs_per_s"] / 2)
     opened = session.measure({"cmd": "open", "rate": rate, "seconds": seconds},
                              f"open loop {rate:.0f}/s")
@@ -77,7 +95,7 @@ def store(opts: Options) -> list[Row]:
     rows: list[Row] = []
     for target in opts.wanted(ALL_TARGETS):
         rows += _run("store", target, [store_workload(opts)], opts,
-                     lambda s: _closed_then_open(s, seconds))
+                     lambda s: _closed_then_open(s, seconds, opts.repeat))
     return rows
 
 
@@ -85,9 +103,12 @@ def redis(opts: Options) -> list[Row]:
     seconds = opts.length(10)
     rows: list[Row] = []
     if TABLELOCK in opts.targets:
-        for brokers in (1, 2):
-            rows += _run("redis", TABLELOCK, [store_workload(opts)], opts,
-                         lambda s: _closed_then_open(s, seconds), redis=True, brokers=brokers)
+        for brokers, affinity in ((1, "round-robin"), (2, "round-robin"), (2, "store")):
+            workload = store_workload(opts)
+            workload.affinity = affinity
+            rows += _run("redis", TABLELOCK, [workload], opts,
+                         lambda s: _closed_then_open(s, seconds, opts.repeat), redis=True,
+                         brokers=brokers)
     return rows
 
 
@@ -108,9 +129,9 @@ def idle(opts: Options) -> list[Row]:
     rows: list[Row] = []
     for target in opts.wanted((TABLELOCK, RAW, STARLETTE[0], SOCKETIO)):
         active = Workload(urls=[], stores=2, orders=10, erp=3, h5=2, actors=20, idle=half,
-                          connect_concurrency=200)
+                          connect_concurrency=100)
         second = Workload(urls=[], idle=total - half, idle_first=half, part=1,
-                          connect_concurrency=200)
+                          connect_concurrency=100)
         rows += _run("idle", target, [active, second], opts,
                      lambda s: [s.measure({"cmd": "closed", "seconds": seconds},
                                           "closed loop")])

@@ -8,6 +8,7 @@ machine) and the servers' RSS, and turns it all into one result row.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,7 @@ from .targets import Servers, dialect_of, start
 from .workload import Workload
 
 SATURATED = 0.85  # of one core
+log = logging.getLogger("bench")
 
 
 class Generators:
@@ -85,6 +87,7 @@ class Session:
         self.scenario, self.target = scenario, target
         self.backend = "redis" if redis else "memory"
         self.brokers = brokers
+        self.affinity = workloads[0].affinity if brokers > 1 else ""
         t0 = time.monotonic()
         self.servers: Servers = start(target, secret, workdir, redis, brokers)
         self.start_s = time.monotonic() - t0
@@ -111,6 +114,9 @@ class Session:
             raise
 
     def close(self) -> None:
+        for broker in self.servers.brokers:
+            if not broker.alive():
+                log.warning("%s died%s", broker.name, broker.log_tail())
         if self.gens is not None:
             self.gens.stop()
         self.servers.stop()
@@ -165,7 +171,8 @@ class Session:
         connections = self.connections
         return {
             "scenario": self.scenario, "target": self.target, "backend": self.backend,
-            "brokers": self.brokers, "mode": label, "connections": connections,
+            "brokers": self.brokers, "affinity": self.affinity, "mode": label,
+            "connections": connections,
             "seconds": round(window, 2), "pairs": pairs,
             "pairs_per_s": round(pairs_window / window, 1) if window else 0,
             "locks_requested": requested or None, "locks_expired": expired or None,

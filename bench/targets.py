@@ -71,7 +71,9 @@ def start(target: str, secret: str, workdir: Path, redis: bool = False,
                 raise ValueError(f"unknown target {target!r}")
             if target != TABLELOCK:
                 cmd += ["--secret", secret]
-            child = Child(f"{target}#{n}", cmd, SERVER_CORE, env={"TABLELOCK_SECRET": secret})
+            # the server's log (tablelock logs every connection) goes to a file, not our stderr
+            child = Child(f"{target}#{n}", cmd, SERVER_CORE, env={"TABLELOCK_SECRET": secret},
+                          log=workdir / f"server-{n}.log")
             servers.brokers.append(child)
             if target == TABLELOCK:
                 child.wait_ready(lambda port=port: get_ok(f"http://127.0.0.1:{port}/readyz"))

@@ -88,7 +88,7 @@ class LeanSocket(asyncio.Protocol):
                 return
             self._check_upgrade(buf[:end])
             buf = buf[end + 4:]
-            if self.transport is None:
+            if not self._upgraded:
                 return
         self._buf = self._frames(buf)
 
@@ -104,12 +104,13 @@ class LeanSocket(asyncio.Protocol):
     def _check_upgrade(self, head: bytes) -> None:
         status, *headers = head.decode("latin-1").split("\r\n")
         fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in headers)}
+        if self.opened.done():  # the opener gave up waiting (timed out)
+            self.abort()
+            return
         if " 101 " not in status + " " or fields.get("sec-websocket-accept") != \
                 self._accept.decode():
             self.opened.set_exception(HandshakeError(f"upgrade refused: {status}"))
-            assert self.transport is not None
-            self.transport.close()
-            self.transport = None
+            self.abort()
             return
         self._upgraded = True
         self.opened.set_result(None)
@@ -191,6 +192,7 @@ class LeanSocket(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
+            self.transport = None
 
 
 async def open_socket(host: str, port: int, path: str, subprotocol: str | None,

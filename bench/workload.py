@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class Workload:
-    urls: list[str]  # ws://127.0.0.1:port, one per broker process; connections round-robin
+    urls: list[str]  # ws://127.0.0.1:port, one per broker process
+    affinity: str = "round-robin"  # how connections spread over brokers; or "store"
     dialect: str = "tablelock"  # or "socketio"
     secret: str = ""
     stores: int = 0
