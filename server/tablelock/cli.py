@@ -32,7 +32,11 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "ws_ping_timeout": settings.heartbeat_ms / 1000,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "http": "httptools",
+        # The broker reads no client address: no proxy-headers middleware, whose frame
+        # every connection would otherwise hold.
+        "proxy_headers": False,
         "lifespan": "on",
+        "interface": "asgi3",  # Broker.__call__ returns the awaitable: say so, don't guess
         "log_level": "warning",
         "timeout_graceful_shutdown": 3,
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -329,13 +328,11 @@ class Gateway:
                     f"{settings.max_connections_per_terminal} connections already")
         return ""
 
-    def _expire_at(self, conn: Connection, expires_s: int) -> None:
-        """Close the connection when its token ends, unless `token.refresh` moves the end."""
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, expires_s - time.time())
-        conn.expiry = loop.call_later(delay, conn.close, CLOSE_AUTH_FAILED, "token expired")
+    @staticmethod
+    def _expire_at(conn: Connection, expires_s: int) -> None:
+        """Close the connection when its token ends (Hub.expire_tokens), unless
+        `token.refresh` moves the end."""
+        conn.expires_at = expires_s
 
     async def _refresh(self, conn: Connection, request: TokenRefresh) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from .wire import direct_writer
 
 CLOSE_SLOW_CONSUMER = 4010
 CLOSE_RESTARTING = 1012
+CLOSE_TOKEN_EXPIRED = 4003
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -51,7 +53,7 @@ class Session:
 
 class Connection:
     __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "_stamp",
-                 "_tokens", "_write_now", "authority", "close_code", "closed", "expiry", "hub",
+                 "_tokens", "_write_now", "authority", "close_code", "closed", "expires_at", "hub",
                  "locale", "max_bytes", "max_messages", "pending", "session", "table_id",
                  "terminal")
 
@@ -73,10 +75,16 @@ class Connection:
         self.locale = "zh-CN"
         self.authority = False
         # channel -> frames that arrived while its subscribe was being answered
-        self.pending: dict[str, list[tuple[int, bytes]]] = {}
+        self.pending: dict[str, list[tuple[int, bytes]]] | None = None
         self._tokens = float(hub.rate_burst)  # the request rate's token bucket
         self._stamp = time.monotonic()
-        self.expiry: asyncio.TimerHandle | None = None  # the token's end
+        self.expires_at = math.inf  # when its token ends (epoch seconds): see expire_tokens
+
+    def hold(self, channel: str) -> None:
+        """Collect the channel's events until its subscribe (or resume) is answered."""
+        if self.pending is None:
+            self.pending = {}
+        self.pending[channel] = []
 
     def take_token(self) -> bool:
         """Spend one request from the bucket; False when the rate limit is passed."""
@@ -171,7 +179,8 @@ class Hub:
         self.rate_burst = rate_burst
         self.connections: set[Connection] = set()
         self._subscribers: dict[str, set[Connection]] = {}
-        self._terminals: dict[tuple[str, str], set[Connection]] = {}
+        # A list, not a set: a terminal has one connection or two (64 bytes against 216).
+        self._terminals: dict[tuple[str, str], list[Connection]] = {}
         self._authorities: dict[str, list[Connection]] = {}
         self._sessions: dict[str, Session] = {}
         self._per_store: dict[str, int] = {}
@@ -202,12 +211,12 @@ class Hub:
         conn.session = session
         conn.terminal = terminal
         conn.table_id = terminal.table_id if terminal.role == "h5" else None
-        self._terminals.setdefault((terminal.store_id, terminal.terminal_id), set()).add(conn)
+        self._terminals.setdefault((terminal.store_id, terminal.terminal_id), []).append(conn)
         self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
         for channel in session.subs:
             self._subscribers.setdefault(channel, set()).add(conn)
             if resumed:  # hold live events back until the missed ones are replayed
-                conn.pending[channel] = []
+                conn.hold(channel)
         if authority or terminal.role == "erp_main":
             conn.authority = True
             self._authorities.setdefault(terminal.store_id, []).append(conn)
@@ -217,8 +226,6 @@ class Hub:
         """Forget a closed connection; its session stays resumable for the grace."""
         self.connections.discard(conn)
         conn.closed = True
-        if conn.expiry is not None:
-            conn.expiry.cancel()
         session, terminal = conn.session, conn.terminal
         if session is None or terminal is None:
             return
@@ -230,8 +237,8 @@ class Hub:
                     del self._subscribers[channel]
         key = (terminal.store_id, terminal.terminal_id)
         conns = self._terminals.get(key)
-        if conns is not None:
-            conns.discard(conn)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
             if not conns:
                 del self._terminals[key]
         left = self._per_store.get(terminal.store_id, 1) - 1
@@ -270,14 +277,14 @@ class Hub:
     def begin_subscribe(self, conn: Connection, channel: str) -> None:
         """Start collecting the channel's events until the subscribe reply is sent."""
         assert conn.session is not None
-        conn.pending[channel] = []
+        conn.hold(channel)
         conn.session.subs[channel] = 0
         self._subscribers.setdefault(channel, set()).add(conn)
 
     def end_subscribe(self, conn: Connection, channel: str, seq: int | None = None) -> None:
         """The snapshot at `seq` (or the replay) is queued: release what came after it."""
         assert conn.session is not None
-        buffered = conn.pending.pop(channel, [])
+        buffered = conn.pending.pop(channel, []) if conn.pending else []
         if seq is not None:
             conn.session.subs[channel] = seq
         for event_seq, text in buffered:
@@ -288,12 +295,22 @@ class Hub:
     def unsubscribe(self, conn: Connection, channel: str) -> None:
         assert conn.session is not None
         conn.session.subs.pop(channel, None)
-        conn.pending.pop(channel, None)
+        if conn.pending:
+            conn.pending.pop(channel, None)
         subs = self._subscribers.get(channel)
         if subs is not None:
             subs.discard(conn)
             if not subs:
                 del self._subscribers[channel]
+
+    async def expire_tokens(self, every_s: float = 1.0) -> None:
+        """Close connections whose token ended (4003), within a second: one pass over the
+        connections a second costs less than a timer held by each of them."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.time()
+            for conn in [c for c in self.connections if c.expires_at <= now]:
+                conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
 
     def has_subscribers(self, channel: str) -> bool:
         return channel in self._subscribers
