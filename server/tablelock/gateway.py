@@ -72,6 +72,7 @@ from .rules import (
     Tick,
 )
 from .settings import Settings
+from .wire import shed_handshake
 
 log = logging.getLogger("tablelock.gateway")
 
@@ -156,6 +157,7 @@ class Gateway:
             await send({"type": "websocket.close", "code": CLOSE_RESTARTING,
                         "reason": "restarting: reconnect"})
             return
+        shed_handshake(send)
         conn = self.hub.connection(send)
         try:
             if await self._hello(conn, receive):

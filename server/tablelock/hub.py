@@ -20,7 +20,7 @@ from typing import Any
 
 from . import metrics
 from .model import Terminal
-from .wire import direct_writer
+from .wire import direct_writer, text_frame
 
 CLOSE_SLOW_CONSUMER = 4010
 CLOSE_RESTARTING = 1012
@@ -99,14 +99,15 @@ class Connection:
         """Still flooding after a whole burst of refusals: time to close (4008)."""
         return self._tokens < -self.hub.rate_burst
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, framed: bytes | None = None) -> None:
         """Write a frame now if the socket takes it, else queue it; never blocks. Past the
-        queue's bound the connection is closed (4010)."""
+        queue's bound the connection is closed (4010). `framed`: the frame with its
+        WebSocket header, when a fan-out made it once for all."""
         if self.closed:
             return
         queue = self._queue
         if not queue and self._flusher is None and self._write_now is not None and (
-                self._write_now(frame)):
+                self._write_now(frame, framed)):
             if frame.__class__ is TimedFrame:
                 metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)  # type: ignore[attr-defined]
             return
@@ -344,6 +345,7 @@ class Hub:
             timed = TimedFrame(text)
             timed.t0 = time.perf_counter()
             text = timed  # every subscriber's write of this one is observed
+        framed = text_frame(text) if len(subscribers) > 1 else None
         for conn in subscribers:
             session = conn.session
             if session is None:
@@ -357,7 +359,7 @@ class Hub:
             session.subs[channel] = seq
             # an h5 sees only its own table's orders
             if conn.table_id is None or table_id is None or table_id == conn.table_id:
-                conn.send(text)
+                conn.send(text, framed)
 
     def direct(self, store_id: str, terminal_id: str, text: bytes,
                unless_on: tuple[str, ...]) -> None:

@@ -18,7 +18,7 @@ class Settings:
     max_queue_messages: int = 2_000
     max_queue_bytes: int = 4 * 1024 * 1024
     history_size: int = 512
-    audit_size: int = 10_000
+    audit_size: int = 5_000
     # Requests per second per connection, sustained and in a burst; a busy ERP does ~100.
     rate_per_s: float = 300.0
     rate_burst: float = 600.0

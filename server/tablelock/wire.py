@@ -2,7 +2,7 @@
 
 Sending through ASGI costs a coroutine, a message dict and, for text, a str that
 the server encodes again, for every frame and every subscriber. Frames here stay
-the bytes they were encoded to, once per fan-out. uvicorn's
+the bytes they were encoded to, and are framed once per fan-out. uvicorn's
 `websockets-sansio` protocol (the one `tablelock serve` runs) can take a text
 frame synchronously whenever its transport is writable: `direct_writer` returns
 a function that does exactly that and says whether it could. When it can't (the
@@ -24,7 +24,27 @@ try:
 except ImportError:  # pragma: no cover - another uvicorn
     _SansIO = None  # type: ignore[assignment,misc]
 
-DirectWriter = Callable[[bytes], bool]
+DirectWriter = Callable[[bytes, bytes | None], bool]
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A server's WebSocket text frame: unmasked and uncompressed, so the same bytes serve
+    every subscriber of a fan-out (RFC 6455 section 5.2)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65_536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+def shed_handshake(send: Callable[..., Any]) -> None:
+    """uvicorn keeps the handshake's request and response for the connection's whole life
+    (about 4 KiB); nothing reads them once the socket is open."""
+    protocol = getattr(send, "__self__", None)
+    if _SansIO is not None and isinstance(protocol, _SansIO) and protocol.handshake_complete:
+        protocol.request = None
+        protocol.response = None
 
 
 def direct_writer(send: Callable[..., Any]) -> DirectWriter | None:
@@ -33,13 +53,14 @@ def direct_writer(send: Callable[..., Any]) -> DirectWriter | None:
         return None
     conn, writable = protocol.conn, protocol.writable
 
-    def write(frame: bytes) -> bool:
+    def write(frame: bytes, framed: bytes | None) -> bool:
         # Anything but an open, writable socket goes the slow way, which knows how to fail.
         if (conn.state is not State.OPEN or not writable.is_set() or protocol.close_sent
                 or protocol.disconnected or not protocol.handshake_complete):
             return False
-        conn.send_text(frame)
-        protocol.transport.write(b"".join(conn.data_to_send()))
+        # Straight to the transport: the protocol's own output buffer is always drained
+        # (uvicorn writes it out after every operation), so no frame can jump a queue.
+        protocol.transport.write(framed if framed is not None else text_frame(frame))
         return True
 
     return write

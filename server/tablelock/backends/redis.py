@@ -156,7 +156,7 @@ def connect(url: str) -> tuple[Any, bool]:
 
 class RedisBackend(Backend):
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
-                 prefix: str = "tl:", tolerance_ms: int = 50, sweep_interval_s: float = 0.05,
+                 prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
                  heartbeat_s: float = 1.0, dead_after_s: float = 3.0) -> None:
         self.url = url
         self.broker_id = secrets.token_hex(6)
