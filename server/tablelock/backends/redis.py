@@ -183,6 +183,7 @@ class RedisBackend(Backend):
         self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._healthy_since: float | None = None  # since when our heartbeats get through
         self._probes: dict[str, asyncio.Future[None]] = {}
+        self._store_live: dict[str, asyncio.Future[None]] = {}  # store -> subscription live
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub_ok = asyncio.Event()
@@ -410,11 +411,14 @@ class RedisBackend(Backend):
         if since > seq:
             return None
         if since == seq:
+            self._seen[channel] = max(self._seen.get(channel, 0), seq)
             return []
         frames = [Numbered(int(_text(entry_id).split("-")[0]), fields[b"f"],
                            _text(fields.get(b"t", b"")) or None) for entry_id, fields in entries]
         if not frames or frames[0].seq != since + 1:
             return None
+        # As after a snapshot: a later event that skips a seq is a gap to fill.
+        self._seen[channel] = max(self._seen.get(channel, 0), seq)
         return [entry for entry in frames if entry.seq <= seq]
 
     # --- presence ---------------------------------------------------------------------------
@@ -503,13 +507,24 @@ class RedisBackend(Backend):
         if count > 0:
             self._stores_heard[store_id] = count
             if count == 1 and delta > 0:
-                await self._guard(self._redis.sadd(f"{self._prefix}broker:{self.broker_id}:stores",
-                                                   store_id))
-                if self._pubsub is not None:
-                    await self._guard(self._pubsub.subscribe(keys.pubsub))
-                    await self._guard(self._confirm(keys.pubsub))
+                live = self._store_live[store_id] = asyncio.get_running_loop().create_future()
+                try:
+                    await self._guard(self._redis.sadd(
+                        f"{self._prefix}broker:{self.broker_id}:stores", store_id))
+                    if self._pubsub is not None:
+                        await self._guard(self._pubsub.subscribe(keys.pubsub))
+                        await self._guard(self._confirm(keys.pubsub))
+                finally:
+                    live.set_result(None)
+            elif delta > 0:
+                # Whoever came first may still be subscribing: nobody reads history or takes
+                # a snapshot before the subscription is live, or events slip between the two.
+                live = self._store_live.get(store_id)
+                if live is not None and not live.done():
+                    await self._guard(asyncio.shield(live))
         else:
             self._stores_heard.pop(store_id, None)
+            self._store_live.pop(store_id, None)
             if self._pubsub is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await self._pubsub.unsubscribe(keys.pubsub)
