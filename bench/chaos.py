@@ -735,6 +735,10 @@ class Term:
                         "client": {"name": "chaos", "version": "1"}}
         if resume:
             hello["resume"] = resume
+            # What this client has read: frames that died in flight with the old socket are
+            # replayed too (docs/protocol.md, "Seq numbering and recovery").
+            hello["seen"] = {channel: mirror.seq for channel, mirror in self.mirrors.items()
+                             if mirror.seq is not None}
         reply = await self._call(link, "hello", hello, timeout=5)
         if reply is None or not reply.get("ok"):
             code = "LOST" if reply is None else reply["error"]["code"]
