@@ -642,10 +642,10 @@ class RedisBackend(Backend):
             log.warning("history of %s no longer reaches seq %d", channel, since)
             self.sink.lost(channel)
             return
-        for seq, frame, table_id in missed:
-            if seq > self._seen.get(channel, 0):
-                self._seen[channel] = seq
-                self.sink.publish(channel, seq, frame, table_id)
+        for seq, frame, table_id in missed:  # connections drop what they already had
+            self.sink.publish(channel, seq, frame, table_id)
+        if missed:
+            self._seen[channel] = max(self._seen.get(channel, 0), missed[-1].seq)
 
     async def _resync(self) -> None:
         """After a lost subscription: fill every local channel's gap, re-announce presence."""
