@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import websockets
 
@@ -43,7 +43,9 @@ def mint(store: str, role: str, sub: str, table: str | None = None, ttl_s: int =
 
 
 class BrokerProcess:
-    """`tablelock serve` in a child process, as an operator would run it."""
+    """`tablelock serve` (or another subcommand) in a child process, as an operator runs it."""
+
+    command: tuple[str, ...] = ("serve",)
 
     def __init__(self, backend: str = "memory", port: int | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -60,15 +62,24 @@ class BrokerProcess:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> BrokerProcess:
+    def start(self, timeout: float = 15.0) -> Self:
+        return self.spawn().wait(timeout)
+
+    def spawn(self) -> Self:
+        """Start the process without waiting for it to serve (see wait)."""
         # No drain window unless a test asks for one: stopping a test broker stays quick.
         # Warnings only in the log, unless a test reads the log.
         env = {**os.environ, "TABLELOCK_SECRET": SECRET, "TABLELOCK_DRAIN_WINDOW_S": "0",
                "TABLELOCK_LOG_LEVEL": "WARNING", **self.env}
-        cmd = [sys.executable, "-m", "tablelock", "serve", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "tablelock", *self.command, "--port", str(self.port),
                "--backend", self.backend]
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=None)
+        return self
+
+    def wait(self, timeout: float = 15.0) -> Self:
+        """Until /healthz answers."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

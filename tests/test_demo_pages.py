@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -30,7 +27,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from tablelock.prompts import prompt
 
-from .support import ROOT, SECRET, WsClient, ahttp, free_port, mint, order
+from .support import ROOT, SECRET, BrokerProcess, WsClient, ahttp, mint, order
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,71 +43,14 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
 ]
 
-# `tablelock demo` imports the simulation even with --no-simulation; until demo/simulation.py
-# exists, an empty stand-in lets the pages be served.
-LAUNCHER = """
-import sys, types
-try:
-    import tablelock_demo.simulation
-except ModuleNotFoundError:
-    stub = types.ModuleType("tablelock_demo.simulation")
-    async def simulate(*args, **kwargs):
-        pass
-    stub.simulate = simulate
-    sys.modules["tablelock_demo.simulation"] = stub
-from tablelock.cli import main
-main(sys.argv[1:])
-"""
-
-
-class DemoBroker:
+class DemoBroker(BrokerProcess):
     """`tablelock demo --no-simulation` in a child process, on a port that survives restarts."""
 
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    command = ("demo", "--no-simulation", "--secret", SECRET, "--store", STORE)
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def start(self, timeout: float = 15.0) -> DemoBroker:
-        return self.spawn().wait(timeout)
-
-    def spawn(self) -> DemoBroker:
-        env = {**os.environ, "TABLELOCK_DRAIN_WINDOW_S": "0"}
-        cmd = [sys.executable, "-c", LAUNCHER, "demo", "--port", str(self.port),
-               "--no-simulation", "--secret", SECRET, "--store", STORE]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        return self
-
-    def wait(self, timeout: float = 15.0) -> DemoBroker:
-        """Until /healthz answers."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"demo broker exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.http}/healthz", timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("demo broker did not come up")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        return self.url
 
     async def connect(self, role: str, sub: str, *, name: str | None = None,
                       table: str | None = None, store: str = STORE) -> WsClient:
