@@ -19,7 +19,7 @@ from . import metrics
 from .auth import AuthError, Tokens
 from .backends.base import Backend, Numbered, Unavailable
 from .hub import Connection, Hub
-from .model import FORCING_ROLES, Lock, Order, Terminal
+from .model import ERP_ROLES, FORCING_ROLES, Lock, Order, Terminal
 from .prompts import prompt
 from .protocol import (
     PROTOCOL_VERSION,
@@ -171,6 +171,7 @@ class Gateway:
             async with asyncio.timeout(self.settings.hello_timeout_s):
                 message = await receive()
         except TimeoutError:
+            _hello_refused("no_hello")
             conn.close(CLOSE_NO_HELLO, "no hello")
             return False
         if message["type"] != "websocket.receive":
@@ -178,16 +179,19 @@ class Gateway:
         try:
             hello = decode(_payload(message))
         except BadFrame as bad:
+            _hello_refused("bad_request", detail=bad.detail)
             conn.send(error_frame(bad.request_id, "BAD_REQUEST", conn.locale, detail=bad.detail))
             conn.close(CLOSE_NO_HELLO, "the first frame must be hello")
             return False
         locale = getattr(hello, "locale", None) or conn.locale
         if not isinstance(hello, Hello):
+            _hello_refused("bad_request", detail="the first frame must be hello")
             conn.send(error_frame(getattr(hello, "id", None), "BAD_REQUEST", locale,
                                   detail="the first frame must be hello"))
             conn.close(CLOSE_NO_HELLO, "the first frame must be hello")
             return False
         if hello.protocol != PROTOCOL_VERSION:
+            _hello_refused("unsupported_protocol", detail=f"protocol {hello.protocol}")
             conn.send(error_frame(hello.id, "UNSUPPORTED_PROTOCOL", locale,
                                   detail=f"this broker speaks protocol {PROTOCOL_VERSION}"))
             conn.close(CLOSE_UNSUPPORTED_PROTOCOL, "unsupported protocol")
@@ -197,11 +201,21 @@ class Gateway:
             if hello.store_id is not None and hello.store_id != terminal.store_id:
                 raise AuthError("store_id differs from the token's store")
         except AuthError as exc:
+            _hello_refused("auth_failed", detail=str(exc))
             conn.send(error_frame(hello.id, "AUTH_FAILED", locale, detail=str(exc)))
             conn.close(CLOSE_AUTH_FAILED, "auth failed")
             return False
+        if hello.order_authority and terminal.role not in ERP_ROLES:
+            # Whoever answers order.fetch writes the orders the store pays against: only
+            # an ERP terminal may (a phone that said so answered pulls with forged bills).
+            _hello_refused("forbidden", terminal, "order_authority is for ERP terminals")
+            conn.send(error_frame(hello.id, "FORBIDDEN", locale,
+                                  detail="order_authority is for ERP terminals"))
+            conn.close(CLOSE_AUTH_FAILED, "order_authority refused")
+            return False
         full = self._full(terminal)
         if full:
+            _hello_refused("limit_reached", terminal, full)
             conn.send(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full))
             conn.close(CLOSE_POLICY, "connection limit")
             return False
@@ -220,9 +234,9 @@ class Gateway:
                                      StoreInfo(terminal.store_id, config),
                                      self.settings.heartbeat_ms, await self.backend.now(), lost)
         except Unavailable as exc:
-            log.warning("hello refused: backend unavailable (%s)", exc,
-                        extra={"store": terminal.store_id, "terminal": terminal.terminal_id})
-            conn.send(error_frame(hello.id, "UNAVAILABLE", conn.locale))
+            _hello_refused("unavailable", terminal, str(exc))
+            # The store's locale could not be read: the hello's own, else the default.
+            conn.send(error_frame(hello.id, "UNAVAILABLE", locale))
             conn.close(1013, "backend unavailable")
             return False
         conn.send(ok_frame(hello.id, result))
@@ -546,6 +560,15 @@ class Gateway:
                            request.payment_ref)
         out = await self._apply(conn, request.order_id, command)
         self._answer(conn, request, out, lambda r: PaymentResult(**r))
+
+
+def _hello_refused(reason: str, terminal: Terminal | None = None, detail: str = "") -> None:
+    """Count and log a refused hello: why, and who when the token was good; never the token."""
+    metrics.HELLO_REFUSED.labels(reason).inc()
+    extra = {"reason": reason}
+    if terminal is not None:
+        extra.update(store=terminal.store_id, terminal=terminal.terminal_id, role=terminal.role)
+    log.info("hello refused%s", f": {detail}" if detail else "", extra=extra)
 
 
 def _count(request: Request, code: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import metrics
-from .model import Terminal
+from .model import Terminal, holder_key
 from .wire import direct_writer, text_frame
 
 CLOSE_SLOW_CONSUMER = 4010
@@ -180,7 +180,8 @@ class Hub:
         self.rate_burst = rate_burst
         self.connections: set[Connection] = set()
         self._subscribers: dict[str, set[Connection]] = {}
-        # A list, not a set: a terminal has one connection or two (64 bytes against 216).
+        # (store, holder_key) -> connections. A list, not a set: a terminal has one connection
+        # or two (64 bytes against 216).
         self._terminals: dict[tuple[str, str], list[Connection]] = {}
         self._authorities: dict[str, list[Connection]] = {}
         self._sessions: dict[str, Session] = {}
@@ -199,7 +200,7 @@ class Hub:
         """Bind an authenticated connection to a new session, or resume a detached one."""
         session = self._sessions.get(resume) if resume else None
         resumed = (session is not None and session.conn is None
-                   and session.terminal.terminal_id == terminal.terminal_id
+                   and holder_key(session.terminal) == holder_key(terminal)
                    and session.terminal.store_id == terminal.store_id)
         if session is None or not resumed:
             session = Session(secrets.token_urlsafe(12), terminal)
@@ -212,7 +213,7 @@ class Hub:
         conn.session = session
         conn.terminal = terminal
         conn.table_id = terminal.table_id if terminal.role == "h5" else None
-        self._terminals.setdefault((terminal.store_id, terminal.terminal_id), []).append(conn)
+        self._terminals.setdefault((terminal.store_id, holder_key(terminal)), []).append(conn)
         self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
         for channel in session.subs:
             self._subscribers.setdefault(channel, set()).add(conn)
@@ -236,7 +237,7 @@ class Hub:
                 subs.discard(conn)
                 if not subs:
                     del self._subscribers[channel]
-        key = (terminal.store_id, terminal.terminal_id)
+        key = (terminal.store_id, holder_key(terminal))
         conns = self._terminals.get(key)
         if conns is not None and conn in conns:
             conns.remove(conn)
@@ -257,7 +258,7 @@ class Hub:
                                          session.session_id, None)
 
     def online_connections(self, terminal: Terminal) -> int:
-        return len(self._terminals.get((terminal.store_id, terminal.terminal_id), ()))
+        return len(self._terminals.get((terminal.store_id, holder_key(terminal)), ()))
 
     def store_connections(self, store_id: str) -> int:
         return self._per_store.get(store_id, 0)
@@ -361,9 +362,10 @@ class Hub:
             if conn.table_id is None or table_id is None or table_id == conn.table_id:
                 conn.send(text, framed)
 
-    def direct(self, store_id: str, terminal_id: str, text: bytes,
+    def direct(self, store_id: str, holder: str, text: bytes,
                unless_on: tuple[str, ...]) -> None:
-        conns = self._terminals.get((store_id, terminal_id))
+        """To each connection of the terminal `holder` (its holder_key) on none of `unless_on`."""
+        conns = self._terminals.get((store_id, holder))
         if not conns:
             return
         for conn in conns:

@@ -47,9 +47,10 @@ class EventSink(Protocol):
         """Fan a numbered frame out; `table_id` hides an order's events from other tables' h5."""
         ...
 
-    def direct(self, store_id: str, terminal_id: str, frame: bytes,
+    def direct(self, store_id: str, holder: str, frame: bytes,
                unless_on: tuple[str, ...]) -> None:
-        """Send to each connection of the terminal subscribed to none of `unless_on`."""
+        """Send to each connection of the terminal `holder` (model.holder_key) subscribed to
+        none of `unless_on`."""
         ...
 
     def has_subscribers(self, channel: str) -> bool: ...

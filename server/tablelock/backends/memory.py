@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
+from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -149,9 +149,10 @@ class MemoryBackend(Backend):
         self._deadlines = Deadlines(self.clock, self._wake)
         self._channels: dict[str, Channel] = {}
         self._configs: dict[str, StoreConfig] = {}
+        # Terminals by store and holder_key (role and sub: model.holder_key says why).
         self._online: dict[str, dict[str, tuple[Terminal, int]]] = {}
         self._offline: dict[str, dict[str, int]] = {}
-        self._holdings: dict[tuple[str, str], set[str]] = {}  # (store, terminal) -> orders
+        self._holdings: dict[tuple[str, str], set[str]] = {}  # (store, holder) -> orders
         self._audit: dict[str, StoreAudit] = {}
         self._audit_seq = 0
         self._default_config = StoreConfig()
@@ -192,18 +193,18 @@ class MemoryBackend(Backend):
         else:
             self._records[key] = after
             self._orders_of_store.setdefault(store_id, set()).add(order_id)
-        old = {lock.holder.terminal_id for lock in before.locks.values()} if before else _NONE
-        new = {lock.holder.terminal_id for lock in after.locks.values()} if after else _NONE
+        old = {holder_key(lock.holder) for lock in before.locks.values()} if before else _NONE
+        new = {holder_key(lock.holder) for lock in after.locks.values()} if after else _NONE
         if old == new:
             return
-        for terminal_id in old - new:
-            held = self._holdings.get((store_id, terminal_id))
+        for holder in old - new:
+            held = self._holdings.get((store_id, holder))
             if held is not None:
                 held.discard(order_id)
                 if not held:
-                    del self._holdings[(store_id, terminal_id)]
-        for terminal_id in new - old:
-            self._holdings.setdefault((store_id, terminal_id), set()).add(order_id)
+                    del self._holdings[(store_id, holder)]
+        for holder in new - old:
+            self._holdings.setdefault((store_id, holder), set()).add(order_id)
 
     def _publish(self, store_id: str, order_id: str, out: Outcome) -> None:
         if out.events:
@@ -215,8 +216,8 @@ class MemoryBackend(Backend):
                 if event.notify is not None:
                     self.sink.direct(store_id, event.notify, direct_frame(event),
                                      channels)
-        for terminal_id, event in out.direct:
-            self.sink.direct(store_id, terminal_id, direct_frame(event), ())
+        for holder, event in out.direct:
+            self.sink.direct(store_id, holder, direct_frame(event), ())
         if out.audit:
             self._append_audit(store_id, out.audit)
 
@@ -303,12 +304,13 @@ class MemoryBackend(Backend):
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         online = self._online.setdefault(terminal.store_id, {})
-        entry = online.get(terminal.terminal_id)
+        key = holder_key(terminal)
+        entry = online.get(key)
         if entry is not None:
-            online[terminal.terminal_id] = (entry[0], entry[1] + 1)
+            online[key] = (entry[0], entry[1] + 1)
             return
-        online[terminal.terminal_id] = (terminal, 1)
-        was_offline = self._offline.get(terminal.store_id, {}).pop(terminal.terminal_id, None)
+        online[key] = (terminal, 1)
+        was_offline = self._offline.get(terminal.store_id, {}).pop(key, None)
         self._number(store_channel(terminal.store_id),
                      event_body(Event("terminal.online", self.clock.now(), terminal=terminal)))
         if was_offline is not None:
@@ -316,22 +318,23 @@ class MemoryBackend(Backend):
 
     async def terminal_down(self, terminal: Terminal) -> None:
         online = self._online.get(terminal.store_id, {})
-        entry = online.get(terminal.terminal_id)
+        key = holder_key(terminal)
+        entry = online.get(key)
         if entry is None:
             return
         if entry[1] > 1:
-            online[terminal.terminal_id] = (entry[0], entry[1] - 1)
+            online[key] = (entry[0], entry[1] - 1)
             return
-        del online[terminal.terminal_id]
+        del online[key]
         now = self.clock.now()
         if terminal.role != "h5":  # an h5 lock ends only at its TTL
-            self._offline.setdefault(terminal.store_id, {})[terminal.terminal_id] = now
+            self._offline.setdefault(terminal.store_id, {})[key] = now
         self._number(store_channel(terminal.store_id),
                      event_body(Event("terminal.offline", now, terminal=entry[0])))
         self._retick(terminal.store_id, self._held_by(terminal))
 
     def _held_by(self, terminal: Terminal) -> set[str]:
-        return set(self._holdings.get((terminal.store_id, terminal.terminal_id), ()))
+        return set(self._holdings.get((terminal.store_id, holder_key(terminal)), ()))
 
     async def online_terminals(self, store_id: str) -> list[Terminal]:
         return [t for t, _ in self._online.get(store_id, {}).values()]

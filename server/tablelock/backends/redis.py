@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import metrics
-from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
+from ..model import MAX_SAFE_INT, AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -65,7 +65,8 @@ _config_decoder = msgspec.json.Decoder(StoreConfig)
 _audit_decoder = msgspec.json.Decoder(AuditEntry)
 PubEntry = tuple[int, str, str, str, str, str, str]  # kind, channel, seq, frame, ...
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
-_STREAM_ID = re.compile(r"^\d+-\d+$")
+# Each part of a stream id is below 2^64: 19 digits always are, and ours are milliseconds.
+_STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")
 
 
 class Keys:
@@ -177,6 +178,7 @@ class RedisBackend(Backend):
         self._states: dict[str, StoreState] = {}
         self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
         self._stores_heard: dict[str, int] = {}  # store -> local connections (pub/sub interest)
+        # Presence by (store, holder_key): role and sub (model.holder_key says why).
         self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
         self._unsaid: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
@@ -398,6 +400,8 @@ class RedisBackend(Backend):
         return int(seq), snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
+        if since >= MAX_SAFE_INT:
+            return None  # no seq of ours gets there (and Redis could not read it as a stream id)
         parsed = parse_channel(channel)
         assert parsed is not None
         keys = self.keys(parsed[0])
@@ -424,14 +428,14 @@ class RedisBackend(Backend):
     # --- presence ---------------------------------------------------------------------------
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
-        key = (terminal.store_id, terminal.terminal_id)
+        key = (terminal.store_id, holder_key(terminal))
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
         await self._hear_store(terminal.store_id, +1)
         await self._sync_presence(key, terminal)
 
     async def terminal_down(self, terminal: Terminal) -> None:
-        key = (terminal.store_id, terminal.terminal_id)
+        key = (terminal.store_id, holder_key(terminal))
         entry = self._local.get(key)
         if entry is None:
             return
@@ -468,7 +472,7 @@ class RedisBackend(Backend):
         keys = self.keys(terminal.store_id)
         before, after = await self._guard(self._scripts["PRESENCE"](
             keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store],
-            args=[terminal.terminal_id, broker_id or self.broker_id, count, encode(terminal),
+            args=[holder_key(terminal), broker_id or self.broker_id, count, encode(terminal),
                   terminal.role, "1" if authority else "0", keys.store_channel,
                   keys.store_channel_json, keys.pubsub, self._history_size,
                   "" if since is None else since]))
@@ -727,13 +731,13 @@ class RedisBackend(Backend):
         for store in await self._guard(self._redis.smembers(stores_key)):
             store_id = _text(store)
             keys = self.keys(store_id)
-            terminal_ids = await self._guard(self._scripts["DEAD_FIELDS"](
+            holders = await self._guard(self._scripts["DEAD_FIELDS"](
                 keys=[keys.conns], args=[broker_id]))
-            for terminal_id in terminal_ids:
-                raw = await self._guard(self._redis.hget(keys.terms, terminal_id))
+            for holder in holders:
+                raw = await self._guard(self._redis.hget(keys.terms, holder))
+                role, _, sub = _text(holder).partition(":")
                 terminal = (_terminal_decoder.decode(raw) if raw else
-                            Terminal(_text(terminal_id), "erp_secondary", _text(terminal_id),
-                                     store_id))
+                            Terminal(sub, role, sub, store_id))  # type: ignore[arg-type]
                 await self._announce(terminal, 0, False, broker_id=broker_id, since=last_seen)
         await self._guard(self._redis.delete(stores_key))
         await self._guard(self._redis.zrem(self.brokers, broker_id))

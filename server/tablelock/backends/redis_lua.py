@@ -132,7 +132,7 @@ return 1
 # an ERP's offline time goes into the store state, which the rules read for the grace.
 # KEYS: 1 state, 2 online terminals, 3 connections per terminal|broker, 4 authorities,
 #       5 seqs, 6 store history
-# ARGV: 1 terminal id, 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
+# ARGV: 1 holder key (role:sub), 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
 #       6 authority 0|1, 7 store channel, 8 its JSON, 9 pub/sub, 10 maxlen,
 #       11 offline since ('' for now)
 PRESENCE = _EMIT + """
