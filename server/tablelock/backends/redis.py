@@ -614,7 +614,7 @@ class RedisBackend(Backend):
                 await self.on_broker_message(data)
             return
         store_id = channel[len(self._prefix) + 7:-4]  # tl:{store:<id>}:ev
-        for kind, name, seq_text, frame, table_id, terminal_id, unless in _pub_decoder.decode(data):
+        for kind, name, seq_text, frame, table_id, holder, unless in _pub_decoder.decode(data):
             seq = int(seq_text)
             if kind == 2:  # our own probe: the subscription is live
                 probe = self._probes.pop(name, None)
@@ -633,7 +633,7 @@ class RedisBackend(Backend):
                     self._states.pop(store_id, None)
                 self.sink.publish(name, seq, frame.encode(), table_id or None)
             else:
-                self.sink.direct(store_id, terminal_id, frame.encode(),
+                self.sink.direct(store_id, holder, frame.encode(),
                                  tuple(unless.split("\n")) if unless else ())
 
     async def _recover(self, channel: str, since: int) -> None:
