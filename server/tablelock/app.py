@@ -38,7 +38,7 @@ def create_app(settings: Settings,
     """The broker; `background` jobs (the demo's simulated store) run while it serves."""
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
-              settings.rate_burst)
+              settings.rate_burst, settings.contended_window_ms)
     metrics.watch_queues(hub.queue_depths)
     relay = Relay(hub, backend)
     tokens = Tokens(settings.secrets)

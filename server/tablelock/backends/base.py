@@ -48,8 +48,9 @@ class EventSink(Protocol):
         ...
 
     def direct(self, store_id: str, terminal_id: str, frame: bytes,
-               unless_on: tuple[str, ...]) -> None:
-        """Send to each connection of the terminal subscribed to none of `unless_on`."""
+               unless_on: tuple[str, ...], coalesce: str = "") -> None:
+        """Send to each connection of the terminal subscribed to none of `unless_on`;
+        `coalesce` (rules.coalescing_key) names repeated news the sink may drop."""
         ...
 
     def has_subscribers(self, channel: str) -> bool: ...

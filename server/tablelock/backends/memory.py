@@ -28,7 +28,7 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, step
+from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
 from .base import Backend, Numbered, best_for_table, first_seq, observe
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
@@ -216,7 +216,8 @@ class MemoryBackend(Backend):
                     self.sink.direct(store_id, event.notify, direct_frame(event),
                                      channels)
         for terminal_id, event in out.direct:
-            self.sink.direct(store_id, terminal_id, direct_frame(event), ())
+            self.sink.direct(store_id, terminal_id, direct_frame(event), (),
+                             coalescing_key(event))
         if out.audit:
             self._append_audit(store_id, out.audit)
 

@@ -48,7 +48,7 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, step
+from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
 from . import redis_lua
 from .base import Backend, Numbered, Unavailable, best_for_table, observe
 
@@ -314,7 +314,7 @@ class RedisBackend(Backend):
             args += [event_body(event), event.table_id or "", event.notify or "",
                      direct_frame(event) if event.notify else b""]
         for terminal_id, event in out.direct:
-            args += [terminal_id, direct_frame(event)]
+            args += [terminal_id, direct_frame(event), coalescing_key(event)]
         for entry in out.audit:
             args += [encode(entry), "1" if entry.handled is False else "0"]
         key_list = [keys.record(order_id), keys.state, keys.seqs, keys.due, keys.orders,
@@ -628,9 +628,9 @@ class RedisBackend(Backend):
                 if '"event":"config.updated"' in frame:
                     self._states.pop(store_id, None)
                 self.sink.publish(name, seq, frame.encode(), table_id or None)
-            else:
+            else:  # a direct notice: `name` carries its coalescing key
                 self.sink.direct(store_id, terminal_id, frame.encode(),
-                                 tuple(unless.split("\n")) if unless else ())
+                                 tuple(unless.split("\n")) if unless else (), name)
 
     async def _recover(self, channel: str, since: int) -> None:
         """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""

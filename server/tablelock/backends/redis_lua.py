@@ -51,7 +51,8 @@ end
 #       5 record op (keep|set|del), 6 record bytes, 7 deadline or '', 8 order id, 9 store id,
 #       10 order channel, 11 its JSON, 12 store channel, 13 its JSON, 14 pub/sub channel,
 #       15 history maxlen, 16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
-#       then per event (body, table_id, notify, direct body), per direct (terminal, body),
+#       then per event (body, table_id, notify, direct body), per direct (terminal, body,
+#       coalescing key),
 #       per audit entry (json, unhandled 0|1)
 COMMIT = _EMIT + """
 local rec_rev = redis.call('HGET', KEYS[1], 'rev') or '0'
@@ -93,8 +94,8 @@ for _ = 1, tonumber(ARGV[17]) do
   i = i + 4
 end
 for _ = 1, tonumber(ARGV[18]) do
-  out[#out + 1] = {1, '', '0', ARGV[i + 1], '', ARGV[i], ''}
-  i = i + 2
+  out[#out + 1] = {1, ARGV[i + 2], '0', ARGV[i + 1], '', ARGV[i], ''}
+  i = i + 3
 end
 for _ = 1, tonumber(ARGV[19]) do
   local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[16], '*', 'e', ARGV[i])
