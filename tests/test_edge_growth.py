@@ -62,3 +62,51 @@ async def test_refused_requests_repeated_tell_the_holder_once_per_window(
                     and f["by"]["terminal_id"] == "phone"]) == count + 1
     finally:
         await store.close()
+
+
+# --- 6. a refusal does not rewrite the record (Redis contention) --------------------------
+
+async def test_refusals_do_not_make_the_erp_unavailable_on_redis(
+        broker_factory: BrokerFactory, redis_server: Any) -> None:
+    broker = started(broker_factory, redis_server.url, rate_per_s=100_000, rate_burst=100_000)
+    store = Store(broker)
+    try:
+        erp = await store.erp("erp")
+        await store.publish(erp, order_id="o", table_id="t1", amount_cents=1000)
+        phones = [await store.connect("h5", "phone", table="t1") for _ in range(3)]
+        tills = [await store.connect("erp_secondary", f"till{n}") for n in range(3)]
+        bogus = {"order_id": "o", "token": 1, "version": 1, "amount_cents": 1,
+                 "payment_ref": "forged"}
+        done = asyncio.Event()
+        refused: list[str] = []
+
+        async def hammer(client: WsClient, type_: str, **params: Any) -> None:
+            while not done.is_set():
+                replies = await asyncio.gather(*(client.request(type_, **params)
+                                                 for _ in range(20)))
+                refused.extend(r["error"]["code"] for r in replies)
+
+        hammers = [asyncio.create_task(hammer(p, "payment.complete", **bogus)) for p in phones]
+        hammers += [asyncio.create_task(hammer(p, "lock.release", order_id="o", kind="payment",
+                                                  token=1))
+                    for p in phones]
+        hammers += [asyncio.create_task(hammer(t, "payment.complete", **bogus)) for t in tills]
+        codes = []
+        try:
+            while len(refused) < 200:
+                await asyncio.sleep(0.01)
+            for _ in range(100):
+                acquired = await erp.request("lock.acquire", order_id="o", kind="order")
+                codes.append("OK" if acquired["ok"] else acquired["error"]["code"])
+                if acquired["ok"]:
+                    released = await erp.request("lock.release", order_id="o", kind="order",
+                                                 token=acquired["lock"]["token"])
+                    codes.append("OK" if released["ok"] else released["error"]["code"])
+        finally:
+            done.set()
+            await asyncio.gather(*hammers, return_exceptions=True)
+        assert codes == ["OK"] * 200, sorted(set(codes))
+        rejected = await store.audit("payment.rejected", limit=10)
+        assert rejected, "the tills' forged payments are still audited"
+    finally:
+        await store.close()
