@@ -110,3 +110,50 @@ async def test_refusals_do_not_make_the_erp_unavailable_on_redis(
         assert rejected, "the tills' forged payments are still audited"
     finally:
         await store.close()
+
+
+# --- 4. table scope is checked on the record that is shown --------------------------------
+
+async def test_a_phone_never_sees_another_tables_order_in_a_snapshot(store: Store) -> None:
+    erp = await store.erp("erp")
+    phone = await store.connect("h5", "phone", table="t1")
+    shown = []
+    for n in range(60):  # the order comes into being while the phone subscribes to it
+        order_id = f"race{n}"
+        sub, published = await asyncio.gather(
+            phone.request("subscribe", channel=store.channel(order_id)),
+            store.publish(erp, order_id=order_id, table_id="t2"))
+        assert published["ok"]
+        if sub["ok"]:
+            shown.append(sub["snapshot"]["order"])
+        else:
+            assert sub["error"]["code"] == "FORBIDDEN"
+    assert all(order is None for order in shown), [o for o in shown if o]
+    # ...and once it exists, the phone is refused it outright.
+    refused = await phone.request("subscribe", channel=store.channel("race0"))
+    assert refused["error"]["code"] == "FORBIDDEN"
+
+
+async def test_since_replays_to_a_phone_only_what_happened_at_its_table(store: Store) -> None:
+    erp = await store.erp("erp")
+    phone = await store.connect("h5", "phone", table="t1")
+    before = await phone.request("subscribe", channel=store.channel("moved"))
+    assert before["ok"] and before["snapshot"]["order"] is None
+    await phone.request("unsubscribe", channel=store.channel("moved"))
+    # While the order is table t2's, things happen to it...
+    assert (await store.publish(erp, order_id="moved", table_id="t2"))["ok"]
+    held = await erp.request("lock.acquire", order_id="moved", kind="order")
+    assert (await erp.request("lock.release", order_id="moved", kind="order",
+                              token=held["lock"]["token"]))["ok"]
+    # ...then it moves to the phone's table.
+    assert (await store.publish(erp, order_id="moved", table_id="t1", version=2))["ok"]
+    watcher = await store.connect("manager", "m")
+    full = await watcher.request("subscribe", channel=store.channel("moved"),
+                                 since=before["seq"])
+    assert full["recovered"] and len(full["missed"]) == 4  # what an ERP may replay
+
+    again = await phone.request("subscribe", channel=store.channel("moved"), since=before["seq"])
+    assert again["ok"] and again["recovered"]
+    assert [e["order"]["table_id"] for e in again["missed"]] == ["t1"]
+    assert all(e.get("table_id", "t1") == "t1" for e in again["missed"])
+    assert again["snapshot"]["order"]["table_id"] == "t1"
