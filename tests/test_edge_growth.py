@@ -157,3 +157,54 @@ async def test_since_replays_to_a_phone_only_what_happened_at_its_table(store: S
     assert [e["order"]["table_id"] for e in again["missed"]] == ["t1"]
     assert all(e.get("table_id", "t1") == "t1" for e in again["missed"])
     assert again["snapshot"]["order"]["table_id"] == "t1"
+
+
+# --- 2. the pulls a terminal can make the ERP answer are bounded ---------------------------
+
+async def test_a_phone_cannot_turn_random_order_ids_into_erp_pulls(store: Store) -> None:
+    erp = await store.erp("erp")
+    asked: list[dict[str, str]] = []
+    answer = erp.rpc_handler
+    assert answer is not None
+
+    async def counting(frame: dict[str, Any]) -> dict[str, Any] | None:
+        asked.append(frame["params"])
+        return await answer(frame)
+    erp.rpc_handler = counting
+    phone = await store.connect("h5", "phone", table="t1")
+    began = time.monotonic()
+    gets = await asyncio.gather(*(phone.request("order.get", order_id=unique("o"), fresh=True,
+                                                timeout=15) for _ in range(250)))
+    acquires = await asyncio.gather(*(
+        phone.request("lock.acquire", order_id=unique("o"), kind="payment", timeout=15)
+        for _ in range(250)))
+    elapsed = time.monotonic() - began
+    codes = [r["error"]["code"] for r in gets + acquires]
+    # Default budget: 20 at once, one more a second.
+    assert len(asked) <= 20 + 1 * elapsed + 1, (len(asked), elapsed)
+    assert codes.count("RATE_LIMITED") >= 500 - len(asked)
+    assert set(codes) <= {"RATE_LIMITED", "ERP_UNAVAILABLE"}
+    # The ERP was not flooded: it still answers another terminal's pull at once.
+    await store.publish(erp, order_id="real", table_id="t1")
+    till = await store.connect("erp_secondary", "till")
+    assert (await till.request("order.get", order_id="real", fresh=True))["ok"]
+
+
+async def test_concurrent_pulls_of_one_order_make_one_rpc(store: Store) -> None:
+    erp = await store.erp("erp")
+    await store.publish(erp, order_id="o", table_id="t1")
+    asked: list[dict[str, str]] = []
+    answer = erp.rpc_handler
+    assert answer is not None
+
+    async def slow(frame: dict[str, Any]) -> dict[str, Any] | None:
+        asked.append(frame["params"])
+        await asyncio.sleep(0.5)  # an ERP that takes its time: the pulls overlap
+        return await answer(frame)
+    erp.rpc_handler = slow
+    phones = [await store.connect("h5", unique("phone"), table="t1") for _ in range(5)]
+    replies = await asyncio.gather(*(
+        phone.request("order.get", order_id="o", fresh=True) for phone in phones
+        for _ in range(4)))
+    assert all(r["ok"] and r["order"]["order_id"] == "o" for r in replies)
+    assert asked == [{"order_id": "o"}]

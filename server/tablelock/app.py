@@ -40,7 +40,7 @@ def create_app(settings: Settings,
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
               settings.rate_burst, settings.contended_window_ms)
     metrics.watch_queues(hub.queue_depths)
-    relay = Relay(hub, backend)
+    relay = Relay(hub, backend, settings.fetch_rate_per_s, settings.fetch_burst)
     tokens = Tokens(settings.secrets)
     gateway = Gateway(backend, hub, relay, tokens, settings)
 

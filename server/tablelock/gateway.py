@@ -59,7 +59,7 @@ from .protocol import (
     encode,
     parse_channel,
 )
-from .relay import Relay
+from .relay import PullLimited, Relay
 from .rules import (
     Acquire,
     Check,
@@ -414,7 +414,10 @@ class Gateway:
 
     async def _fetch(self, terminal: Terminal, params: dict[str, str]) -> Order | None:
         config = await self.backend.get_config(terminal.store_id)
-        return await self.relay.fetch(terminal.store_id, params, config.erp_fetch_timeout_ms)
+        try:
+            return await self.relay.fetch(terminal, params, config.erp_fetch_timeout_ms)
+        except PullLimited:
+            raise Refused("RATE_LIMITED", "too many order pulls from the ERP") from None
 
     # --- requests ---------------------------------------------------------------------------
 
