@@ -208,3 +208,66 @@ async def test_concurrent_pulls_of_one_order_make_one_rpc(store: Store) -> None:
         for _ in range(4)))
     assert all(r["ok"] and r["order"]["order_id"] == "o" for r in replies)
     assert asked == [{"order_id": "o"}]
+
+
+# --- 3. growth driven by clients ------------------------------------------------------------
+
+def rss_kib(broker: BrokerProcess) -> int:
+    assert broker.proc is not None
+    with open(f"/proc/{broker.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def subscribe_to_unknown_orders(client: WsClient, store: Store, count: int) -> None:
+    for start in range(0, count, 100):
+        channels = [store.channel(unique("nope")) for _ in range(min(100, count - start))]
+        subs = await asyncio.gather(*(client.request("subscribe", channel=c) for c in channels))
+        assert all(s["ok"] and s["snapshot"]["order"] is None for s in subs)
+        await asyncio.gather(*(client.request("unsubscribe", channel=c) for c in channels))
+
+
+async def test_channels_of_unknown_orders_go_with_their_last_subscriber(
+        broker_factory: BrokerFactory) -> None:
+    broker = started(broker_factory, "memory", rate_per_s=1_000_000, rate_burst=1_000_000)
+    store = Store(broker)
+    try:
+        phone = await store.connect("h5", "phone", table="t1")
+        await subscribe_to_unknown_orders(phone, store, 5_000)  # warm up the allocator
+        before = rss_kib(broker)
+        await subscribe_to_unknown_orders(phone, store, 40_000)
+        after = rss_kib(broker)
+        print(f"memory backend: RSS {before} KiB -> {after} KiB after 40,000 unknown orders")
+        assert after - before < 3 * 1024, (before, after)  # was ~10 MiB: a channel each
+    finally:
+        await store.close()
+
+
+async def test_redis_seqs_of_unknown_orders_are_bounded(
+        broker_factory: BrokerFactory, redis_server: Any) -> None:
+    import redis.asyncio as aioredis
+
+    broker = started(broker_factory, redis_server.url, rate_per_s=1_000_000,
+                     rate_burst=1_000_000, max_unknown_order_seqs=500)
+    store = Store(broker)
+    client = aioredis.Redis.from_url(redis_server.url)
+    seqs = f"tl:{{store:{store.store_id}}}:seq"
+    try:
+        erp = await store.erp("erp")
+        phone = await store.connect("h5", "phone", table="t1")
+        # A subscriber of an order not seen yet gets the seq that its first event follows.
+        early = await phone.request("subscribe", channel=store.channel("soon"))
+        await store.publish(erp, order_id="soon", table_id="t1")
+        first = await phone.event("order.updated")
+        assert first["seq"] == early["seq"] + 1
+        before = await client.hlen(seqs)
+        await subscribe_to_unknown_orders(phone, store, 3_000)
+        after = await client.hlen(seqs)
+        print(f"redis backend: seq fields {before} -> {after} after 3,000 unknown orders")
+        assert after <= before + 500 + 8, (before, after)
+        assert await client.hexists(seqs, store.channel("soon"))  # an order's own stays
+    finally:
+        await client.aclose()
+        await store.close()

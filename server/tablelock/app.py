@@ -29,7 +29,8 @@ def make_backend(settings: Settings) -> Backend:
                                     "redis+cluster://", "unix://")):
         from .backends.redis import RedisBackend
 
-        return RedisBackend(settings.backend, settings.history_size, settings.audit_size)
+        return RedisBackend(settings.backend, settings.history_size, settings.audit_size,
+                            max_unclaimed_seqs=settings.max_unknown_order_seqs)
     raise ValueError(f"unknown backend {settings.backend!r}: use memory or a redis:// URL")
 
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings,
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
               settings.rate_burst, settings.contended_window_ms)
+    hub.on_channel_idle = backend.channel_idle
     metrics.watch_queues(hub.queue_depths)
     relay = Relay(hub, backend, settings.fetch_rate_per_s, settings.fetch_burst)
     tokens = Tokens(settings.secrets)

@@ -205,6 +205,10 @@ class Coalescer:
         return len(self._sent)
 
 
+def _ignore(channel: str) -> None:
+    pass
+
+
 class Hub:
     def __init__(self, max_queue_messages: int = 2_000, max_queue_bytes: int = 4 * 1024 * 1024,
                  rate_per_s: float = 300.0, rate_burst: float = 600.0,
@@ -222,6 +226,8 @@ class Hub:
         self._per_store: dict[str, int] = {}
         self._fanouts = 0
         self._notices = Coalescer(contended_window_ms / 1000, max_coalesced)
+        # Told when the last local subscriber of a channel leaves (Backend.channel_idle).
+        self.on_channel_idle: Callable[[str], None] = _ignore
 
     def connection(self, send: AsgiSend) -> Connection:
         conn = Connection(self, send, self.max_queue_messages, self.max_queue_bytes)
@@ -272,6 +278,7 @@ class Hub:
                 subs.discard(conn)
                 if not subs:
                     del self._subscribers[channel]
+                    self.on_channel_idle(channel)
         key = (terminal.store_id, terminal.terminal_id)
         conns = self._terminals.get(key)
         if conns is not None and conn in conns:
@@ -339,6 +346,7 @@ class Hub:
             subs.discard(conn)
             if not subs:
                 del self._subscribers[channel]
+                self.on_channel_idle(channel)
 
     async def expire_tokens(self, every_s: float = 1.0) -> None:
         """Close connections whose token ended (4003), within a second: one pass over the

@@ -32,6 +32,8 @@ class Settings:
     fetch_burst: int = 20
     h5_presence_linger_ms: int = 5_000
     max_unhandled_per_terminal: int = 100
+    # Redis: seqs given to subscribers of orders not seen yet, kept per store (10 min at most).
+    max_unknown_order_seqs: int = 10_000
     max_connections: int = 50_000
     max_connections_per_store: int = 5_000
     max_connections_per_terminal: int = 16

@@ -152,6 +152,9 @@ class Backend(abc.ABC):
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         """(seq, snapshot) of a channel, consistent with each other."""
 
+    def channel_idle(self, channel: str) -> None:
+        """The last local subscriber of `channel` left: what only it kept may go."""
+
     @abc.abstractmethod
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         """The events after `since`, or None when the history no longer reaches back."""

@@ -285,6 +285,13 @@ class MemoryBackend(Backend):
             snap = StoreSnapshot(orders, locks, terminals)
         return self._channel(channel).seq, snap
 
+    def channel_idle(self, channel: str) -> None:
+        """An order channel numbers nothing until its order exists: one subscribed to for an
+        order never seen goes with its last subscriber (a new one starts from the clock)."""
+        parsed = parse_channel(channel)
+        if parsed is not None and parsed[1] is not None and (parsed not in self._records):
+            self._channels.pop(channel, None)
+
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)
         if found is None:

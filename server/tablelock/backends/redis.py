@@ -56,6 +56,8 @@ log = logging.getLogger("tablelock.redis")
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 16
+# How long the seq given to a subscriber of an order not seen yet is kept for the order.
+UNCLAIMED_SEQ_MS = 600_000
 CALL_TIMEOUT_S = 0.9  # a lock request is answered UNAVAILABLE within 1 s, never left hanging
 
 _record_decoder = msgspec.msgpack.Decoder(OrderRecord)
@@ -73,7 +75,7 @@ class Keys:
 
     __slots__ = ("audit", "auths", "conns", "due", "hist_store", "orders", "prefix", "pubsub",
                  "seqs", "state", "store_channel", "store_channel_json", "store_id", "terms",
-                 "unhandled")
+                 "unclaimed_seqs", "unhandled")
 
     def __init__(self, prefix: str, store_id: str) -> None:
         tag = f"{prefix}{{store:{store_id}}}"
@@ -81,6 +83,7 @@ class Keys:
         self.prefix = tag
         self.state = f"{tag}:state"
         self.seqs = f"{tag}:seq"
+        self.unclaimed_seqs = f"{tag}:seq-unclaimed"
         self.due = f"{tag}:due"
         self.orders = f"{tag}:orders"
         self.hist_store = f"{tag}:h:store"
@@ -157,8 +160,10 @@ def connect(url: str) -> tuple[Any, bool]:
 class RedisBackend(Backend):
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
-                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0) -> None:
+                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
+                 max_unclaimed_seqs: int = 10_000) -> None:
         self.url = url
+        self._max_unclaimed_seqs = max_unclaimed_seqs
         self.broker_id = secrets.token_hex(6)
         self._prefix = prefix
         self._history_size = history_size
@@ -377,7 +382,9 @@ class RedisBackend(Backend):
         if order_id is not None:
             await self.apply(store_id, order_id, Tick(), None)  # expiry first
             seq, raw = await self._guard(self._scripts["SNAPSHOT_ORDER"](
-                keys=[keys.record(order_id), keys.seqs], args=[channel]))
+                keys=[keys.record(order_id), keys.seqs, keys.unclaimed_seqs],
+                args=[channel, order_id, order_channel(store_id, ""), keys.prefix + ":o:",
+                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs]))
             rec = _record_decoder.decode(raw) if raw else None
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])

@@ -73,6 +73,7 @@ if op == 'set' then
 elseif op == 'del' then
   redis.call('DEL', KEYS[1], KEYS[6])
   redis.call('SREM', KEYS[5], order_id)
+  redis.call('HDEL', KEYS[3], ARGV[10])  -- its numbering goes with the order
 end
 local deadline = ARGV[7]
 if deadline == '' or op == 'del' then
@@ -212,7 +213,30 @@ end
 return {seq_of(KEYS[3], ARGV[1]), records, redis.call('HVALS', KEYS[2])}
 """
 
-# KEYS: 1 record, 2 seqs   ARGV: 1 order channel
+# A subscriber of an order not seen yet is given a seq that the order's first event will
+# follow; that seq field is written down as unclaimed, and goes (with its index entry) once
+# it is older than ARGV[5] ms or past the ARGV[6] newest, unless its order came meanwhile.
+# KEYS: 1 record, 2 seqs, 3 unclaimed seqs (order id -> when)
+# ARGV: 1 order channel, 2 order id, 3 order channel prefix, 4 record key prefix,
+#       5 unclaimed lifetime ms, 6 unclaimed bound
 SNAPSHOT_ORDER = _EMIT + """
-return {seq_of(KEYS[2], ARGV[1]), redis.call('HGET', KEYS[1], 'rec') or false}
+local rec = redis.call('HGET', KEYS[1], 'rec') or false
+local seq = redis.call('HGET', KEYS[2], ARGV[1])
+local now = now_ms()
+if not seq then
+  seq = seq_of(KEYS[2], ARGV[1])
+  if not rec then redis.call('ZADD', KEYS[3], now, ARGV[2]) end
+end
+local left = redis.call('ZCARD', KEYS[3])
+local oldest = redis.call('ZRANGE', KEYS[3], 0, 7, 'WITHSCORES')
+for j = 1, #oldest, 2 do
+  if tonumber(oldest[j + 1]) > now - tonumber(ARGV[5]) and left <= tonumber(ARGV[6]) then break end
+  local id = oldest[j]
+  if redis.call('EXISTS', ARGV[4] .. id) == 0 then
+    redis.call('HDEL', KEYS[2], ARGV[3] .. id)
+  end
+  redis.call('ZREM', KEYS[3], id)
+  left = left - 1
+end
+return {seq, rec}
 """
