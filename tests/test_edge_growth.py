@@ -271,3 +271,27 @@ async def test_redis_seqs_of_unknown_orders_are_bounded(
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_a_phone_reconnecting_in_a_loop_leaves_the_store_history_alone(
+        broker_factory: BrokerFactory, backend_url: str) -> None:
+    broker = started(broker_factory, backend_url, h5_presence_linger_ms=1_500,
+                     rate_per_s=1_000_000, rate_burst=1_000_000)
+    store = Store(broker)
+    try:
+        till = await store.connect("erp_secondary", "till")
+        sub = await till.request("subscribe", channel=store.channel())
+        token = store.token("h5", "churner", "t1")
+        for _ in range(300):  # 600 presence events if each counted: past the 512 kept
+            phone = await WsClient.connect(broker.url, token)
+            await phone.close()
+        again = await till.request("subscribe", channel=store.channel(), since=sub["seq"])
+        assert again["recovered"], "the store channel's history still reaches back"
+        presence = [e["event"] for e in again["missed"]]
+        assert presence == ["terminal.online"], presence
+        # Gone for good: said once, after the linger.
+        gone = await till.event("terminal.offline", timeout=10,
+                                where=lambda e: e["terminal"]["terminal_id"] == "churner")
+        assert gone["seq"] == again["seq"] + 1
+    finally:
+        await store.close()

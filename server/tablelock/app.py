@@ -24,13 +24,16 @@ def make_backend(settings: Settings) -> Backend:
     if settings.backend == "memory":
         from .backends.memory import MemoryBackend
 
-        return MemoryBackend(settings.history_size, settings.audit_size)
+        return MemoryBackend(settings.history_size, settings.audit_size,
+                             settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal)
     if settings.backend.startswith(("redis://", "rediss://", "redis+sentinel://",
                                     "redis+cluster://", "unix://")):
         from .backends.redis import RedisBackend
 
         return RedisBackend(settings.backend, settings.history_size, settings.audit_size,
-                            max_unclaimed_seqs=settings.max_unknown_order_seqs)
+                            max_unclaimed_seqs=settings.max_unknown_order_seqs,
+                            h5_presence_linger_ms=settings.h5_presence_linger_ms,
+                            max_unhandled_per_terminal=settings.max_unhandled_per_terminal)
     raise ValueError(f"unknown backend {settings.backend!r}: use memory or a redis:// URL")
 
 

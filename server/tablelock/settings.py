@@ -30,7 +30,7 @@ class Settings:
     contended_window_ms: int = 2_000
     fetch_rate_per_s: float = 1.0
     fetch_burst: int = 20
-    h5_presence_linger_ms: int = 5_000
+    h5_presence_linger_ms: int = 3_000
     max_unhandled_per_terminal: int = 100
     # Redis: seqs given to subscribers of orders not seen yet, kept per store (10 min at most).
     max_unknown_order_seqs: int = 10_000

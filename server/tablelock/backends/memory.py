@@ -140,8 +140,13 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 
 
 class MemoryBackend(Backend):
-    def __init__(self, history_size: int = 512, audit_size: int = 10_000) -> None:
+    def __init__(self, history_size: int = 512, audit_size: int = 10_000,
+                 h5_presence_linger_ms: int = 3_000, max_unhandled_per_terminal: int = 100,
+                 ) -> None:
         self.clock = MonotonicClock()
+        self._linger_s = h5_presence_linger_ms / 1000
+        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._max_unhandled = max_unhandled_per_terminal
         self._history_size = history_size
         self._audit_size = audit_size
         self._records: dict[OrderKey, OrderRecord] = {}
@@ -312,8 +317,11 @@ class MemoryBackend(Backend):
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         online = self._online.setdefault(terminal.store_id, {})
         entry = online.get(terminal.terminal_id)
-        if entry is not None:
+        if entry is not None:  # another connection, or a phone back within its linger
             online[terminal.terminal_id] = (entry[0], entry[1] + 1)
+            lingering = self._lingering.pop((terminal.store_id, terminal.terminal_id), None)
+            if lingering is not None:
+                lingering.cancel()
             return
         online[terminal.terminal_id] = (terminal, 1)
         was_offline = self._offline.get(terminal.store_id, {}).pop(terminal.terminal_id, None)
@@ -330,7 +338,26 @@ class MemoryBackend(Backend):
         if entry[1] > 1:
             online[terminal.terminal_id] = (entry[0], entry[1] - 1)
             return
-        del online[terminal.terminal_id]
+        if terminal.role == "h5" and self._linger_s > 0:
+            # A phone's page reloads and its network comes and goes: it is said offline
+            # only once it stayed away for the linger, so that a phone reconnecting in a
+            # loop cannot flush the store channel's history with presence.
+            online[terminal.terminal_id] = (entry[0], 0)
+            key = (terminal.store_id, terminal.terminal_id)
+            self._lingering[key] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_ended, terminal)
+            return
+        self._went_offline(terminal)
+
+    def _linger_ended(self, terminal: Terminal) -> None:
+        self._lingering.pop((terminal.store_id, terminal.terminal_id), None)
+        entry = self._online.get(terminal.store_id, {}).get(terminal.terminal_id)
+        if entry is not None and entry[1] == 0:
+            self._went_offline(terminal)
+
+    def _went_offline(self, terminal: Terminal) -> None:
+        online = self._online.get(terminal.store_id, {})
+        entry = online.pop(terminal.terminal_id)
         now = self.clock.now()
         if terminal.role != "h5":  # an h5 lock ends only at its TTL
             self._offline.setdefault(terminal.store_id, {})[terminal.terminal_id] = now

@@ -161,8 +161,13 @@ class RedisBackend(Backend):
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
                  heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
-                 max_unclaimed_seqs: int = 10_000) -> None:
+                 max_unclaimed_seqs: int = 10_000, h5_presence_linger_ms: int = 3_000,
+                 max_unhandled_per_terminal: int = 100) -> None:
         self.url = url
+        self._linger_s = h5_presence_linger_ms / 1000
+        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._linger_tasks: set[asyncio.Task[None]] = set()
+        self._max_unhandled = max_unhandled_per_terminal
         self._max_unclaimed_seqs = max_unclaimed_seqs
         self.broker_id = secrets.token_hex(6)
         self._prefix = prefix
@@ -432,6 +437,9 @@ class RedisBackend(Backend):
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         key = (terminal.store_id, terminal.terminal_id)
+        lingering = self._lingering.pop(key, None)
+        if lingering is not None:  # a phone back within its linger: Redis never saw it go
+            lingering.cancel()
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
         await self._hear_store(terminal.store_id, +1)
@@ -444,12 +452,34 @@ class RedisBackend(Backend):
             return
         if entry[1] > 1:
             self._local[key] = (entry[0], entry[1] - 1, entry[2])
+        elif terminal.role == "h5" and self._linger_s > 0:
+            # As in the memory backend: a phone is said gone only after the linger, so that
+            # one reconnecting in a loop cannot flush the store channel's history.
+            self._local[key] = (entry[0], 0, entry[2])
+            self._lingering[key] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_ended, key, terminal)
+            await self._hear_store(terminal.store_id, -1)
+            return
         else:
             del self._local[key]
         try:
             await self._sync_presence(key, terminal)
         finally:
             await self._hear_store(terminal.store_id, -1)
+
+    def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
+        self._lingering.pop(key, None)
+        entry = self._local.get(key)
+        if entry is None or entry[1] > 0:
+            return
+        del self._local[key]
+        task = asyncio.get_running_loop().create_task(self._say_gone(key, terminal))
+        self._linger_tasks.add(task)
+        task.add_done_callback(self._linger_tasks.discard)
+
+    async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
+        with contextlib.suppress(Unavailable):  # said again once Redis is back (_unsaid)
+            await self._sync_presence(key, terminal)
 
     async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
         """Tell Redis how many connections this broker has for the terminal *now*. One at a
