@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from .conftest import Store
 from .support import BrokerProcess, WsClient, unique
 
@@ -293,5 +291,56 @@ async def test_a_phone_reconnecting_in_a_loop_leaves_the_store_history_alone(
         gone = await till.event("terminal.offline", timeout=10,
                                 where=lambda e: e["terminal"]["terminal_id"] == "churner")
         assert gone["seq"] == again["seq"] + 1
+    finally:
+        await store.close()
+
+
+async def test_unhandled_payment_rejections_are_bounded_per_terminal(
+        broker_factory: BrokerFactory, backend_url: str) -> None:
+    bound = 5
+    broker = started(broker_factory, backend_url, max_unhandled_per_terminal=bound,
+                     rate_per_s=1_000_000, rate_burst=1_000_000)
+    store = Store(broker)
+    try:
+        erp = await store.erp("erp")
+        await store.publish(erp, order_id="o", table_id="t1")
+        tills = [await store.connect("erp_secondary", f"till{n}") for n in range(2)]
+        forged = {"order_id": "o", "token": 1, "version": 1, "amount_cents": 1}
+
+        async def forge(till: WsClient, count: int) -> None:
+            replies = await asyncio.gather(*(till.request(
+                "payment.complete", payment_ref=unique("forged"), **forged)
+                for _ in range(count)))
+            assert all(not r["ok"] for r in replies)
+
+        async def unhandled() -> dict[str, int]:
+            found: dict[str, int] = {}
+            for entry in await store.audit("payment.rejected", limit=100_000):
+                if entry["handled"] is False:
+                    who = entry["terminal"]["terminal_id"]
+                    found[who] = found.get(who, 0) + 1
+            return found
+
+        await forge(tills[0], 2)
+        assert await unhandled() == {"till0": 2}
+        await forge(tills[0], 600)
+        await forge(tills[1], 3)
+        kept = await unhandled()
+        print(f"{backend_url}: unhandled rejections kept {kept} after 605 forged payments")
+        assert kept == {"till0": bound, "till1": 3}
+        # Past the bound they are still logged, as ordinary entries that age out.
+        newest = (await store.audit("payment.rejected", limit=1))[0]
+        assert newest["handled"] is None or newest["terminal"]["terminal_id"] == "till1"
+        overflow = [e for e in await store.audit("payment.rejected", limit=50)
+                    if e["terminal"]["terminal_id"] == "till0"]
+        assert overflow and all(e["handled"] is None and e["detail"]["untracked"]
+                                for e in overflow)
+        # Handling one makes room for one more.
+        oldest = [e for e in await store.audit("payment.rejected", limit=100_000)
+                  if e["handled"] is False and e["terminal"]["terminal_id"] == "till0"][-1]
+        status, _ = await store.http("POST", f"/audit/{oldest['id']}/handled")
+        assert status == 200
+        await forge(tills[0], 3)
+        assert (await unhandled())["till0"] == bound
     finally:
         await store.close()

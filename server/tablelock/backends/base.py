@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
+import msgspec
+
 from .. import metrics
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..rules import Command, Outcome, ReleaseAll, patch_config
@@ -152,7 +154,7 @@ class Backend(abc.ABC):
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         """(seq, snapshot) of a channel, consistent with each other."""
 
-    def channel_idle(self, channel: str) -> None:
+    def channel_idle(self, channel: str) -> None:  # noqa: B027 - optional hook
         """The last local subscriber of `channel` left: what only it kept may go."""
 
     @abc.abstractmethod
@@ -195,6 +197,22 @@ class Backend(abc.ABC):
             for order_id in await self.order_ids(store_id):
                 await self.apply(store_id, order_id, ReleaseAll(), None)
         return new
+
+
+def unhandled_for(entry: AuditEntry) -> str:
+    """The terminal ('role|terminal_id') an entry stays unhandled for, or '' for an entry
+    that is never marked handled. Each terminal keeps a bounded number unhandled."""
+    if entry.handled is not False:
+        return ""
+    who = entry.terminal
+    return f"{who.role}|{who.terminal_id}" if who is not None else "|"
+
+
+def untracked(entry: AuditEntry) -> AuditEntry:
+    """What is logged instead of an unhandled entry past its terminal's bound: an ordinary
+    entry (the audit log's own bound evicts it), saying it was not kept to be handled."""
+    return msgspec.structs.replace(entry, handled=None,
+                                   detail={**entry.detail, "untracked": True})
 
 
 def best_for_table(records: Iterable[OrderRecord], table_id: str) -> OrderRecord | None:

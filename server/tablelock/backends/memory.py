@@ -29,7 +29,15 @@ from ..protocol import (
     store_channel,
 )
 from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
-from .base import Backend, Numbered, best_for_table, first_seq, observe
+from .base import (
+    Backend,
+    Numbered,
+    best_for_table,
+    first_seq,
+    observe,
+    unhandled_for,
+    untracked,
+)
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 _NONE: frozenset[str] = frozenset()
@@ -128,11 +136,12 @@ class StoreAudit:
     Entries are kept encoded: bytes cost the garbage collector nothing, and the log is
     read far less often than it is written."""
 
-    __slots__ = ("entries", "unhandled")
+    __slots__ = ("entries", "unhandled", "unhandled_by")
 
     def __init__(self, size: int) -> None:
         self.entries: deque[bytes] = deque(maxlen=size)
         self.unhandled: dict[str, bytes] = {}
+        self.unhandled_by: dict[str, int] = {}  # terminal (base.unhandled_for) -> how many
 
 
 _audit_encoder = msgspec.json.Encoder()
@@ -151,6 +160,8 @@ class MemoryBackend(Backend):
         self._audit_size = audit_size
         self._records: dict[OrderKey, OrderRecord] = {}
         self._orders_of_store: dict[str, set[str]] = {}
+        # (store, table) -> its orders: order.get by table_id reads a table's, not a store's
+        self._orders_of_table: dict[tuple[str, str], set[str]] = {}
         self._deadlines = Deadlines(self.clock, self._wake)
         self._channels: dict[str, Channel] = {}
         self._configs: dict[str, StoreConfig] = {}
@@ -197,6 +208,17 @@ class MemoryBackend(Backend):
         else:
             self._records[key] = after
             self._orders_of_store.setdefault(store_id, set()).add(order_id)
+        old_table = before.order.table_id if before is not None else None
+        new_table = after.order.table_id if after is not None else None
+        if old_table != new_table:  # the table index follows the record
+            if old_table is not None:
+                orders = self._orders_of_table.get((store_id, old_table))
+                if orders is not None:
+                    orders.discard(order_id)
+                    if not orders:
+                        del self._orders_of_table[(store_id, old_table)]
+            if new_table is not None:
+                self._orders_of_table.setdefault((store_id, new_table), set()).add(order_id)
         old = {lock.holder.terminal_id for lock in before.locks.values()} if before else _NONE
         new = {lock.holder.terminal_id for lock in after.locks.values()} if after else _NONE
         if old == new:
@@ -267,7 +289,7 @@ class MemoryBackend(Backend):
         return self._records.get((store_id, order_id))
 
     async def find_order(self, store_id: str, table_id: str) -> str | None:
-        order_ids = self._orders_of_store.get(store_id, ())
+        order_ids = self._orders_of_table.get((store_id, table_id), ())
         best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
         return best.order_id if best else None
 
@@ -379,11 +401,15 @@ class MemoryBackend(Backend):
             log = self._audit[store_id] = StoreAudit(self._audit_size)
         for entry in entries:
             self._audit_seq += 1
+            pin = unhandled_for(entry)
+            if pin and log.unhandled_by.get(pin, 0) >= self._max_unhandled:
+                entry, pin = untracked(entry), ""
             entry.id = str(self._audit_seq)
             raw = _audit_encoder.encode(entry)
             log.entries.append(raw)
-            if entry.handled is False:
+            if pin:
                 log.unhandled[entry.id] = raw
+                log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
 
     def _entries(self, log: StoreAudit) -> list[AuditEntry]:
         """Every kept entry, newest first; evicted but unhandled ones stay listed."""
@@ -408,6 +434,13 @@ class MemoryBackend(Backend):
         log = self._audit.get(store_id)
         if log is None:
             return False
-        if log.unhandled.pop(entry_id, None) is not None:
+        raw = log.unhandled.pop(entry_id, None)
+        if raw is not None:
+            pin = unhandled_for(_audit_decoder.decode(raw))
+            left = log.unhandled_by.get(pin, 1) - 1
+            if left > 0:
+                log.unhandled_by[pin] = left
+            else:
+                log.unhandled_by.pop(pin, None)
             return True
         return any(entry.id == entry_id for entry in self._entries(log))

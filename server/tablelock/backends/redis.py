@@ -50,7 +50,15 @@ from ..protocol import (
 )
 from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
 from . import redis_lua
-from .base import Backend, Numbered, Unavailable, best_for_table, observe
+from .base import (
+    Backend,
+    Numbered,
+    Unavailable,
+    best_for_table,
+    observe,
+    unhandled_for,
+    untracked,
+)
 
 log = logging.getLogger("tablelock.redis")
 
@@ -75,7 +83,7 @@ class Keys:
 
     __slots__ = ("audit", "auths", "conns", "due", "hist_store", "orders", "prefix", "pubsub",
                  "seqs", "state", "store_channel", "store_channel_json", "store_id", "terms",
-                 "unclaimed_seqs", "unhandled")
+                 "unclaimed_seqs", "unhandled", "unhandled_count")
 
     def __init__(self, prefix: str, store_id: str) -> None:
         tag = f"{prefix}{{store:{store_id}}}"
@@ -89,6 +97,7 @@ class Keys:
         self.hist_store = f"{tag}:h:store"
         self.audit = f"{tag}:audit"
         self.unhandled = f"{tag}:unhandled"
+        self.unhandled_count = f"{tag}:unhandled-count"
         self.terms = f"{tag}:terms"
         self.conns = f"{tag}:conns"
         self.auths = f"{tag}:auths"
@@ -98,6 +107,10 @@ class Keys:
 
     def record(self, order_id: str) -> str:
         return f"{self.prefix}:o:{order_id}"
+
+    def table(self, table_id: str) -> str:
+        """The ids of the orders of a table (the index behind order.get by table_id)."""
+        return f"{self.prefix}:t:{table_id}"
 
     def hist_order(self, order_id: str) -> str:
         return f"{self.prefix}:h:o:{order_id}"
@@ -181,7 +194,7 @@ class RedisBackend(Backend):
         self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
-                                      "SNAPSHOT_ORDER")}
+                                      "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS")}
         self._keys: dict[str, Keys] = {}
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
@@ -284,7 +297,7 @@ class RedisBackend(Backend):
             rec_rev, record = cached
             now = self._now()
             out = step(record, command, Context(now, state.config, actor, state.offline))
-            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, out)
+            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, record, out)
             if reply[0] == 1:
                 self._learn_time(int(reply[1]))
                 if out.changed:
@@ -309,16 +322,19 @@ class RedisBackend(Backend):
             self._records.clear()
 
     async def _commit(self, keys: Keys, order_id: str, rec_rev: str, state_rev: str, now: int,
-                      out: Outcome) -> list[Any]:
+                      before: OrderRecord | None, out: Outcome) -> list[Any]:
         op = ("set" if out.record is not None else "del") if out.changed else "keep"
         channel = order_channel(keys.store_id, order_id)
+        old_table = before.order.table_id if before is not None else ""
+        new_table = out.record.order.table_id if out.record is not None else ""
         args: list[Any] = [
             rec_rev, state_rev, now, self._tolerance_ms, op,
             _record_encoder.encode(out.record) if op == "set" else b"",
             "" if out.deadline is None else out.deadline, order_id,
             keys.store_id, channel, encode(channel), keys.store_channel,
             keys.store_channel_json, keys.pubsub, self._history_size, self._audit_size,
-            len(out.events), len(out.direct), len(out.audit),
+            len(out.events), len(out.direct), len(out.audit), self._max_unhandled,
+            old_table, new_table,
         ]
         for event in out.events:
             args += [event_body(event), event.table_id or "", event.notify or "",
@@ -326,9 +342,12 @@ class RedisBackend(Backend):
         for terminal_id, event in out.direct:
             args += [terminal_id, direct_frame(event), coalescing_key(event)]
         for entry in out.audit:
-            args += [encode(entry), "1" if entry.handled is False else "0"]
+            pin = unhandled_for(entry)
+            args += [encode(entry), pin, encode(untracked(entry)) if pin else b""]
         key_list = [keys.record(order_id), keys.state, keys.seqs, keys.due, keys.orders,
-                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled]
+                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled,
+                    keys.unhandled_count, keys.table(old_table or new_table),
+                    keys.table(new_table or old_table)]
         if not self._cluster:
             key_list.append(self.due_stores)
         result: list[Any] = await self._scripts["COMMIT"](keys=key_list, args=args)
@@ -368,15 +387,11 @@ class RedisBackend(Backend):
         raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
         return _record_decoder.decode(raw) if raw else None
 
-    async def _records_of(self, store_id: str) -> list[OrderRecord]:
-        keys = self.keys(store_id)
-        _, raws, _ = await self._guard(self._scripts["SNAPSHOT_STORE"](
-            keys=[keys.orders, keys.terms, keys.seqs],
-            args=[keys.store_channel, keys.prefix + ":o:"]))
-        return [_record_decoder.decode(raw) for raw in raws]
-
     async def find_order(self, store_id: str, table_id: str) -> str | None:
-        best = best_for_table(await self._records_of(store_id), table_id)
+        keys = self.keys(store_id)
+        raws = await self._guard(self._scripts["TABLE_RECORDS"](
+            keys=[keys.table(table_id)], args=[keys.prefix + ":o:"]))
+        best = best_for_table(map(_record_decoder.decode, raws), table_id)
         return best.order_id if best else None
 
     async def snapshot(self, channel: str) -> tuple[int, Any]:
@@ -595,7 +610,7 @@ class RedisBackend(Backend):
         result = []
         for entry_id, entry in found.items():
             entry.id = entry_id
-            if entry.kind == "payment.rejected":
+            if entry.handled is not None:  # one kept to be handled (see untracked)
                 entry.handled = entry_id not in open_ids
             if not kind or entry.kind == kind:
                 result.append(entry)
@@ -604,7 +619,8 @@ class RedisBackend(Backend):
 
     async def mark_handled(self, store_id: str, entry_id: str) -> bool:
         keys = self.keys(store_id)
-        if await self._guard(self._redis.hdel(keys.unhandled, entry_id)):
+        if await self._guard(self._scripts["MARK_HANDLED"](
+                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
             return True
         if not _STREAM_ID.match(entry_id):
             return False
