@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from .conftest import Store
 from .support import BrokerProcess, WsClient, unique
 
@@ -137,7 +139,6 @@ async def test_since_replays_to_a_phone_only_what_happened_at_its_table(store: S
     phone = await store.connect("h5", "phone", table="t1")
     before = await phone.request("subscribe", channel=store.channel("moved"))
     assert before["ok"] and before["snapshot"]["order"] is None
-    await phone.request("unsubscribe", channel=store.channel("moved"))
     # While the order is table t2's, things happen to it...
     assert (await store.publish(erp, order_id="moved", table_id="t2"))["ok"]
     held = await erp.request("lock.acquire", order_id="moved", kind="order")
@@ -344,3 +345,81 @@ async def test_unhandled_payment_rejections_are_bounded_per_terminal(
         assert (await unhandled())["till0"] == bound
     finally:
         await store.close()
+
+
+# --- 5. order.get by table reads the table's orders, not the store's -----------------------
+
+async def test_order_get_by_table_follows_moves_among_many_orders(
+        broker_factory: BrokerFactory, backend_url: str) -> None:
+    broker = started(broker_factory, backend_url, rate_per_s=1_000_000, rate_burst=1_000_000)
+    store = Store(broker)
+    try:
+        await order_get_by_table_follows_moves(store)
+    finally:
+        await store.close()
+
+
+async def order_get_by_table_follows_moves(store: Store) -> None:
+    erp = await store.erp("erp")
+    for start in range(0, 2_000, 250):
+        await asyncio.gather(*(store.publish(erp, order_id=f"bulk{n}", table_id=f"x{n % 50}")
+                               for n in range(start, start + 250)))
+    assert (await store.publish(erp, order_id="first", table_id="t1"))["ok"]
+    phone = await store.connect("h5", "phone", table="t1")
+
+    async def order_of(table: str) -> str | None:
+        reply = await erp.request("order.get", table_id=table)
+        return reply["order"]["order_id"] if reply["ok"] else None
+
+    assert await order_of("t1") == "first"
+    assert (await phone.request("order.get", table_id="t1"))["order"]["order_id"] == "first"
+    # The order moves to t2; t1 gets a new one.
+    assert (await store.publish(erp, order_id="first", table_id="t2", version=2))["ok"]
+    assert await order_of("t1") is None
+    assert await order_of("t2") == "first"
+    assert (await store.publish(erp, order_id="second", table_id="t1"))["ok"]
+    assert await order_of("t1") == "second"
+    # An open order comes before a closed one of the same table.
+    assert (await store.publish(erp, order_id="second", table_id="t1", version=2,
+                                status="closed", change="status"))["ok"]
+    assert (await store.publish(erp, order_id="third", table_id="t1"))["ok"]
+    assert await order_of("t1") == "third"
+    assert await order_of("x7") in {f"bulk{n}" for n in range(7, 2_000, 50)}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_retention_takes_an_order_out_of_its_table_and_numbering(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """In process, so that retention can be shorter than the minute PUT config allows."""
+    from tablelock.backends.base import Backend
+    from tablelock.backends.memory import MemoryBackend
+    from tablelock.backends.redis import RedisBackend
+    from tablelock.hub import Hub
+    from tablelock.model import Order, StoreConfig, Terminal
+    from tablelock.rules import Publish, Tick
+
+    store_id = unique()
+    backend: Backend
+    if kind == "memory":
+        backend = MemoryBackend()
+    else:
+        backend = RedisBackend(request.getfixturevalue("redis_server").url, prefix=unique("t"))
+    await backend.start(Hub())
+    erp = Terminal("erp", "erp_main", "ERP", store_id)
+    try:
+        await backend._put_config(store_id, StoreConfig(order_retention_ms=50))
+        paid = Order("gone", "t1", 1, 100, status="paid")
+        assert (await backend.apply(store_id, "gone", Publish(paid, "status"), erp)).record
+        assert await backend.find_order(store_id, "t1") == "gone"
+        await asyncio.sleep(0.2)
+        assert (await backend.apply(store_id, "gone", Tick(), None)).record is None
+        assert await backend.find_order(store_id, "t1") is None
+        if isinstance(backend, RedisBackend):
+            keys = backend.keys(store_id)
+            raw = backend._redis
+            assert not await raw.exists(keys.table("t1"))
+            assert not await raw.hexists(keys.seqs, f"order:{store_id}:gone")
+        else:
+            assert f"order:{store_id}:gone" not in backend._channels
+    finally:
+        await backend.close()
