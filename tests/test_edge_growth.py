@@ -38,6 +38,7 @@ async def test_refused_requests_repeated_tell_the_holder_once_per_window(
         assert (await erp.request("lock.acquire", order_id="o", kind="order"))["ok"]
         phone = await store.connect("h5", "phone", table="t1")
         other = await store.connect("h5", "other-phone", table="t1")
+        me, someone = (c.hello["terminal"]["terminal_id"] for c in (phone, other))
 
         began = time.monotonic()
         replies = await asyncio.gather(*(
@@ -48,18 +49,18 @@ async def test_refused_requests_repeated_tell_the_holder_once_per_window(
         await erp.request("ping")  # whatever was sent to the ERP before this has arrived
         elapsed = time.monotonic() - began
         notices = [f for f in erp.frames if f.get("event") == "lock.contended"]
-        by_phone = [n for n in notices if n["by"]["terminal_id"] == "phone"]
+        by_phone = [n for n in notices if n["by"]["terminal_id"] == me]
         assert 1 <= len(by_phone) <= 1 + int(elapsed / window_s), (len(by_phone), elapsed)
-        assert [n["by"]["terminal_id"] for n in notices].count("other-phone") == 1
+        assert [n["by"]["terminal_id"] for n in notices].count(someone) == 1
 
         # Once the window has passed, the same requester is news again.
         await asyncio.sleep(window_s)
         count = len(by_phone)
         assert not (await phone.request("lock.acquire", order_id="o", kind="payment"))["ok"]
-        await erp.event("lock.contended", where=lambda e: e["by"]["terminal_id"] == "phone")
+        await erp.event("lock.contended", where=lambda e: e["by"]["terminal_id"] == me)
         assert erp.close_code is None  # never closed as a slow consumer
         assert len([f for f in erp.frames if f.get("event") == "lock.contended"
-                    and f["by"]["terminal_id"] == "phone"]) == count + 1
+                    and f["by"]["terminal_id"] == me]) == count + 1
     finally:
         await store.close()
 
@@ -284,13 +285,14 @@ async def test_a_phone_reconnecting_in_a_loop_leaves_the_store_history_alone(
         for _ in range(300):  # 600 presence events if each counted: past the 512 kept
             phone = await WsClient.connect(broker.url, token)
             await phone.close()
+        churner = phone.hello["terminal"]["terminal_id"]
         again = await till.request("subscribe", channel=store.channel(), since=sub["seq"])
         assert again["recovered"], "the store channel's history still reaches back"
         presence = [e["event"] for e in again["missed"]]
         assert presence == ["terminal.online"], presence
         # Gone for good: said once, after the linger.
         gone = await till.event("terminal.offline", timeout=10,
-                                where=lambda e: e["terminal"]["terminal_id"] == "churner")
+                                where=lambda e: e["terminal"]["terminal_id"] == churner)
         assert gone["seq"] == again["seq"] + 1
     finally:
         await store.close()
@@ -306,6 +308,7 @@ async def test_unhandled_payment_rejections_are_bounded_per_terminal(
         erp = await store.erp("erp")
         await store.publish(erp, order_id="o", table_id="t1")
         tills = [await store.connect("erp_secondary", f"till{n}") for n in range(2)]
+        till0, till1 = (till.hello["terminal"]["terminal_id"] for till in tills)
         forged = {"order_id": "o", "token": 1, "version": 1, "amount_cents": 1}
 
         async def forge(till: WsClient, count: int) -> None:
@@ -323,26 +326,26 @@ async def test_unhandled_payment_rejections_are_bounded_per_terminal(
             return found
 
         await forge(tills[0], 2)
-        assert await unhandled() == {"till0": 2}
+        assert await unhandled() == {till0: 2}
         await forge(tills[0], 600)
         await forge(tills[1], 3)
         kept = await unhandled()
         print(f"{backend_url}: unhandled rejections kept {kept} after 605 forged payments")
-        assert kept == {"till0": bound, "till1": 3}
+        assert kept == {till0: bound, till1: 3}
         # Past the bound they are still logged, as ordinary entries that age out.
         newest = (await store.audit("payment.rejected", limit=1))[0]
-        assert newest["handled"] is None or newest["terminal"]["terminal_id"] == "till1"
+        assert newest["handled"] is None or newest["terminal"]["terminal_id"] == till1
         overflow = [e for e in await store.audit("payment.rejected", limit=50)
-                    if e["terminal"]["terminal_id"] == "till0"]
+                    if e["terminal"]["terminal_id"] == till0]
         assert overflow and all(e["handled"] is None and e["detail"]["untracked"]
                                 for e in overflow)
         # Handling one makes room for one more.
         oldest = [e for e in await store.audit("payment.rejected", limit=100_000)
-                  if e["handled"] is False and e["terminal"]["terminal_id"] == "till0"][-1]
+                  if e["handled"] is False and e["terminal"]["terminal_id"] == till0][-1]
         status, _ = await store.http("POST", f"/audit/{oldest['id']}/handled")
         assert status == 200
         await forge(tills[0], 3)
-        assert (await unhandled())["till0"] == bound
+        assert (await unhandled())[till0] == bound
     finally:
         await store.close()
 
