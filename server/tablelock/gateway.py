@@ -39,6 +39,7 @@ from .protocol import (
     OrderGet,
     OrderPublish,
     OrderResult,
+    OrderSnapshot,
     PaymentComplete,
     PaymentResult,
     Ping,
@@ -58,7 +59,7 @@ from .protocol import (
     encode,
     parse_channel,
 )
-from .relay import Relay
+from .relay import PullLimited, Relay
 from .rules import (
     Acquire,
     Check,
@@ -427,7 +428,10 @@ class Gateway:
 
     async def _fetch(self, terminal: Terminal, params: dict[str, str]) -> Order | None:
         config = await self.backend.get_config(terminal.store_id)
-        return await self.relay.fetch(terminal.store_id, params, config.erp_fetch_timeout_ms)
+        try:
+            return await self.relay.fetch(terminal, params, config.erp_fetch_timeout_ms)
+        except PullLimited:
+            raise Refused("RATE_LIMITED", "too many order pulls from the ERP") from None
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -445,10 +449,6 @@ class Gateway:
             raise Refused("FORBIDDEN", "a channel of another store")
         if order_id is None and terminal.role not in FORCING_ROLES:
             raise Refused("FORBIDDEN", "the store channel is for ERP and manager terminals")
-        if order_id is not None and terminal.role == "h5":
-            rec = await self.backend.read(store_id, order_id)
-            if rec is not None and rec.order.table_id != terminal.table_id:
-                raise Refused("FORBIDDEN", "an order of another table")
         if (request.channel not in conn.session.subs
                 and self.hub.subscription_count(conn) >= self.settings.max_subscriptions):
             raise Refused("LIMIT_REACHED", "too many subscriptions on this connection")
@@ -456,11 +456,20 @@ class Gateway:
         seq = 0
         try:
             seq, snapshot = await self.backend.snapshot(request.channel)
+            # An h5's scope is checked on the very record the snapshot shows, not on an
+            # earlier read that the order could have moved away from (or come into) since.
+            if (conn.table_id is not None and isinstance(snapshot, OrderSnapshot)
+                    and snapshot.order is not None and snapshot.order.table_id != conn.table_id):
+                raise Refused("FORBIDDEN", "an order of another table")
             result = SubscribeResult(request.channel, seq, snapshot)
             if request.since is not None:
                 missed = await self.backend.history(request.channel, request.since)
                 result.recovered = missed is not None
-                result.missed = [msgspec.Raw(m.frame) for m in missed or () if m.seq <= seq]
+                # Each event carries its order's table at the time: an h5 is not shown what
+                # happened while the order belonged to another table.
+                result.missed = [msgspec.Raw(m.frame) for m in missed or ()
+                                 if m.seq <= seq and (conn.table_id is None
+                                                        or m.table_id in (None, conn.table_id))]
             self._ok(conn, request, result)
         except BaseException:
             self.hub.unsubscribe(conn, request.channel)

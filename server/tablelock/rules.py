@@ -306,6 +306,15 @@ def conflict_refusal(lock: Lock, cell: Cell, actor: Terminal) -> Refusal:
     return Refusal(cell.code, variant, can_force, lock)
 
 
+def coalescing_key(event: Event) -> str:
+    """What makes two direct notices the same news for their terminal: a `lock.contended`
+    is the same while the lock and the requester are ('' for notices never coalesced).
+    How often the same news may reach a holder is the hub's business (Hub.direct)."""
+    if event.event != "lock.contended" or event.lock is None or event.by is None:
+        return ""
+    return f"{event.lock.order_id}\n{event.lock.kind}\n{event.by.terminal_id}"
+
+
 def _resolve_conflicts(rec: OrderRecord, action: str, force: bool, ctx: Context, out: Outcome,
                        operator: str | None, reason: str | None) -> list[Lock] | None:
     """Refuse (returns None) or, when forced, revoke the blocking locks (returns them)."""
@@ -575,8 +584,7 @@ def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome
         _refuse(out, code)
         _audit(out, ctx, "payment.rejected", rec, actor, payment_ref=cmd.payment_ref, code=code,
                amount_cents=cmd.amount_cents, version=cmd.version, token=cmd.token)
-        out.changed = True
-        return None
+        return None  # only the audit entry is written: the record stays as it was
     payment = Payment(cmd.token, cmd.amount_cents, cmd.payment_ref, actor)
     order = msgspec.structs.replace(rec.order, status="paid")
     rec.order = order

@@ -48,14 +48,24 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, step
+from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
 from . import redis_lua
-from .base import Backend, Numbered, Unavailable, best_for_table, observe
+from .base import (
+    Backend,
+    Numbered,
+    Unavailable,
+    best_for_table,
+    observe,
+    unhandled_for,
+    untracked,
+)
 
 log = logging.getLogger("tablelock.redis")
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 16
+# How long the seq given to a subscriber of an order not seen yet is kept for the order.
+UNCLAIMED_SEQ_MS = 600_000
 CALL_TIMEOUT_S = 0.9  # a lock request is answered UNAVAILABLE within 1 s, never left hanging
 
 _record_decoder = msgspec.msgpack.Decoder(OrderRecord)
@@ -74,7 +84,7 @@ class Keys:
 
     __slots__ = ("audit", "auths", "conns", "due", "hist_store", "orders", "prefix", "pubsub",
                  "seqs", "state", "store_channel", "store_channel_json", "store_id", "terms",
-                 "unhandled")
+                 "unclaimed_seqs", "unhandled", "unhandled_count")
 
     def __init__(self, prefix: str, store_id: str) -> None:
         tag = f"{prefix}{{store:{store_id}}}"
@@ -82,11 +92,13 @@ class Keys:
         self.prefix = tag
         self.state = f"{tag}:state"
         self.seqs = f"{tag}:seq"
+        self.unclaimed_seqs = f"{tag}:seq-unclaimed"
         self.due = f"{tag}:due"
         self.orders = f"{tag}:orders"
         self.hist_store = f"{tag}:h:store"
         self.audit = f"{tag}:audit"
         self.unhandled = f"{tag}:unhandled"
+        self.unhandled_count = f"{tag}:unhandled-count"
         self.terms = f"{tag}:terms"
         self.conns = f"{tag}:conns"
         self.auths = f"{tag}:auths"
@@ -96,6 +108,10 @@ class Keys:
 
     def record(self, order_id: str) -> str:
         return f"{self.prefix}:o:{order_id}"
+
+    def table(self, table_id: str) -> str:
+        """The ids of the orders of a table (the index behind order.get by table_id)."""
+        return f"{self.prefix}:t:{table_id}"
 
     def hist_order(self, order_id: str) -> str:
         return f"{self.prefix}:h:o:{order_id}"
@@ -158,8 +174,15 @@ def connect(url: str) -> tuple[Any, bool]:
 class RedisBackend(Backend):
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
-                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0) -> None:
+                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
+                 max_unclaimed_seqs: int = 10_000, h5_presence_linger_ms: int = 3_000,
+                 max_unhandled_per_terminal: int = 100) -> None:
         self.url = url
+        self._linger_s = h5_presence_linger_ms / 1000
+        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._linger_tasks: set[asyncio.Task[None]] = set()
+        self._max_unhandled = max_unhandled_per_terminal
+        self._max_unclaimed_seqs = max_unclaimed_seqs
         self.broker_id = secrets.token_hex(6)
         self._prefix = prefix
         self._history_size = history_size
@@ -172,7 +195,7 @@ class RedisBackend(Backend):
         self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
-                                      "SNAPSHOT_ORDER")}
+                                      "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS")}
         self._keys: dict[str, Keys] = {}
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
@@ -276,7 +299,7 @@ class RedisBackend(Backend):
             rec_rev, record = cached
             now = self._now()
             out = step(record, command, Context(now, state.config, actor, state.offline))
-            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, out)
+            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, record, out)
             if reply[0] == 1:
                 self._learn_time(int(reply[1]))
                 if out.changed:
@@ -301,26 +324,32 @@ class RedisBackend(Backend):
             self._records.clear()
 
     async def _commit(self, keys: Keys, order_id: str, rec_rev: str, state_rev: str, now: int,
-                      out: Outcome) -> list[Any]:
+                      before: OrderRecord | None, out: Outcome) -> list[Any]:
         op = ("set" if out.record is not None else "del") if out.changed else "keep"
         channel = order_channel(keys.store_id, order_id)
+        old_table = before.order.table_id if before is not None else ""
+        new_table = out.record.order.table_id if out.record is not None else ""
         args: list[Any] = [
             rec_rev, state_rev, now, self._tolerance_ms, op,
             _record_encoder.encode(out.record) if op == "set" else b"",
             "" if out.deadline is None else out.deadline, order_id,
             keys.store_id, channel, encode(channel), keys.store_channel,
             keys.store_channel_json, keys.pubsub, self._history_size, self._audit_size,
-            len(out.events), len(out.direct), len(out.audit),
+            len(out.events), len(out.direct), len(out.audit), self._max_unhandled,
+            old_table, new_table,
         ]
         for event in out.events:
             args += [event_body(event), event.table_id or "", event.notify or "",
                      direct_frame(event) if event.notify else b""]
-        for terminal_id, event in out.direct:
-            args += [terminal_id, direct_frame(event)]
+        for holder, event in out.direct:
+            args += [holder, direct_frame(event), coalescing_key(event)]
         for entry in out.audit:
-            args += [encode(entry), "1" if entry.handled is False else "0"]
+            pin = unhandled_for(entry)
+            args += [encode(entry), pin, encode(untracked(entry)) if pin else b""]
         key_list = [keys.record(order_id), keys.state, keys.seqs, keys.due, keys.orders,
-                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled]
+                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled,
+                    keys.unhandled_count, keys.table(old_table or new_table),
+                    keys.table(new_table or old_table)]
         if not self._cluster:
             key_list.append(self.due_stores)
         result: list[Any] = await self._scripts["COMMIT"](keys=key_list, args=args)
@@ -360,15 +389,11 @@ class RedisBackend(Backend):
         raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
         return _record_decoder.decode(raw) if raw else None
 
-    async def _records_of(self, store_id: str) -> list[OrderRecord]:
-        keys = self.keys(store_id)
-        _, raws, _ = await self._guard(self._scripts["SNAPSHOT_STORE"](
-            keys=[keys.orders, keys.terms, keys.seqs],
-            args=[keys.store_channel, keys.prefix + ":o:"]))
-        return [_record_decoder.decode(raw) for raw in raws]
-
     async def find_order(self, store_id: str, table_id: str) -> str | None:
-        best = best_for_table(await self._records_of(store_id), table_id)
+        keys = self.keys(store_id)
+        raws = await self._guard(self._scripts["TABLE_RECORDS"](
+            keys=[keys.table(table_id)], args=[keys.prefix + ":o:"]))
+        best = best_for_table(map(_record_decoder.decode, raws), table_id)
         return best.order_id if best else None
 
     async def snapshot(self, channel: str) -> tuple[int, Any]:
@@ -379,7 +404,9 @@ class RedisBackend(Backend):
         if order_id is not None:
             await self.apply(store_id, order_id, Tick(), None)  # expiry first
             seq, raw = await self._guard(self._scripts["SNAPSHOT_ORDER"](
-                keys=[keys.record(order_id), keys.seqs], args=[channel]))
+                keys=[keys.record(order_id), keys.seqs, keys.unclaimed_seqs],
+                args=[channel, order_id, order_channel(store_id, ""), keys.prefix + ":o:",
+                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs]))
             rec = _record_decoder.decode(raw) if raw else None
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
@@ -429,6 +456,9 @@ class RedisBackend(Backend):
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         key = (terminal.store_id, holder_key(terminal))
+        lingering = self._lingering.pop(key, None)
+        if lingering is not None:  # a phone back within its linger: Redis never saw it go
+            lingering.cancel()
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
         await self._hear_store(terminal.store_id, +1)
@@ -441,12 +471,34 @@ class RedisBackend(Backend):
             return
         if entry[1] > 1:
             self._local[key] = (entry[0], entry[1] - 1, entry[2])
+        elif terminal.role == "h5" and self._linger_s > 0:
+            # As in the memory backend: a phone is said gone only after the linger, so that
+            # one reconnecting in a loop cannot flush the store channel's history.
+            self._local[key] = (entry[0], 0, entry[2])
+            self._lingering[key] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_ended, key, terminal)
+            await self._hear_store(terminal.store_id, -1)
+            return
         else:
             del self._local[key]
         try:
             await self._sync_presence(key, terminal)
         finally:
             await self._hear_store(terminal.store_id, -1)
+
+    def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
+        self._lingering.pop(key, None)
+        entry = self._local.get(key)
+        if entry is None or entry[1] > 0:
+            return
+        del self._local[key]
+        task = asyncio.get_running_loop().create_task(self._say_gone(key, terminal))
+        self._linger_tasks.add(task)
+        task.add_done_callback(self._linger_tasks.discard)
+
+    async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
+        with contextlib.suppress(Unavailable):  # said again once Redis is back (_unsaid)
+            await self._sync_presence(key, terminal)
 
     async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
         """Tell Redis how many connections this broker has for the terminal *now*. One at a
@@ -562,7 +614,7 @@ class RedisBackend(Backend):
         result = []
         for entry_id, entry in found.items():
             entry.id = entry_id
-            if entry.kind == "payment.rejected":
+            if entry.handled is not None:  # one kept to be handled (see untracked)
                 entry.handled = entry_id not in open_ids
             if not kind or entry.kind == kind:
                 result.append(entry)
@@ -571,7 +623,8 @@ class RedisBackend(Backend):
 
     async def mark_handled(self, store_id: str, entry_id: str) -> bool:
         keys = self.keys(store_id)
-        if await self._guard(self._redis.hdel(keys.unhandled, entry_id)):
+        if await self._guard(self._scripts["MARK_HANDLED"](
+                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
             return True
         if not _STREAM_ID.match(entry_id):
             return False
@@ -632,9 +685,9 @@ class RedisBackend(Backend):
                 if '"event":"config.updated"' in frame:
                     self._states.pop(store_id, None)
                 self.sink.publish(name, seq, frame.encode(), table_id or None)
-            else:
+            else:  # a direct notice: `name` carries its coalescing key
                 self.sink.direct(store_id, holder, frame.encode(),
-                                 tuple(unless.split("\n")) if unless else ())
+                                 tuple(unless.split("\n")) if unless else (), name)
 
     async def _recover(self, channel: str, since: int) -> None:
         """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""
