@@ -25,6 +25,7 @@ from .model import (
     CONFIG_RANGES,
     FORCING_ROLES,
     LOCK_KINDS,
+    Action,
     Order,
     OrderRecord,
     Role,
@@ -113,7 +114,7 @@ PROBES: Final[tuple[tuple[str, rules.Command], ...]] = (
     ("`lock.release` of its own lock", rules.Release("payment")),
     ("`order.publish`", rules.Publish(Order("o1", "t1", 2, 1000), "modify")),
     ("`payment.complete`", rules.Complete(1, 1, 1000, "ref")),
-    *((f"`check` action `{action}`", rules.Check(action)) for action in rules.LOCK_TABLE),
+    *((f"`check` action `{action}`", rules.Check(action)) for action in typing.get_args(Action)),
 )
 
 

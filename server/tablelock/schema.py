@@ -55,6 +55,7 @@ def build() -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for req in requests:
         tag = req.__struct_config__.tag
+        assert isinstance(tag, str)
         messages[_msg_name(tag, "request")] = {
             "name": tag, "title": f"{tag} request", "payload": {"$ref": REF + req.__name__}}
         result = RESULT_OF_REQUEST.get(tag)
