@@ -10,6 +10,7 @@ when the committed document drifts from the code or a route is not described.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -17,7 +18,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from . import __version__
-from .http import PaymentBody
+from .http import DemoTokenBody, PaymentBody
 from .model import CONFIG_RANGES, AuditEntry, StoreConfig
 from .protocol import OrderResult, PaymentResult
 
@@ -41,6 +42,11 @@ class Handled(msgspec.Struct):
     handled: bool
 
 
+class DemoToken(msgspec.Struct):
+    token: str
+    store_id: str
+
+
 class HttpErrorDetail(msgspec.Struct):
     code: str
     message: str  # in the store's locale
@@ -57,47 +63,53 @@ class Operation:
     summary: str
     # None: no token needed; (): any valid token of the store; else the roles allowed.
     roles: tuple[str, ...] | None
-    response: type[msgspec.Struct] | None  # None: not JSON (Prometheus text)
+    response: type[msgspec.Struct] | None  # None: not JSON (Prometheus text, a redirect)
     body: str | None = None  # a component name
     errors: tuple[int, ...] = ()
     query: tuple[tuple[str, dict[str, Any], str], ...] = ()
     description: str = ""
+    redirect: str | None = None  # answered 307 to this location
 
 
-_AUTH_ERRORS: Final = (401, 403)
+# Every /v1 route needs a token, and answers 503 when the backend cannot be reached.
+_V1_ERRORS: Final = (401, 403, 503)
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("get", "/healthz", "liveness", None, Health),
     Operation("get", "/readyz", "readiness, backend included (503 while draining or when the "
               "backend is unreachable)", None, Readiness, errors=(503,)),
     Operation("get", "/metrics", "Prometheus metrics, text format", None, None),
+    Operation("get", "/", "the dashboard page", None, None, redirect="/app/dashboard.html",
+              description="The pages (`/app/`) and the browser SDK (`/sdk/`) are static files."),
+    Operation("post", "/demo/token", "a token for a page of the demo store (`tablelock demo` "
+              "only)", None, DemoToken, body="DemoTokenBody", errors=(400,)),
     Operation("get", "/v1/stores/{store}/orders/{order}", "the order and its locks", (),
-              OrderResult, errors=(*_AUTH_ERRORS, 404),
+              OrderResult, errors=(*_V1_ERRORS, 404),
               description="An `h5` token reads only orders of its own table (else 403)."),
     Operation("get", "/v1/stores/{store}/config", "the store config", ("manager", "service"),
-              StoreConfig, errors=_AUTH_ERRORS),
+              StoreConfig, errors=_V1_ERRORS),
     Operation("put", "/v1/stores/{store}/config", "change the store config (partial; publishes "
               "`config.updated`)", ("manager", "service"), StoreConfig, body="ConfigPatch",
-              errors=(400, *_AUTH_ERRORS),
+              errors=(400, *_V1_ERRORS),
               description="Takes a partial flat object of config fields. Unknown fields and "
                           "out-of-range values are refused with 400. Answers the whole "
                           "config. Turning `strong_link` off releases every lock of the store."),
     Operation("post", "/v1/stores/{store}/orders/{order}/payment", "record a payment "
               "(the platform payment service, with the phone's lock token)", ("service",),
-              PaymentResult, body="PaymentBody", errors=(400, *_AUTH_ERRORS, 404, 409),
+              PaymentResult, body="PaymentBody", errors=(400, *_V1_ERRORS, 404, 409),
               description="The same rules as the WebSocket `payment.complete`. A refusal "
                           "(`LOCK_EXPIRED`, `FENCED`, `STALE_VERSION`, `AMOUNT_MISMATCH`, "
                           "`ORDER_PAID`) is 409 and is written to the audit log as "
                           "`payment.rejected`. A retry with the same `payment_ref` answers "
                           "the same success."),
     Operation("get", "/v1/stores/{store}/audit", "the store's audit log, newest first",
-              ("manager",), AuditPage, errors=(400, *_AUTH_ERRORS),
+              ("manager",), AuditPage, errors=(400, *_V1_ERRORS),
               query=(("kind", {"type": "string"}, "only entries of this kind, e.g. "
                       "`payment.rejected`"),
                      ("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
                                 "default": 100}, "at most this many entries (clamped)"))),
     Operation("post", "/v1/stores/{store}/audit/{id}/handled", "mark a `payment.rejected` "
-              "entry handled", ("manager",), Handled, errors=(*_AUTH_ERRORS, 404)),
+              "entry handled", ("manager",), Handled, errors=(*_V1_ERRORS, 404)),
 )
 
 _STATUS_TEXT: Final = {400: "bad request or body", 401: "no valid Bearer token",
@@ -107,15 +119,14 @@ _STATUS_TEXT: Final = {400: "bad request or body", 401: "no valid Bearer token",
 
 
 def _schemas() -> dict[str, Any]:
-    types: list[Any] = [PaymentBody, HttpErrorReply, StoreConfig,
+    types: list[Any] = [PaymentBody, DemoTokenBody, HttpErrorReply, StoreConfig,
                         *(op.response for op in OPERATIONS if op.response is not None)]
     _, components = msgspec.json.schema_components(types, ref_template=REF + "{name}")
-    patch = json.loads(json.dumps(components["StoreConfig"]))
+    patch = copy.deepcopy(components["StoreConfig"])
     patch["title"] = "ConfigPatch"
     patch["additionalProperties"] = False
     for name, (low, high) in CONFIG_RANGES.items():
         patch["properties"][name].update(minimum=low, maximum=high)
-    patch["properties"]["locale"].pop("default", None)
     for prop in patch["properties"].values():
         prop.pop("default", None)
     components["ConfigPatch"] = patch
@@ -127,13 +138,15 @@ def _operation(op: Operation) -> dict[str, Any]:
               for name in ("store", "order", "id") if "{" + name + "}" in op.path]
     params += [{"name": name, "in": "query", "required": False, "schema": schema,
                 "description": text} for name, schema, text in op.query]
-    if op.response is None:
-        ok: dict[str, Any] = {"description": "OK", "content": {"text/plain": {
-            "schema": {"type": "string"}}}}
+    responses: dict[str, Any]
+    if op.redirect is not None:
+        responses = {"307": {"description": f"redirect to {op.redirect}"}}
+    elif op.response is None:
+        responses = {"200": {"description": "OK", "content": {"text/plain": {
+            "schema": {"type": "string"}}}}}
     else:
-        ok = {"description": "OK", "content": {"application/json": {
-            "schema": {"$ref": REF + op.response.__name__}}}}
-    responses: dict[str, Any] = {"200": ok}
+        responses = {"200": {"description": "OK", "content": {"application/json": {
+            "schema": {"$ref": REF + op.response.__name__}}}}}
     for status in op.errors:
         schema = REF + ("Readiness" if op.path == "/readyz" else "HttpErrorReply")
         responses[str(status)] = {"description": _STATUS_TEXT[status], "content": {
