@@ -343,8 +343,8 @@ CLOSE_CODES: dict[int, str] = {
     4002: "unsupported protocol version",
     4003: "authentication failed, the token expired unrefreshed, or a `hello` claimed "
           "`order_authority` for a role that may not have it",
-    4008: "policy: the connection kept flooding past its rate limit, or a connection limit "
-          "was reached at `hello`",
+    4008: "policy: the connection broke a bound (request rate, control frames, connections "
+          "per process, store or terminal, connections that have not said `hello`)",
     4010: "slow consumer: the connection's send queue passed its bound; reconnect and "
           "recover",
 }
