@@ -342,6 +342,31 @@ RESULT_OF_REQUEST: dict[str, type[msgspec.Struct]] = {
 
 # --- events ------------------------------------------------------------------------
 
+# Every event the broker publishes (docs/protocol.md section 6), and every `reason` a
+# `lock.released` carries. tests/test_docs.py fails when the code emits one not listed here.
+EVENT_NAMES: tuple[str, ...] = (
+    "lock.acquired", "lock.released", "lock.expired", "lock.forced", "lock.contended",
+    "order.updated", "order.paid", "terminal.online", "terminal.offline", "config.updated",
+)
+RELEASE_REASONS: tuple[str, ...] = ("released", "upgraded", "paid", "holder_disconnected")
+
+# Every WebSocket close code the broker sends, and what the client should do.
+CLOSE_CODES: dict[int, str] = {
+    1009: "a frame larger than 64 KiB: do not resend it",
+    1012: "the broker is restarting, or events were lost: reconnect (with `resume`) and "
+          "subscribe again with `since`",
+    1013: "the backend could not be reached during `hello`: reconnect after a backoff",
+    4001: "no `hello` within 10 s, or a first frame that is not a valid `hello`",
+    4002: "unsupported protocol version",
+    4003: "authentication failed, the token expired unrefreshed, or a `hello` claimed "
+          "`order_authority` for a role that may not have it",
+    4008: "policy: the connection broke a bound (request rate, control frames, connections "
+          "per process, store or terminal, connections that have not said `hello`)",
+    4010: "slow consumer: the connection's send queue passed its bound; reconnect and "
+          "recover",
+}
+
+
 class EventFrame(msgspec.Struct, omit_defaults=True, gc=False):
     """An event as it goes on the wire: numbered on a channel, or direct."""
 
