@@ -572,16 +572,24 @@ class Client:
         """
         if self.terminal.role == "h5":
             raise Forbidden(PHONE_NEVER_PAYS)
-        reply = await self._request("payment.complete", order_id=order_id, token=token,
-                                    version=version, amount_cents=amount_cents,
-                                    payment_ref=payment_ref)
-        result = convert({"order": reply["order"], "payment": reply.get("payment")},
-                         PaymentResult)
-        # Paying ends every lock of the order (reason `paid`), ours included.
-        for (oid, token_), _ in list(self._handles.items()):
+        try:
+            reply = await self._request("payment.complete", order_id=order_id, token=token,
+                                        version=version, amount_cents=amount_cents,
+                                        payment_ref=payment_ref)
+        except OutcomeUnknown as unknown:
+            view = unknown.view
+            if view is not None and view.order is not None and view.order.status == "paid":
+                self._order_paid(order_id)
+            raise
+        self._order_paid(order_id)
+        return convert({"order": reply["order"], "payment": reply.get("payment")},
+                       PaymentResult)
+
+    def _order_paid(self, order_id: str) -> None:
+        """Paying ends every lock of the order (reason `paid`), ours included."""
+        for (oid, token), _ in list(self._handles.items()):
             if oid == order_id:
-                self._lock_ended(oid, token_, "paid")
-        return result
+                self._lock_ended(oid, token, "paid")
 
     # --- helpers ----------------------------------------------------------------------------------
 
