@@ -352,9 +352,32 @@ async def test_h5_pay_helper_with_an_erp_page_answering_order_fetch(
     assert got["ticks"][0] >= got["ticks"][1] >= got["ticks"][2] > 12_000
     assert got["renews"] is False  # an h5 payment lock is never renewed
 
+    # A phone never records a payment: refused before anything is sent.
+    refused = await page.evaluate(
+        """async () => {
+            window.sent = [];
+            const ws = h5._ws, send = ws.send.bind(ws);
+            ws.send = (data) => { sent.push(JSON.parse(data).type); return send(data); };
+            try { await pay.complete({paymentRef: "wx-0000"}); return null; } catch (e) {
+                return {name: e.name, code: e.code, message: e.message, sent,
+                        typed: e instanceof tablelock.ForbiddenError};
+            }
+        }""")
+    assert refused == {"name": "ForbiddenError", "code": "FORBIDDEN", "typed": True, "sent": [],
+                       "message": "A phone does not record payments: pay through the payment "
+                                  "provider, whose payment service records the payment."}
+    # The phone hands its charge to the provider; the payment service records it.
+    charge = await page.evaluate("pay.charge")
+    assert charge == {"store_id": store.store_id, "order_id": "o1", "token": got["token"],
+                      "version": 2, "amount_cents": 5000}
+    await page.evaluate("window.confirmed = pay.confirmed.then((r) => window.paidResult = r)")
+    status, body = await store.http(
+        "POST", "/orders/o1/payment", "service",
+        {k: charge[k] for k in ("token", "version", "amount_cents")} | {"payment_ref": "wx-0001"})
+    assert status == 200 and body["order"]["status"] == "paid", body
     paid = await page.evaluate(
         """async () => {
-            const r = await pay.complete({paymentRef: "wx-0001"});
+            const r = await confirmed;
             const end = await pay.ended;
             return {status: r.order.status, ref: r.payment.payment_ref, reason: end.reason,
                     lost: end.lost, active: pay.active};
@@ -363,6 +386,7 @@ async def test_h5_pay_helper_with_an_erp_page_answering_order_fetch(
                     "active": False}
     event = await screen.event("order.paid")
     assert event["payment"]["amount_cents"] == 5000 and event["order"]["version"] == 2
+    assert event["payment"]["by"]["role"] == "service"
 
     # The ERP does not know the order: "pay at the front desk", and no lock is taken.
     failed = await page.evaluate(
@@ -554,24 +578,39 @@ async def test_h5_lock_lapses_then_the_page_pays_again(store: Store, page: Page)
     await connect_js(page, "h5", store.broker.url, store.token("h5", "phone-1", table="t1"))
     got = await page.evaluate(
         """async () => {
-            const pay = await h5.pay("o1");
+            const pay = window.pay = await h5.pay("o1");
             const ticks = [];
             const stop = pay.countdown((ms) => ticks.push(ms), {intervalMs: 500});
+            let confirmed;
+            try { await pay.confirmed; } catch (e) { confirmed = e; }
             const end = await pay.lost;            // the broker's lock.expired, not a guess
             stop();
-            let late;
-            try { await pay.complete({paymentRef: "wx-late"}); } catch (e) { late = e; }
-            const again = await h5.pay("o1");      // re-fetch, re-lock
-            const paid = await again.complete({paymentRef: "wx-2"});
             return {reason: end.reason, lost: end.lost, first: ticks[0], last: ticks.at(-1),
-                    late: {name: late.name, code: late.code, message: late.message},
-                    newer: again.token > pay.token, status: paid.order.status};
+                    confirmed: {name: confirmed.name, code: confirmed.code,
+                                message: confirmed.message}, charge: pay.charge};
         }""")
     assert got["reason"] == "expired" and got["lost"] is True
     assert 4000 < got["first"] <= 5000 and got["last"] <= 500
-    assert got["late"] == {"name": "LockExpiredError", "code": "LOCK_EXPIRED",
-                           "message": prompt("LOCK_EXPIRED", "en")}
-    assert got["newer"] and got["status"] == "paid"
+    assert got["confirmed"] == {"name": "LockExpiredError", "code": "LOCK_EXPIRED",
+                                "message": prompt("LOCK_EXPIRED", "en")}
+    # The provider's late confirmation: the payment service is refused, for a refund.
+    charge = got["charge"]
+    wire = {k: charge[k] for k in ("token", "version", "amount_cents")}
+    status, body = await store.http("POST", "/orders/o1/payment", "service",
+                                    wire | {"payment_ref": "wx-late"})
+    assert status == 409 and body["error"]["code"] == "LOCK_EXPIRED", body
+    again = await page.evaluate(
+        """async () => {
+            const again = window.again = await h5.pay("o1");      // re-fetch, re-lock
+            window.confirmed = again.confirmed;
+            return {newer: again.token > pay.token, charge: again.charge};
+        }""")
+    assert again["newer"]
+    wire = {k: again["charge"][k] for k in ("token", "version", "amount_cents")}
+    status, body = await store.http("POST", "/orders/o1/payment", "service",
+                                     wire | {"payment_ref": "wx-2"})
+    assert status == 200, body
+    assert await page.evaluate("confirmed.then((r) => r.order.status)") == "paid"
     rejected = await store.audit(kind="payment.rejected")  # for the store to reconcile
     assert [e["detail"]["payment_ref"] for e in rejected] == ["wx-late"]
 
