@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import posixpath
 import threading
 import time
@@ -370,7 +371,7 @@ async def test_h5_pay_helper_with_an_erp_page_answering_order_fetch(
     charge = await page.evaluate("pay.charge")
     assert charge == {"store_id": store.store_id, "order_id": "o1", "token": got["token"],
                       "version": 2, "amount_cents": 5000}
-    await page.evaluate("window.confirmed = pay.confirmed.then((r) => window.paidResult = r)")
+    await page.evaluate("() => { window.confirmed = pay.confirmed; }")
     status, body = await store.http(
         "POST", "/orders/o1/payment", "service",
         {k: charge[k] for k in ("token", "version", "amount_cents")} | {"payment_ref": "wx-0001"})
@@ -643,3 +644,71 @@ async def test_since_across_a_broker_restart_is_not_recovered(
     # The order lock the screen saw before is gone, and no event in `missed` says so.
     assert [lock["kind"] for lock in again["snapshot"]["locks"]] == ["payment"]
     assert again["recovered"] is False, again["missed"]
+
+
+async def test_an_unknown_outcome_is_settled_by_reading_the_order(
+        store: Store, page: Page) -> None:
+    """`UNAVAILABLE` with `"outcome": "unknown"` (the broker could not tell whether a write was
+    applied): the SDK reads the order before it reports. The write really reaches the broker;
+    only its reply is replaced on the way back to the page."""
+    screen = await store.connect("erp_secondary", "screen-2")
+    await screen.request("subscribe", channel=f"order:{store.store_id}:o1")
+    lose = {"order.publish", "lock.acquire", "payment.complete"}
+    lost: dict[int, str] = {}
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def upstream(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") in lose:
+                lose.discard(frame["type"])  # once each
+                lost[frame["id"]] = frame["type"]
+            server.send(message)
+
+        def downstream(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("id") in lost:
+                message = json.dumps({"id": frame["id"], "ok": False, "error": {
+                    "code": "UNAVAILABLE", "message": "no answer in time",
+                    "outcome": "unknown"}})
+            ws.send(message)
+
+        ws.on_message(upstream)
+        server.on_message(downstream)
+
+    await page.route_web_socket(store.broker.url, route)
+    await connect_js(page, "erp", store.broker.url, store.token("erp_main", "cashier-js"))
+    got = await page.evaluate(
+        """async () => {
+            const o1 = {order_id: "o1", table_id: "t1", version: 1, amount_cents: 4200,
+                        items: [], status: "open"};
+            const published = await erp.publishOrder(o1, "modify");
+            const lock = await erp.acquire("o1", "payment");
+            const held = lock.held;
+            const paid = await erp.completePayment({orderId: "o1", token: lock.token,
+                version: 1, amountCents: 4200, paymentRef: "pos-1"});
+            return {version: published.version, held, token: lock.token,
+                    status: paid.order.status, ref: paid.payment.payment_ref};
+        }""")
+    assert sorted(lost.values()) == ["lock.acquire", "order.publish", "payment.complete"]
+    assert got["version"] == 1 and got["held"] is True and got["status"] == "paid"
+    assert got["ref"] == "pos-1"
+    acquired = await screen.event("lock.acquired")
+    assert acquired["lock"]["token"] == got["token"]
+    paid = await screen.event("order.paid")
+    assert paid["payment"]["payment_ref"] == "pos-1"
+    completed = await store.audit(kind="payment.completed")
+    assert len(completed) == 1  # asked twice, paid once
+
+    # A write that did not happen is reported as such, with the order as it is.
+    lose.add("order.publish")
+    stale = await page.evaluate(
+        """async () => {
+            const o2 = {order_id: "o1", table_id: "t1", version: 1, amount_cents: 9900,
+                        items: [], status: "open"};
+            try { await erp.publishOrder(o2, "modify"); return null; } catch (e) {
+                return {code: e.code, outcome: e.outcome, status: e.reread.order.status};
+            }
+        }""")
+    assert stale == {"code": "UNAVAILABLE", "outcome": "unknown", "status": "paid"}
