@@ -666,4 +666,4 @@ class Store:
                 self.stats.bump("errors")
             finally:
                 self.unclaim(table)
-            await self.sleep(*pause, rng)
+            await self.sleep(pause[0], pause[1], rng)

@@ -34,7 +34,7 @@ RELAY_TOKEN_TTL_S = 24 * 3600  # minted again at every (re)connect
 
 def table_feed_routes(tokens: Tokens, store_id: str) -> list[BaseRoute]:
     pages: dict[str, set[asyncio.Queue[str]]] = {}
-    relay: dict[str, asyncio.Task[Client]] = {}
+    relay: list[asyncio.Task[Client]] = []  # the store's follower: one, started once needed
 
     def on_event(frame: Frame) -> None:
         order = frame.get("order")
@@ -57,12 +57,11 @@ def table_feed_routes(tokens: Tokens, store_id: str) -> list[BaseRoute]:
         return client
 
     def started(request: Request) -> asyncio.Task[Client]:
-        task = relay.get("store")
-        if task is None or (task.done() and (task.cancelled() or task.exception())):
+        if not relay or (relay[0].done() and (relay[0].cancelled() or relay[0].exception())):
             base = str(request.base_url).rstrip("/")
             ws_url = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-            task = relay["store"] = asyncio.create_task(follow(f"{ws_url}/ws"))
-        return task
+            relay[:] = [asyncio.create_task(follow(f"{ws_url}/ws"))]
+        return relay[0]
 
     async def feed(request: Request) -> Response:
         table = request.path_params["table"]

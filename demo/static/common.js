@@ -157,11 +157,6 @@ export function reasonText(reason) {
   return known ? known[lang === "en" ? "en" : "zh"] : reason;
 }
 
-/** @param {string} key a key of reasons.json: its text in the page's language */
-export function reasonFor(key) {
-  return reasonText(key);
-}
-
 /**
  * What a page says, kept so that it is said again in the other language after a switch:
  * a broker code (its prompt; `variant` as prompt() takes it), a page text key, or a function

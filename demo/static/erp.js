@@ -3,7 +3,7 @@
 // accept a scanned order. As erp_main it also keeps the order book and answers order.fetch.
 import {
   MENU, applyI18n, baseTables, bindConnection, clock, dialog, dishName, esc, itemInfo, kindLabel,
-  money, onLangChange, openClient, params, paymentRef, reasonFor, roleLabel, sayText, saidOf,
+  money, onLangChange, openClient, params, paymentRef, reasonText, roleLabel, sayText, saidOf,
   setupLangSwitch, sortTables, statusLabel, t, tableModel, toast, tokenSource, whoLabel,
 } from "./common.js";
 
@@ -329,7 +329,7 @@ async function acquire(orderId, kind, title) {
     });
     if (!ok) return null;
     try {
-      const reason = reasonFor(kind === "payment" ? "till_checkout" : "till_force");
+      const reason = reasonText(kind === "payment" ? "till_checkout" : "till_force");
       const handle = await client.acquire(orderId, kind, { force: true, operator: name, reason });
       follow(handle);
       for (const lock of handle.forced) {
