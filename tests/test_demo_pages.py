@@ -548,6 +548,31 @@ async def test_h5_pay_waits_while_paid_elsewhere(demo: DemoBroker, pages: Pages)
     await erp.close()
 
 
+async def test_h5_payment_refused_by_the_broker_is_refunded(demo: DemoBroker,
+                                                             pages: Pages) -> None:
+    """The cashier forces the phone's lock while the provider confirms: the payment service
+    is refused (FENCED), the page says the money goes back, the store has it to reconcile."""
+    erp = await demo.erp("erp-refund", "Cashier 11")
+    await publish(erp, "o-t15", "T15", amount_cents=2000)
+    h5 = await pages.open(f"{demo.http}/app/h5.html?table=T15&lang=en", PHONE)
+    await h5.click('[data-testid="pay"]')
+    await h5.wait_for_selector('[data-testid="countdown"]')
+    await h5.click('[data-testid="confirm-payment"]')
+    await h5.wait_for_selector('[data-testid="provider-wait"]')
+    await acquire(erp, "o-t15", "payment", force=True, operator="test", reason="refund test")
+    message = h5.locator('[data-testid="h5-message"]')
+    await message.wait_for(timeout=10_000)
+    expected = f"The payment was not recorded: {prompt('FENCED', 'en')} It will be refunded."
+    await h5.wait_for_function(
+        "(text) => document.querySelector('[data-testid=h5-message]').textContent === text",
+        arg=expected, timeout=10_000)
+    entries = (await demo.api("GET", "/audit?kind=payment.rejected"))[1]["entries"]
+    mine = [e for e in entries if e["order_id"] == "o-t15"]
+    assert mine and mine[0]["detail"]["code"] == "FENCED"
+    assert mine[0]["terminal"]["role"] == "service"
+    await erp.close()
+
+
 async def test_language_follows_the_switch(demo: DemoBroker, pages: Pages) -> None:
     """Pages open in Chinese; status words, dish names, errors on screen and force reasons
     follow the switch."""

@@ -712,3 +712,17 @@ async def test_an_unknown_outcome_is_settled_by_reading_the_order(
             }
         }""")
     assert stale == {"code": "UNAVAILABLE", "outcome": "unknown", "status": "paid"}
+
+    # A release whose reply is lost: the lock is gone, so it was released.
+    await store.publish(screen, order_id="o2")  # an erp_secondary may publish
+    await screen.request("subscribe", channel=f"order:{store.store_id}:o2")
+    lose.add("lock.release")
+    released = await page.evaluate(
+        """async () => {
+            const lock = await erp.acquire("o2", "order");
+            await lock.release();
+            return {held: lock.held, reason: lock.end.reason, handles: erp.handles.size};
+        }""")
+    assert released == {"held": False, "reason": "released", "handles": 0}
+    gone = await screen.event("lock.released", where=lambda e: e["lock"]["order_id"] == "o2")
+    assert gone["reason"] == "released"

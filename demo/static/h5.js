@@ -332,8 +332,8 @@ async function pay() {
     s.lost.then((/** @type {any} */ end) => {
       if (session !== s) return;
       session = null;
-      confirming = null;
-      message({ code: end.reason === "expired" ? "LOCK_EXPIRED" : "FENCED" }, "error");
+      // While the provider confirms, its outcome says what happened to the money.
+      if (!confirming) message({ code: end.reason === "expired" ? "LOCK_EXPIRED" : "FENCED" }, "error");
       render();
     });
     s.ended.then(() => {
@@ -363,10 +363,12 @@ async function confirmPayment() {
   try {
     const sent = await fetch("/demo/pay", { method: "POST", headers, body: JSON.stringify({ ...s.charge, payment_ref: ref }) });
     if (!sent.ok) throw new Error((await sent.json().catch(() => null))?.error?.message ?? `HTTP ${sent.status}`);
-    const refused = fetch(`/demo/pay/${encodeURIComponent(ref)}?wait=1`, { headers })
-      .then((r) => r.json())
-      .then((outcome) => (outcome.status === "paid" ? new Promise(() => {}) : outcome));
-    const result = await Promise.race([s.confirmed.then((paid) => ({ status: "paid", paid })), refused]);
+    /** @type {Promise<any>} the provider's word, once it has one */
+    const outcome = fetch(`/demo/pay/${encodeURIComponent(ref)}?wait=1`, { headers }).then((r) => r.json());
+    const refused = outcome.then((o) => (o.status === "paid" ? new Promise(() => {}) : o));
+    // The lock lost first: the payment cannot be recorded, and the provider says so.
+    const result = await Promise.race([s.confirmed.then((paid) => ({ status: "paid", paid })), refused])
+      .catch(() => outcome);
     if (confirming !== ref) return; // said already (order.paid through the mirror)
     confirming = null;
     if (result.status === "paid") {
