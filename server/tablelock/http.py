@@ -212,8 +212,11 @@ class DemoTokenBody(msgspec.Struct):
 
 def page_routes(tokens: Tokens, demo_store: str) -> list[BaseRoute]:
     """The dashboard and terminal pages (/app/), the browser SDK (/sdk/), and in demo mode
-    only, tokens for the pages of the demo store: a real store's pages bring their own."""
+    only, tokens for the pages of the demo store (a real store's pages bring their own), its
+    simulated payment provider and the H5 pages' table feed."""
     from tablelock_demo import STATIC
+    from tablelock_demo.provider import provider_routes
+    from tablelock_demo.table_feed import table_feed_routes
 
     routes: list[BaseRoute] = [
         Route("/", lambda request: RedirectResponse("/app/dashboard.html")),
@@ -236,4 +239,5 @@ def page_routes(tokens: Tokens, demo_store: str) -> list[BaseRoute]:
         return json_response({"token": token, "store_id": demo_store})
 
     routes.append(Route("/demo/token", demo_token, methods=["POST"]))
+    routes += provider_routes(tokens, demo_store) + table_feed_routes(tokens, demo_store)
     return routes
