@@ -83,6 +83,18 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               description="The pages (`/app/`) and the browser SDK (`/sdk/`) are static files."),
     Operation("post", "/demo/token", "a token for a page of the demo store (`tablelock demo` "
               "only)", None, DemoToken, body="DemoTokenBody", errors=(400,)),
+    Operation("post", "/demo/pay", "the demo's simulated payment provider takes a phone's "
+              "payment and records it through the service route (`tablelock demo` only)", (),
+              None, errors=(400, 401),
+              description="Body `{order_id, version, amount_cents, payment_ref, token}`; "
+                          "answered 202 `{payment_ref, status: pending}` at once."),
+    Operation("get", "/demo/pay/{ref}", "the outcome of a demo payment (`?wait=1` holds "
+              "until it is known; `tablelock demo` only)", (), None, errors=(401, 404),
+              description="`{status: pending}`, or `{status: paid|refused|unknown, code?, "
+                          "message?}`."),
+    Operation("get", "/demo/tables/{table}/feed", "server-sent events naming the orders of "
+              "one table, for the demo's H5 pages (`tablelock demo` only; `?token=` of that "
+              "table or of a store terminal)", None, None, errors=(401, 403, 503)),
     Operation("get", "/v1/stores/{store}/orders/{order}", "the order and its locks", (),
               OrderResult, errors=(*_V1_ERRORS, 404),
               description="An `h5` token reads only orders of its own table (else 403)."),
