@@ -26,7 +26,7 @@ class Settings:
     max_connections_per_store: int = 5_000
     max_connections_per_terminal: int = 16
     # Before hello (docs/security.md). The HTTP parser was chosen by measurement (bench/README.md).
-    http_parser: str = "h11"
+    http_parser: str = "httptools"
     max_header_bytes: int = 16 * 1024
     upgrade_timeout_s: float = 5.0
     # Sockets upgraded but not yet past hello; past the bound the oldest is closed (4008).

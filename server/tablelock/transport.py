@@ -154,6 +154,7 @@ if _SansIO is not None:
             super().connection_made(transport)
             self._control_budget = self.control_burst
             self._control_stamp = self.loop.time()
+            self._flooded = False
 
         def handle_ping(self) -> None:
             if self._control_frame_allowed():
@@ -176,17 +177,17 @@ if _SansIO is not None:
             self._control_budget -= 1
             if self._control_budget >= 0:
                 return True
-            self.close_sent = True
+            self.close_sent = self._flooded = True
             self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_POLICY,
                                    "reason": "control frame flood"})
             if self.writable.is_set() and self.conn.state is State.OPEN:
-                # Say why, then discard what comes (the parser does, once failed) until the
-                # peer hangs up, for a second at most: closing at once would reset the
-                # socket while it still sends, and the peer could lose the close frame.
+                # Say why, stop reading, and hang up a second later: closing at once would
+                # reset a socket that still sends, and the peer could lose the close frame.
                 self.conn.fail(CLOSE_POLICY, "control frame flood")
                 self.transport.write(b"".join(self.conn.data_to_send()))
                 if self.transport.can_write_eof():
                     self.transport.write_eof()
+                self.transport.pause_reading()
                 self.close_timer = self.loop.call_later(CLOSE_GRACE_S, self.transport.abort)
             else:
                 self.transport.abort()
@@ -198,7 +199,7 @@ if _SansIO is not None:
 
         def resume_writing(self) -> None:
             super().resume_writing()
-            if not self.read_paused and not self.transport.is_closing():
+            if not (self.read_paused or self._flooded or self.transport.is_closing()):
                 self.transport.resume_reading()
 
         async def receive(self) -> Any:
@@ -206,7 +207,7 @@ if _SansIO is not None:
             message = await self.queue.get()
             if self.read_paused and self.queue.empty():
                 self.read_paused = False
-                if self.writable.is_set():
+                if self.writable.is_set() and not self._flooded:
                     self.transport.resume_reading()
             return message
 
