@@ -149,6 +149,54 @@ async def test_a_slow_loris_upgrade_is_ended_at_its_deadline(broker_factory: Bro
         assert response.status == 200
 
 
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+async def test_a_body_that_trickles_after_the_answer_is_not_kept(broker_factory: BrokerFactory,
+                                                                 parser: str) -> None:
+    """A request answered before its body is in (here a 405 for a POST to /healthz, with a
+    100 MB Content-Length) closes the connection, instead of reading a trickle for ever."""
+    broker = start(broker_factory, http_parser=parser)
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    writer.write(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\nx")
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert answer.startswith(b"HTTP/1.1 405")
+    try:
+        for _ in range(100):  # a byte every 50 ms, for 5 s at most
+            writer.write(b"x")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1024), 0.05) == b"":
+                    break  # the broker hung up
+        else:
+            pytest.fail("the broker kept reading the trickle for 5 s")
+    except OSError:
+        pass  # reset: it hung up too
+    finally:
+        writer.transport.abort()
+
+
+async def test_slow_loris_heads_have_a_bound_and_terminals_still_get_in(
+        broker_factory: BrokerFactory) -> None:
+    """max_anonymous_connections 4 bounds the heads in progress too: of 10 slow-loris
+    requests the 6 oldest get their 408 at once, long before the 5 s deadline, and a
+    terminal's upgrade and hello go through meanwhile."""
+    broker = start(broker_factory, max_anonymous_connections=4)
+    loris = Tally()
+    attack = asyncio.create_task(slow_loris(broker.port, 3, loris, every_s=0.5, sockets=10))
+    try:
+        async with asyncio.timeout(10):
+            while loris.cut_off < 6:
+                await asyncio.sleep(0.05)
+        assert set(loris.answers) == {"HTTP/1.1 408 Request Timeout"}, loris
+        assert all(t < 2.0 for t in loris.lifetimes_s), loris.lifetimes_s
+        terminal = await WsClient.connect(broker.url, mint(unique(), "erp_main", "till"))
+        assert terminal.hello["ok"]
+        await terminal.close()
+    finally:
+        await attack
+    # Each socket evicted came back and evicted another: none lived to the deadline.
+    assert loris.cut_off > 6 and max(loris.lifetimes_s) < 5.0, loris
+
+
 async def test_silent_sockets_have_their_own_bound_and_terminals_still_get_in(
         broker_factory: BrokerFactory) -> None:
     """max_connections 10, max_anonymous_connections 4: 30 upgraded sockets that never say

@@ -50,9 +50,15 @@ HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 class _HeadDeadline:
     """Mixed into uvicorn's HTTP protocols: a request head (the WebSocket upgrade request
     included) must be complete within `head_timeout_s` of the connection or of its first
-    byte, else 408 and close. The subclass says when a head begins and ends."""
+    byte, else 408 and close; and at most `max_open_heads` heads are in progress at once,
+    past which the oldest gets its 408 at once (a complete head takes one round trip, so
+    that is a slow-loris, not a terminal). The subclass says when a head begins and ends.
+    Once a request is answered, a body still coming in is not read on (uvicorn would, and
+    each byte of a trickle would keep the connection open for good): the connection closes.
+    No route answers before it has read the body it needs."""
 
     head_timeout_s = 5.0
+    max_open_heads = 1_000
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     _head_timer: asyncio.TimerHandle | None = None
@@ -71,22 +77,31 @@ class _HeadDeadline:
         super().handle_websocket_upgrade(*args)  # type: ignore[misc]
 
     def _head_begins(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+        if self._head_timer is not None:
+            return
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+        _open_heads[self] = None
+        if len(_open_heads) > self.max_open_heads:
+            next(iter(_open_heads))._head_overdue()
 
     def _head_ends(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+            del _open_heads[self]
 
     def _head_overdue(self) -> None:
-        self._head_timer = None
+        self._head_ends()
         self._refuse(REQUEST_TIMEOUT)
 
     def _refuse(self, response: bytes) -> None:
         if not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+
+# The request heads in progress in this process, oldest first.
+_open_heads: dict[_HeadDeadline, None] = {}
 
 
 class GuardedH11(_HeadDeadline, H11Protocol):
@@ -99,6 +114,8 @@ class GuardedH11(_HeadDeadline, H11Protocol):
             self._head_ends()
 
     def on_response_complete(self) -> None:
+        if self.conn.their_state is h11.SEND_BODY:
+            self.transport.close()  # see _HeadDeadline: answered, so the rest is not read
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._head_begins()  # kept alive: the next head has the same deadline
@@ -120,6 +137,11 @@ class GuardedHttpTools(_HeadDeadline, HttpToolsProtocol):
         self._head_ends()
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        if self.cycle.more_body:
+            self.transport.close()  # see _HeadDeadline: answered, so the rest is not read
+        super().on_response_complete()
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._head_timer is None:
@@ -138,7 +160,8 @@ def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
     if base is None:
         raise ValueError(f"unknown http_parser {settings.http_parser!r}: use h11 or httptools")
     return type(base.__name__, (base,), {"head_timeout_s": settings.upgrade_timeout_s,
-                                         "max_head_bytes": settings.max_header_bytes})
+                                         "max_head_bytes": settings.max_header_bytes,
+                                         "max_open_heads": settings.max_anonymous_connections})
 
 
 if _SansIO is not None:
