@@ -1,4 +1,4 @@
-"""`python -m bench.abuse [--seconds S] [--servers A,B] [--attack NAME ...]`
+"""`python -m bench.abuse [--seconds S] [--servers A,B] [--attack NAME ...] [--repeat N]`
 
 What a peer with no token costs the broker, and its neighbour. For each server and each
 attack, a fresh broker (pinned to the server core) serves an authenticated ERP terminal
@@ -61,6 +61,7 @@ class Row:
     rss_before: float
     rss_peak: float
     tally: Tally
+    cpu_s: float  # the broker's CPU seconds during the attack
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -132,7 +133,7 @@ async def measure(server: str, attack: str, seconds: float, workdir: Path) -> Ro
         token = TOKENS.mint(store="neighbour", role="erp_main", sub="till", ttl_s=600)
         peer = asyncio.create_task(neighbour(url, token, seconds, trips, ready))
         await asyncio.wait_for(ready.wait(), 10)
-        before = rss_mib(child.pid)
+        before, cpu_before = rss_mib(child.pid), child.cpu_s()
         peak = asyncio.create_task(peak_rss_mib(child.pid, stop))
         tally, extra = Tally(), {}
         if attack == "ping-flood":
@@ -146,12 +147,13 @@ async def measure(server: str, attack: str, seconds: float, workdir: Path) -> Ro
         else:
             await asyncio.sleep(seconds)
         stop.set()
+        cpu = child.cpu_s() - cpu_before
         try:
             await asyncio.wait_for(peer, seconds + 30)
             note = ""
         except Exception as exc:  # the neighbour's own failure is a figure too
             note = f"neighbour: {type(exc).__name__}"
-        return Row(server, attack, trips, before, await peak, tally, note, extra)
+        return Row(server, attack, trips, before, await peak, tally, cpu, note, extra)
     finally:
         child.stop()
 
@@ -161,6 +163,8 @@ def describe(row: Row) -> str:
     if row.attack == "none":
         return ""
     parts = [f"{t.connections} sockets"]
+    if t.connections:
+        parts.append(f"{row.cpu_s / t.connections * 1e6:.0f} µs broker CPU per socket")
     if t.cut_off:
         lifetime = sorted(t.lifetimes_s)[len(t.lifetimes_s) // 2] if t.lifetimes_s else math.nan
         parts.append(f"{t.cut_off} ended by broker (median life {lifetime * 1000:.0f} ms)")
@@ -175,11 +179,11 @@ def describe(row: Row) -> str:
 
 def table(rows: list[Row], seconds: float) -> str:
     head = (f"| server | attack ({seconds:.0f} s) | neighbour p50 ms | p99 ms | round trips "
-            f"| RSS before → peak MiB (growth) | the attack |")
-    lines = [head, "|---|---|---:|---:|---:|---|---|"]
+            f"| broker CPU s | RSS before → peak MiB (growth) | the attack |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(f"| {r.server} | {r.attack} | {r.trips.p(50):.2f} | {r.trips.p(99):.1f} "
-                     f"| {len(r.trips.ms)} | {r.rss_before:.0f} → {r.rss_peak:.0f} "
+                     f"| {len(r.trips.ms)} | {r.cpu_s:.1f} | {r.rss_before:.0f} → {r.rss_peak:.0f} "
                      f"(+{r.rss_peak - r.rss_before:.1f}) | {describe(r)} |")
     return "\n".join(lines)
 
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each attack")
     parser.add_argument("--servers", default="httptools,h11",
                         help=f"comma-separated subset of: {', '.join(SERVERS)}")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each; the one with the best neighbour p50 is printed")
     parser.add_argument("--attack", action="append",
                         choices=["none", "ping-flood", "endless-header", "slow-loris", "churn"],
                         help="run only this attack (repeatable); default: all")
@@ -199,16 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"servers are among: {', '.join(SERVERS)}")
     attacks = args.attack or ["none", "ping-flood", "endless-header", "slow-loris", "churn"]
     pin_self(LOADGEN_CORE)
-    rows = []
+    best: dict[tuple[str, str], Row] = {}
     with tempfile.TemporaryDirectory(prefix="tablelock-abuse-") as tmp:
-        for attack in attacks:
-            for server in servers:
-                row = asyncio.run(measure(server, attack, args.seconds, Path(tmp)))
-                print(f"{server:>10} {attack:<15} p50 {row.trips.p(50):8.2f} ms  "
-                      f"RSS +{row.rss_peak - row.rss_before:.1f} MiB  {describe(row)}",
-                      file=sys.stderr, flush=True)
-                rows.append(row)
-    print(table(rows, args.seconds))
+        for _ in range(args.repeat):  # interleaved, so that other load hits every server alike
+            for attack in attacks:
+                for server in servers:
+                    row = asyncio.run(measure(server, attack, args.seconds, Path(tmp)))
+                    print(f"{server:>10} {attack:<15} p50 {row.trips.p(50):8.2f} ms  "
+                          f"RSS +{row.rss_peak - row.rss_before:.1f} MiB  {describe(row)}",
+                          file=sys.stderr, flush=True)
+                    # Other people's load only ever slows a run down: keep the best.
+                    kept = best.get((server, attack))
+                    if kept is None or row.trips.p(50) < kept.trips.p(50):
+                        best[(server, attack)] = row
+    print(table([best[(s, a)] for a in attacks for s in servers], args.seconds))
     return 0
 
 

@@ -1,17 +1,17 @@
 """The socket before it is a terminal: uvicorn's protocols, bounded for the open internet.
 
-uvicorn leaves three doors open to a peer with no token at all (docs/security.md):
-- the HTTP request head has no deadline, and with httptools no size limit either: one
-  endless header line is buffered and re-parsed until it stalls the whole process;
+uvicorn leaves these doors open to a peer with no token at all (docs/security.md):
+- a request head has no deadline, and with httptools no size limit either: one endless
+  header line is held in memory, growing, and stalled every store for seconds;
+- how many heads may be in progress at once is not bounded either, and a body still
+  trickling in after the answer keeps the connection open for good;
 - a WebSocket PING is answered by a PONG written straight to the transport, whatever the
-  transport already holds: a peer that floods pings and never reads grows memory at will;
+  transport already holds: a peer that floods PINGs and never reads grows memory at will;
 - nothing bounds how many control frames a connection may send.
 
-The classes here are uvicorn's own protocols with those doors shut: the request head must
-be complete within `upgrade_timeout_s` and `max_header_bytes` (else 408 or 431, then close),
-control frames spend a per-connection budget (past it: close 4008), and a WebSocket whose
-outgoing buffer passes the transport's high-water mark is not read until it drains.
-`uvicorn_options` passes them to uvicorn as classes, built from the settings.
+The classes here are uvicorn's own protocols with those doors shut (see each class), built
+from the settings by `http_protocol` and `websocket_protocol`, which `uvicorn_options`
+passes to uvicorn. Past `hello` the gateway and the hub take over.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - a uvicorn without it: see websocket_pr
 
 # What GuardedWebSocket overrides or reads of uvicorn's class: another uvicorn without them
 # gets the fallback rather than a guard that silently does nothing.
-_SANSIO_HOOKS = ("handle_ping", "handle_pong", "pause_writing", "resume_writing", "receive",
-                 "send_receive_event_to_app")
+_SANSIO_HOOKS = ("connection_made", "handle_ping", "handle_pong", "pause_writing",
+                 "resume_writing", "receive")
 if _SansIO is not None and not all(hasattr(_SansIO, hook) for hook in _SANSIO_HOOKS):
     _SansIO = None  # type: ignore[assignment,misc]  # pragma: no cover
 
