@@ -1,4 +1,5 @@
-"""`python -m bench.abuse [--seconds S] [--servers A,B] [--attack NAME ...] [--repeat N]`
+"""`python -m bench.abuse [--seconds S] [--servers A,B] [--attack NAME ...] [--repeat N]
+[--set FIELD=VALUE ...]`
 
 What a peer with no token costs the broker, and its neighbour. For each server and each
 attack, a fresh broker (pinned to the server core) serves an authenticated ERP terminal
@@ -66,14 +67,15 @@ class Row:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def start_broker(server: str, workdir: Path) -> tuple[Child, int]:
+def start_broker(server: str, workdir: Path, settings: dict[str, str]) -> tuple[Child, int]:
     port = free_port()
     if server == "unguarded":
         cmd = [python(), "-m", "bench.baselines.unguarded", "--port", str(port)]
     else:
         cmd = [python(), "-m", "tablelock", "serve", "--port", str(port)]
     env = {"TABLELOCK_SECRET": SECRET, "TABLELOCK_DRAIN_WINDOW_S": "0",
-           "TABLELOCK_HTTP_PARSER": server if server != "unguarded" else "httptools"}
+           "TABLELOCK_HTTP_PARSER": server if server != "unguarded" else "httptools",
+           **{f"TABLELOCK_{name.upper()}": value for name, value in settings.items()}}
     child = Child(f"broker-{server}", cmd, SERVER_CORE, env=env,
                   log=workdir / f"{server}.log")
     child.wait_ready(lambda: get_ok(f"http://127.0.0.1:{port}/readyz"))
@@ -125,8 +127,9 @@ async def loris_and_silent(port: int, seconds: float, tally: Tally) -> dict[str,
             "silent still open": float(still_open)}
 
 
-async def measure(server: str, attack: str, seconds: float, workdir: Path) -> Row:
-    child, port = start_broker(server, workdir)
+async def measure(server: str, attack: str, seconds: float, workdir: Path,
+                  settings: dict[str, str]) -> Row:
+    child, port = start_broker(server, workdir, settings)
     try:
         trips, ready, stop = RoundTrips(), asyncio.Event(), asyncio.Event()
         url = f"ws://127.0.0.1:{port}/ws"
@@ -199,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack", action="append",
                         choices=["none", "ping-flood", "endless-header", "slow-loris", "churn"],
                         help="run only this attack (repeatable); default: all")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a broker setting, as TABLELOCK_<FIELD> (repeatable), e.g. "
+                             "control_burst=1e9 to see the other bound alone")
     args = parser.parse_args(argv)
+    settings = dict(item.split("=", 1) for item in args.set)
     servers = [s for s in args.servers.split(",") if s]
     if any(s not in SERVERS for s in servers):
         sys.exit(f"servers are among: {', '.join(SERVERS)}")
@@ -210,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):  # interleaved, so that other load hits every server alike
             for attack in attacks:
                 for server in servers:
-                    row = asyncio.run(measure(server, attack, args.seconds, Path(tmp)))
+                    row = asyncio.run(measure(server, attack, args.seconds, Path(tmp),
+                                              settings))
                     print(f"{server:>10} {attack:<15} p50 {row.trips.p(50):8.2f} ms  "
                           f"RSS +{row.rss_peak - row.rss_before:.1f} MiB  {describe(row)}",
                           file=sys.stderr, flush=True)
