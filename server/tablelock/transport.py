@@ -41,7 +41,9 @@ if _SansIO is not None and not all(hasattr(_SansIO, hook) for hook in _SANSIO_HO
     _SansIO = None  # type: ignore[assignment,misc]  # pragma: no cover
 
 CLOSE_POLICY = 4008
-CLOSE_GRACE_S = 1.0
+# How long a socket the broker closes waits for the peer's close reply (uvicorn: 10 s). Every
+# evicted silent socket would otherwise be held that long, its peer answering or not.
+CLOSE_GRACE_S = 2.0
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                   b"connection: close\r\ncontent-length: 0\r\n\r\n")
@@ -175,6 +177,7 @@ if _SansIO is not None:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            self.close_timeout = CLOSE_GRACE_S
             self._control_budget = self.control_burst
             self._control_stamp = self.loop.time()
             self._flooded = False
@@ -188,8 +191,8 @@ if _SansIO is not None:
                 super().handle_pong(event)
 
         def _control_frame_allowed(self) -> bool:
-            """Spend one control frame from the budget; past it, close 4008 (at once and
-            without a close frame if the peer is not even reading what it is sent)."""
+            """Spend one control frame from the budget; past it, close 4008 (at once, without
+            a close frame, if the peer is not even reading what it is sent)."""
             if self.close_sent:
                 return False
             now = self.loop.time()
@@ -204,8 +207,8 @@ if _SansIO is not None:
             self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_POLICY,
                                    "reason": "control frame flood"})
             if self.writable.is_set() and self.conn.state is State.OPEN:
-                # Say why, stop reading, and hang up a second later: closing at once would
-                # reset a socket that still sends, and the peer could lose the close frame.
+                # Say why, stop reading, and hang up CLOSE_GRACE_S later: closing at once
+                # would reset a socket that still sends, and the peer could lose the close frame.
                 self.conn.fail(CLOSE_POLICY, "control frame flood")
                 self.transport.write(b"".join(self.conn.data_to_send()))
                 if self.transport.can_write_eof():
