@@ -69,7 +69,7 @@ async def test_control_frames_past_the_budget_close_4008(broker_factory: BrokerF
         for _ in range(20):  # the burst is answered
             await asyncio.wait_for(await ws.ping(), 5)
         with contextlib.suppress(websockets.ConnectionClosed):
-            for _ in range(10):
+            for _ in range(100):  # more than any refill while the burst was answered
                 await ws.ping()
         await asyncio.wait_for(ws.wait_closed(), 5)
     assert ws.close_code == 4008 and ws.close_reason == "control frame flood"
@@ -135,13 +135,13 @@ async def test_a_slow_loris_upgrade_is_ended_at_its_deadline(broker_factory: Bro
     loris = Tally()
     await slow_loris(broker.port, 4, loris, every_s=0.5, sockets=2)
     assert loris.cut_off >= 2 and set(loris.answers) == {"HTTP/1.1 408 Request Timeout"}, loris
-    assert all(1.4 <= t < 3.0 for t in loris.lifetimes_s), loris.lifetimes_s
+    assert all(1.4 <= t < 3.5 for t in loris.lifetimes_s), loris.lifetimes_s
 
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
     loop = asyncio.get_running_loop()
     opened = loop.time()
     said = await asyncio.wait_for(reader.read(256), 10)
-    assert said.startswith(b"HTTP/1.1 408") and 1.4 <= loop.time() - opened < 3.0
+    assert said.startswith(b"HTTP/1.1 408") and 1.4 <= loop.time() - opened < 3.5
     writer.close()
 
     # A request that is complete in time is untouched, and keep-alive still works.
