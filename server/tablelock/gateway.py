@@ -166,7 +166,6 @@ class Gateway:
             if await self._hello(conn, receive):
                 await self._serve(conn, receive)
         finally:
-            self._anonymous.pop(conn, None)
             await self._goodbye(conn)
             await conn.wait_closed()
 

@@ -29,7 +29,7 @@ class Settings:
     http_parser: str = "httptools"
     max_header_bytes: int = 16 * 1024
     upgrade_timeout_s: float = 5.0
-    # Requests heads in progress, and upgraded sockets not yet past hello, each at most this
+    # Request heads in progress, and upgraded sockets not yet past hello, each at most this
     # many: past it the oldest is closed (HTTP 408, WebSocket 4008).
     max_anonymous_connections: int = 1_000
     # WebSocket control frames (ping, pong) per second per connection; past it: close 4008.
