@@ -19,19 +19,23 @@ from .settings import Settings
 def uvicorn_options(settings: Settings) -> dict[str, object]:
     """The server options the broker is measured with (see bench/README.md)."""
     from .protocol import MAX_FRAME_BYTES
+    from .transport import http_protocol, websocket_protocol
 
     return {
         "host": settings.host,
         "port": settings.port,
-        # websockets-sansio: the fastest of uvicorn's implementations here, and small.
-        "ws": "websockets-sansio",
+        # websockets-sansio (the fastest of uvicorn's implementations here, and small), with
+        # control frames on a budget and reads paused while writes are (transport.py).
+        "ws": websocket_protocol(settings),
         # Per-message compression costs 50-300 KiB per connection for tiny frames.
         "ws_per_message_deflate": False,
         "ws_max_size": MAX_FRAME_BYTES,
         "ws_ping_interval": settings.heartbeat_ms / 1000,
         "ws_ping_timeout": settings.heartbeat_ms / 1000,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "http": "httptools",
+        # The upgrade request's head: a deadline, and a size limit (h11's own, or counted).
+        "http": http_protocol(settings),
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
         # The broker reads no client address: no proxy-headers middleware, whose frame
         # every connection would otherwise hold.
         "proxy_headers": False,

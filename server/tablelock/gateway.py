@@ -127,6 +127,8 @@ class Gateway:
         # A reconnect storm queues here rather than all at once at the backend, where its
         # calls would time out together and come back, refused, as another storm.
         self._arrivals = asyncio.Semaphore(32)
+        # Sockets that have not said hello yet, oldest first (see _admit_anonymous).
+        self._anonymous: dict[Connection, None] = {}
         self._handlers: dict[type, Handler] = {
             Ping: self._ping,
             TokenRefresh: self._refresh,
@@ -160,6 +162,7 @@ class Gateway:
             return
         shed_handshake(send)
         conn = self.hub.connection(send)
+        self._admit_anonymous(conn)
         try:
             if await self._hello(conn, receive):
                 await self._serve(conn, receive)
@@ -175,6 +178,8 @@ class Gateway:
             _hello_refused("no_hello")
             conn.close(CLOSE_NO_HELLO, "no hello")
             return False
+        finally:
+            self._anonymous.pop(conn, None)  # whatever it said, it is no longer waiting
         if message["type"] != "websocket.receive":
             return False
         try:
@@ -333,10 +338,23 @@ class Gateway:
         own = f"{scheme}://{headers.get(b'host', b'').decode('latin-1')}"
         return "*" in allowed or text in allowed or text == own
 
+    def _admit_anonymous(self, conn: Connection) -> None:
+        """Sockets without hello have their own bound, apart from max_connections: past it,
+        the oldest of them is closed (4008). A terminal says hello one round trip after
+        its upgrade, so a flood of silent sockets cannot keep it out."""
+        anonymous = self._anonymous
+        anonymous[conn] = None
+        if len(anonymous) > self.settings.max_anonymous_connections:
+            oldest = next(iter(anonymous))
+            del anonymous[oldest]
+            metrics.ANONYMOUS_EVICTED.inc()
+            oldest.close(CLOSE_POLICY, "too many connections without hello")
+
     def _full(self, terminal: Terminal) -> str:
         """Why one more connection is refused, or '' when it is welcome."""
         settings = self.settings
-        if len(self.hub.connections) > settings.max_connections:
+        # Only terminals past hello count here: silent sockets have their own bound.
+        if len(self.hub.connections) - len(self._anonymous) > settings.max_connections:
             return f"this broker holds {settings.max_connections} connections already"
         if self.hub.store_connections(terminal.store_id) >= settings.max_connections_per_store:
             return f"store {terminal.store_id} has {settings.max_connections_per_store} already"

@@ -69,6 +69,8 @@ REDIS_EVENTS = Counter("tablelock_redis_events_total",
                        ["kind"])
 SLOW_CONSUMERS = Counter("tablelock_slow_consumers_total",
                          "Connections closed (4010) because their send queue passed its bound")
+ANONYMOUS_EVICTED = Counter("tablelock_anonymous_evicted_total",
+                            "Sockets without hello closed (4008) to make room for newer ones")
 RATE_LIMITED = Counter("tablelock_rate_limited_total", "Requests refused RATE_LIMITED")
 HELLO_REFUSED = Counter("tablelock_hello_refused_total",
                         "Connections refused at hello (or for want of one), by reason", ["reason"])

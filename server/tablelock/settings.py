@@ -37,6 +37,16 @@ class Settings:
     max_connections: int = 50_000
     max_connections_per_store: int = 5_000
     max_connections_per_terminal: int = 16
+    # Before hello (docs/security.md). The HTTP parser was chosen by measurement (bench/README.md).
+    http_parser: str = "httptools"
+    max_header_bytes: int = 16 * 1024
+    upgrade_timeout_s: float = 5.0
+    # Request heads in progress, and upgraded sockets not yet past hello, each at most this
+    # many: past it the oldest is closed (HTTP 408, WebSocket 4008).
+    max_anonymous_connections: int = 1_000
+    # WebSocket control frames (ping, pong) per second per connection; past it: close 4008.
+    control_rate_per_s: float = 2.0
+    control_burst: float = 20.0
     # Browser Origins allowed besides the broker's own ("*": any). No Origin: not a browser.
     allowed_origins: list[str] = field(default_factory=list)
     # On SIGTERM, clients are told to reconnect (1012) spread over this window.
