@@ -243,7 +243,7 @@ async def test_a_signal_drains_and_a_second_one_stops_at_once(
         broker.stop(signal.SIGKILL)
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
-    assert (f"INFO tablelock.cli: {sig.name}: draining: 1 connections are told to reconnect "
-            f"(1012) over 60 s, then the broker stops; a second SIGTERM or Ctrl-C stops it "
-            f"at once") in err, err
+    assert (f"INFO tablelock.cli: {sig.name}: draining: clients are told to reconnect (1012) "
+            f"over 60 s (connections: 1), then the broker stops; a second SIGTERM or Ctrl-C "
+            f"stops it at once") in err, err
     assert f"INFO tablelock.cli: {sig.name} again: stopping at once" in err, err

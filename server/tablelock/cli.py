@@ -159,7 +159,7 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_event_loop()
         if self.draining:
             loop.call_soon_threadsafe(log.info, "%s again: stopping at once", name)
-            self.force_exit = True  # uvicorn waits for no connection, task or shutdown hook
+            self.force_exit = True  # uvicorn then waits for no connection or task
             super().handle_exit(sig, frame)
             return
         if self.window_s <= 0:
@@ -168,9 +168,9 @@ class DrainingServer(uvicorn.Server):
             return
         self.draining = True
         loop.call_soon_threadsafe(
-            log.info, "%s: draining: %d connections are told to reconnect (1012) over %g s, "
-            "then the broker stops; a second SIGTERM or Ctrl-C stops it at once",
-            name, len(self.gateway.hub.connections), self.window_s)
+            log.info, "%s: draining: clients are told to reconnect (1012) over %g s "
+            "(connections: %d), then the broker stops; a second SIGTERM or Ctrl-C stops it "
+            "at once", name, self.window_s, len(self.gateway.hub.connections))
         loop.call_soon_threadsafe(self.gateway.drain, self.window_s)
         loop.call_soon_threadsafe(loop.call_later, self.window_s + 0.5,
                                   super().handle_exit, sig, frame)
