@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 PORTS = range(0, 65536)  # 0: any free port, which the broker prints once it listens
 _PORT_RANGE = "use 0 to 65535 (0: any free port)"
+_YES, _NO = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 class SettingsError(ValueError):
@@ -74,6 +75,10 @@ def _parse(variable: str, raw: str, default: object) -> object:
         return [item for item in raw.split(",") if item]
     if isinstance(default, str):
         return raw
+    if isinstance(default, bool):  # before the numbers: bool("false") would be True
+        if raw.lower() in _YES | _NO:
+            return raw.lower() in _YES
+        raise SettingsError(f"{variable}={raw!r}: use true or false")
     if isinstance(default, int | float):
         kind = type(default)
         try:
