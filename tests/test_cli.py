@@ -21,7 +21,7 @@ import jwt
 import pytest
 
 from tablelock.auth import Tokens
-from tablelock.settings import SettingsError, _parse
+from tablelock.settings import SettingsError, parse_env_value
 
 from .redis_support import RedisServer
 from .support import ROOT, SECRET, BrokerProcess, WsClient, free_port, unique
@@ -94,12 +94,12 @@ def test_a_setting_that_cannot_work_is_named_in_one_line(
                                             ("off", False), ("no", False), ("0", False)])
 def test_a_yes_or_no_setting_reads_as_one(raw: str, value: bool) -> None:
     # No setting is yes-or-no yet; bool("false") is True, so the first one must not go by it.
-    assert _parse("TABLELOCK_FLAG", raw, not value) is value
+    assert parse_env_value("TABLELOCK_FLAG", raw, not value) is value
 
 
 def test_a_yes_or_no_setting_that_is_neither_is_named() -> None:
     with pytest.raises(SettingsError, match=r"TABLELOCK_FLAG='maybe': use true or false"):
-        _parse("TABLELOCK_FLAG", "maybe", False)
+        parse_env_value("TABLELOCK_FLAG", "maybe", False)
 
 
 def test_a_redis_url_without_the_redis_extra_says_what_to_install() -> None:

@@ -59,7 +59,7 @@ class Settings:
             raw = env.get(variable)
             if raw is None:
                 continue
-            value = _parse(variable, raw, getattr(settings, spec.name))
+            value = parse_env_value(variable, raw, getattr(settings, spec.name))
             if spec.name == "port" and value not in PORTS:
                 raise SettingsError(f"{variable}={raw} is not a port: {_PORT_RANGE}")
             setattr(settings, spec.name, value)
@@ -69,7 +69,7 @@ class Settings:
         return settings
 
 
-def _parse(variable: str, raw: str, default: object) -> object:
+def parse_env_value(variable: str, raw: str, default: object) -> object:
     """An environment value read as the type of its default, or an error that names it."""
     if isinstance(default, list):
         return [item for item in raw.split(",") if item]
