@@ -1,6 +1,6 @@
 """docs/deploy/ works as shipped: the alert rules and the dashboard name only metrics a real
-broker exports, the files parse, nginx accepts its config and carries WebSockets to two
-brokers in turn, and systemd accepts the unit."""
+broker exports, the files parse, nginx and HAProxy accept their configs and carry WebSockets
+to two brokers in turn, and systemd accepts the unit."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,7 +31,6 @@ from .conftest import Store
 from .support import ROOT, BrokerProcess, WsClient, free_port, mint, unique
 
 DEPLOY = ROOT / "docs" / "deploy"
-NGINX = "/usr/sbin/nginx"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 # Not the broker's: Prometheus' own `up`, and the blackbox exporter's `probe_success`.
 SCRAPER_METRICS = {"up", "probe_success"}
@@ -71,6 +71,14 @@ def get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def answer(url: str) -> int | None:
+    """The status, or None while nothing listens there."""
+    try:
+        return get(url)[0]
+    except OSError:
+        return None
 
 
 # --- the files parse and say what they must ----------------------------------------------------
@@ -156,9 +164,12 @@ def test_the_dashboard_shows_every_tablelock_metric(scraped: dict[str, Exported]
     assert ours <= shown, sorted(ours - shown)
 
 
-# --- nginx -------------------------------------------------------------------------------------
+# --- nginx and HAProxy -------------------------------------------------------------------------
 
+NGINX = "/usr/sbin/nginx"
+HAPROXY = "/usr/sbin/haproxy"
 needs_nginx = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+needs_haproxy = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is not installed")
 
 
 def nginx_main(tmp_path: Path, site: Path) -> Path:
@@ -193,33 +204,62 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
     assert "test is successful" in result.stderr
 
 
-@needs_nginx
-async def test_nginx_carries_websockets_to_two_brokers_in_turn(
-        tmp_path: Path, broker_factory: BrokerFactory) -> None:
-    brokers = [broker_factory().start(), broker_factory().start()]
-    port = free_port()
-    site = (DEPLOY / "nginx.conf").read_text()
-    # The shipped config, only pointed at the test's brokers and port.
-    for shipped, here in [("10.0.0.11:8080", f"127.0.0.1:{brokers[0].port}"),
-                          ("10.0.0.12:8080", f"127.0.0.1:{brokers[1].port}"),
-                          ("listen 80;", f"listen 127.0.0.1:{port};")]:
-        assert site.count(shipped) == 1, shipped
-        site = site.replace(shipped, here)
-    (tmp_path / "site.conf").write_text(site)
-    main = nginx_main(tmp_path, tmp_path / "site.conf")
-    nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(main),
-                              "-g", "daemon off;"], stderr=subprocess.PIPE)
+@needs_haproxy
+def test_haproxy_accepts_the_config() -> None:
+    result = subprocess.run([HAPROXY, "-c", "-f", str(DEPLOY / "haproxy.cfg")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def proxy_command(kind: str, tmp_path: Path, brokers: list[BrokerProcess], port: int,
+                  ) -> list[str]:
+    """The shipped config, only pointed at the test's brokers and port (and, for HAProxy,
+    sized to the test machine's open-file limit), and how to run it."""
+    shipped = {"nginx": ("nginx.conf", [("listen 80;", f"listen 127.0.0.1:{port};")]),
+               "haproxy": ("haproxy.cfg", [("bind :80\n", f"bind 127.0.0.1:{port}\n"),
+                                           ("maxconn 100000", "maxconn 1000")])}
+    name, local = shipped[kind]
+    config = (DEPLOY / name).read_text()
+    for old, new in [("10.0.0.11:8080", f"127.0.0.1:{brokers[0].port}"),
+                     ("10.0.0.12:8080", f"127.0.0.1:{brokers[1].port}"), *local]:
+        assert config.count(old) == 1, old
+        config = config.replace(old, new)
+    path = tmp_path / f"site-{name}"
+    path.write_text(config)
+    if kind == "nginx":
+        main = nginx_main(tmp_path, path)
+        return [NGINX, "-p", str(tmp_path), "-c", str(main), "-g", "daemon off;"]
+    return [HAPROXY, "-db", "-f", str(path)]
+
+
+@contextmanager
+def running(command: list[str], front: str) -> Iterator[None]:
+    """A proxy process, once it answers /healthz through to a broker."""
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert nginx.poll() is None, nginx.stderr.read() if nginx.stderr else ""
-                assert time.monotonic() < deadline, "nginx did not listen"
-                time.sleep(0.05)
-        front = f"127.0.0.1:{port}"
+        while answer(f"http://{front}/healthz") != 200:
+            assert proxy.poll() is None, proxy.stderr.read() if proxy.stderr else ""
+            assert time.monotonic() < deadline, f"{command[0]} did not serve"
+            time.sleep(0.1)
+        yield
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("nginx", marks=needs_nginx),
+                                  pytest.param("haproxy", marks=needs_haproxy)])
+async def test_the_proxy_carries_websockets_to_two_brokers_in_turn(
+        kind: str, tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    brokers = [broker_factory().start(), broker_factory().start()]
+    port = free_port()
+    front = f"127.0.0.1:{port}"
+    with running(proxy_command(kind, tmp_path, brokers, port), front):
         store = unique()
         clients = [await WsClient.connect(f"ws://{front}/ws", mint(store, "manager", f"m{n}"))
                    for n in range(2)]
@@ -229,16 +269,34 @@ async def test_nginx_carries_websockets_to_two_brokers_in_turn(
             text = (await asyncio.to_thread(get, f"{broker.http}/metrics"))[1]
             assert 'tablelock_connections{role="manager"} 1.0' in text, text
         assert get(f"http://{front}/metrics")[0] == 403
-        assert get(f"http://{front}/healthz") == (200, '{"status":"ok"}')
         for client in clients:
             await client.close()
-    finally:
-        nginx.send_signal(signal.SIGQUIT)
-        try:
-            nginx.wait(10)
-        except subprocess.TimeoutExpired:
-            nginx.kill()
-            nginx.wait()
+
+
+@needs_haproxy
+async def test_haproxy_takes_a_draining_broker_out_of_rotation(
+        tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    draining = broker_factory(env={"TABLELOCK_DRAIN_WINDOW_S": "60"}).start()
+    brokers = [draining, broker_factory().start()]
+    port = free_port()
+    front = f"127.0.0.1:{port}"
+    with running(proxy_command("haproxy", tmp_path, brokers, port), front):
+        assert draining.proc is not None
+        draining.proc.send_signal(signal.SIGTERM)  # its /readyz answers 503 from now on
+        store = unique()
+        deadline = asyncio.get_running_loop().time() + 20
+        welcomed = 0
+        while welcomed < 4:  # in a row: round-robin would send every other one to it
+            assert asyncio.get_running_loop().time() < deadline, "still sent to the drainer"
+            try:
+                client = await WsClient.connect(f"ws://{front}/ws",
+                                                mint(store, "manager", unique("m")))
+            except (RuntimeError, OSError, websockets.ConnectionClosed):
+                welcomed = 0  # the draining broker told it to go elsewhere (1012)
+                await asyncio.sleep(0.2)
+                continue
+            welcomed += 1
+            await client.close()
 
 
 # --- systemd -----------------------------------------------------------------------------------
