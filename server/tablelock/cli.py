@@ -142,31 +142,28 @@ class DrainingServer(uvicorn.Server):
         self.gateway = gateway
         self.window_s = window_s
         self.serving = serving
-        self.draining = False
+        self.stopping = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         self.serving()
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().shutdown(sockets)
-        if self.force_exit:  # uvicorn's own forced stop skips the app's; ours stops it
-            await self.lifespan.shutdown()
-
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
-        # Called between two bytecodes of the loop's thread: log from the loop, not here.
+        if self.stopping:
+            # At once, whatever the stop still waits for (a connection, the backend): the
+            # signal's own default action ends the process, so the line is said here.
+            log.info("%s again: stopping at once", name)
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+        self.stopping = True
+        # This runs between two bytecodes of the loop's thread: log from the loop.
         loop = asyncio.get_event_loop()
-        if self.draining:
-            loop.call_soon_threadsafe(log.info, "%s again: stopping at once", name)
-            self.force_exit = True  # uvicorn then waits for no connection or task
-            super().handle_exit(sig, frame)
-            return
         if self.window_s <= 0:
-            loop.call_soon_threadsafe(log.info, "%s: stopping", name)
+            loop.call_soon_threadsafe(
+                log.info, "%s: stopping; a second SIGTERM or Ctrl-C stops it at once", name)
             super().handle_exit(sig, frame)
             return
-        self.draining = True
         loop.call_soon_threadsafe(
             log.info, "%s: draining: clients are told to reconnect (1012) over %g s "
             "(connections: %d), then the broker stops; a second SIGTERM or Ctrl-C stops it "
