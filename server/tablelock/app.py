@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
@@ -17,7 +19,12 @@ from .gateway import Gateway
 from .http import http_routes, page_routes
 from .hub import Hub
 from .relay import Relay
-from .settings import Settings
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("tablelock.app")
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "unix://")
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -26,15 +33,30 @@ def make_backend(settings: Settings) -> Backend:
 
         return MemoryBackend(settings.history_size, settings.audit_size,
                              settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal)
-    if settings.backend.startswith(("redis://", "rediss://", "redis+sentinel://",
-                                    "redis+cluster://", "unix://")):
-        from .backends.redis import RedisBackend
-
+    if settings.backend.startswith(REDIS_SCHEMES):
+        try:
+            from .backends.redis import RedisBackend
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.partition(".")[0] != "redis":
+                raise
+            raise SettingsError(f"backend {backend_label(settings.backend)} needs the Redis "
+                                f"client, which is not installed: "
+                                f"pip install 'tablelock[redis]'") from None
         return RedisBackend(settings.backend, settings.history_size, settings.audit_size,
                             max_unclaimed_seqs=settings.max_unknown_order_seqs,
                             h5_presence_linger_ms=settings.h5_presence_linger_ms,
                             max_unhandled_per_terminal=settings.max_unhandled_per_terminal)
-    raise ValueError(f"unknown backend {settings.backend!r}: use memory or a redis:// URL")
+    raise SettingsError(f"unknown backend {settings.backend!r} (--backend, TABLELOCK_BACKEND): "
+                        f"use memory or a Redis URL ({', '.join(REDIS_SCHEMES)})")
+
+
+def backend_label(url: str) -> str:
+    """The backend as it may be printed: a Redis URL without its password."""
+    parsed = urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return urlunsplit(parsed._replace(netloc=netloc))
 
 
 def create_app(settings: Settings,
@@ -52,6 +74,11 @@ def create_app(settings: Settings,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await backend.start(hub)
+        if not await backend.ready():
+            # The backend keeps trying to reach its server; until then locks are refused.
+            log.warning("backend %s does not answer: lock requests are refused UNAVAILABLE "
+                        "and /readyz answers 503 until it does; retrying",
+                        backend_label(settings.backend))
         # What start-up allocated lives for the whole process: keep it out of the
         # collector's generations so that its pauses stay short under load.
         gc.collect()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from typing import get_args
 
@@ -17,6 +18,8 @@ from .model import Role, Terminal
 from .protocol import Identifier
 
 ROLES = frozenset(get_args(Role))
+# An HS256 key shorter than its hash can be guessed offline from any token (RFC 7518 3.2).
+MIN_SECRET_BYTES = 32
 _REQUIRED_CLAIMS = ["sub", "store", "role", "exp"]
 
 
@@ -93,13 +96,28 @@ def _is_identifier(value: str) -> bool:
     return True
 
 
-_TTL = re.compile(r"^(\d+)([smhd]?)$")
+def short_secrets(secrets: Sequence[str]) -> list[str]:
+    """What to warn about each secret shorter than MIN_SECRET_BYTES."""
+    return [f"secret {n} of {len(secrets)} is {len(secret.encode())} bytes, under the "
+            f"{MIN_SECRET_BYTES} HS256 needs: anyone holding a token can guess it offline. "
+            f"Make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            for n, secret in enumerate(secrets, 1) if len(secret.encode()) < MIN_SECRET_BYTES]
+
+
+def silence_key_length_warnings() -> None:
+    """PyJWT warns on every token it signs or verifies with a short key; once the broker
+    has said so at start, those repeats are noise."""
+    warnings.filterwarnings("ignore", message="The HMAC key is", category=UserWarning)
+
+
+_TTL = re.compile(r"^(\d+)([smhd])$")
 
 
 def parse_ttl(text: str) -> int:
-    """'12h' -> seconds; plain numbers are seconds."""
+    """'12h' -> seconds. The unit is required: a bare '12' could mean hours as well."""
     match = _TTL.match(text.strip())
     if not match:
-        raise ValueError(f"bad duration {text!r}: use e.g. 90s, 30m, 12h or 7d")
-    number, unit = int(match.group(1)), match.group(2) or "s"
+        raise ValueError(f"bad duration {text!r}: give a number and a unit (s, m, h or d), "
+                         f"e.g. 90s, 30m, 12h or 7d")
+    number, unit = int(match.group(1)), match.group(2)
     return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]

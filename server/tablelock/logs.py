@@ -14,6 +14,8 @@ import time
 
 import msgspec
 
+from .settings import SettingsError
+
 _FIELDS = ("store", "order", "terminal", "role", "request_id", "kind", "token", "code",
            "reason", "operator", "payment_ref", "close_code")
 
@@ -44,16 +46,32 @@ class TextFormatter(logging.Formatter):
         return f"{base} {extras}" if extras else base
 
 
+_FORMATS = ("json", "text")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup(level: str | None = None, fmt: str | None = None) -> None:
-    """JSON unless stderr is a terminal; TABLELOCK_LOG_FORMAT=json|text overrides."""
+    """JSON unless stderr is a terminal; TABLELOCK_LOG_FORMAT=json|text overrides.
+
+    uvicorn's loggers and Python's warnings (PyJWT's, for one) go through the same handler,
+    so that a JSON log stays JSON on every line."""
     fmt = fmt or os.environ.get("TABLELOCK_LOG_FORMAT") or (
         "text" if sys.stderr.isatty() else "json")
+    if fmt not in _FORMATS:
+        raise SettingsError(f"TABLELOCK_LOG_FORMAT={fmt!r}: use json or text")
+    level = level or os.environ.get("TABLELOCK_LOG_LEVEL", "INFO")
+    if level.upper() not in _LEVELS:
+        raise SettingsError(f"TABLELOCK_LOG_LEVEL={level!r}: use one of {', '.join(_LEVELS)}")
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("tablelock")
-    root.handlers[:] = [handler]
-    root.setLevel(level or os.environ.get("TABLELOCK_LOG_LEVEL", "INFO"))
-    root.propagate = False
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    # uvicorn's levels are its own (uvicorn_options); only where its lines go is set here.
+    for name in ("tablelock", "uvicorn", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
+
+PORTS = range(0, 65536)  # 0: any free port, which the broker prints once it listens
+_PORT_RANGE = "use 0 to 65535 (0: any free port)"
+_YES, _NO = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """A setting the broker cannot run with; the message names it and says what would do."""
+
+
+def check_port(port: int) -> int:
+    if port not in PORTS:
+        raise SettingsError(f"{port} is not a port: {_PORT_RANGE}")
+    return port
 
 
 @dataclass
@@ -60,18 +75,40 @@ class Settings:
         env = os.environ
         settings = cls()
         for spec in fields(cls):
-            raw = env.get(f"TABLELOCK_{spec.name.upper()}")
-            if spec.name == "secrets":
-                raw = env.get("TABLELOCK_SECRET", raw)
+            variable = f"TABLELOCK_{spec.name.upper()}"
+            if spec.name == "secrets" and "TABLELOCK_SECRET" in env:
+                variable = "TABLELOCK_SECRET"
+            raw = env.get(variable)
             if raw is None:
                 continue
-            current = getattr(settings, spec.name)
-            if isinstance(current, list):
-                value: object = [item for item in raw.split(",") if item]
-            else:
-                value = type(current)(raw)
+            value = parse_env_value(variable, raw, getattr(settings, spec.name))
+            if spec.name == "port" and value not in PORTS:
+                raise SettingsError(f"{variable}={raw} is not a port: {_PORT_RANGE}")
             setattr(settings, spec.name, value)
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)
         return settings
+
+
+def parse_env_value(variable: str, raw: str, default: object) -> object:
+    """An environment value read as the type of its default, or an error that names it."""
+    if isinstance(default, list):
+        return [item for item in raw.split(",") if item]
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool):  # before the numbers: bool("false") would be True
+        if raw.lower() in _YES | _NO:
+            return raw.lower() in _YES
+        raise SettingsError(f"{variable}={raw!r}: use true or false")
+    if isinstance(default, int | float):
+        kind = type(default)
+        try:
+            number = kind(raw)
+        except ValueError:
+            wanted = "a whole number" if kind is int else "a number"
+            raise SettingsError(f"{variable}={raw!r} is not {wanted}") from None
+        if not math.isfinite(number) or number < 0:
+            raise SettingsError(f"{variable}={raw!r}: use a number of 0 or more")
+        return number
+    raise TypeError(f"no parser for {variable} ({type(default).__name__})")
