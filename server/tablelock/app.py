@@ -21,11 +21,15 @@ from .settings import Settings
 
 
 def make_backend(settings: Settings) -> Backend:
+    if settings.data and settings.backend != "memory":
+        raise ValueError("--data keeps the memory backend's state: Redis keeps its own")
     if settings.backend == "memory":
+        from .backends.durable import Journal
         from .backends.memory import MemoryBackend
 
         return MemoryBackend(settings.history_size, settings.audit_size,
-                             settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal)
+                             settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal,
+                             Journal(settings.data) if settings.data else None)
     if settings.backend.startswith(("redis://", "rediss://", "redis+sentinel://",
                                     "redis+cluster://", "unix://")):
         from .backends.redis import RedisBackend
