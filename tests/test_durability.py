@@ -8,6 +8,7 @@ rejections one of which was handled, a store config), kills a process, and reads
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -59,12 +60,12 @@ async def write_money(broker: BrokerProcess) -> Money:
     paid = await till.request("payment.complete", order_id="o2", version=3, amount_cents=1000,
                               payment_ref="pos-1", token=paying["lock"]["token"])
     assert paid["ok"], paid
-    rejected_ids = []
     for ref in ("pos-2", "pos-3"):  # paid twice: each is a payment.rejected to reconcile
         again = await till.request("payment.complete", order_id="o2", version=3,
                                    amount_cents=1000, payment_ref=ref)
         assert again["error"]["code"] == "ORDER_PAID", again
     status, body = await manager_http(broker, store, "GET", "/audit?kind=payment.rejected")
+    assert status == 200, body
     rejected_ids = [entry["id"] for entry in body["entries"]]
     assert len(rejected_ids) == 2
     status, _ = await manager_http(broker, store, "POST", f"/audit/{rejected_ids[0]}/handled")
@@ -81,10 +82,11 @@ async def records_survived(broker: BrokerProcess, money: Money) -> None:
     """The paid order, the reconcile queue, the config and the token order are all there."""
     store = money.store
     status, config = await manager_http(broker, store, "GET", "/config")
-    assert config["disconnect_grace_ms"] == GRACE_MS
+    assert status == 200 and config["disconnect_grace_ms"] == GRACE_MS, config
     status, o2 = await manager_http(broker, store, "GET", "/orders/o2")
     assert status == 200 and o2["order"]["status"] == "paid", o2
     status, body = await manager_http(broker, store, "GET", "/audit?kind=payment.rejected")
+    assert status == 200, body
     handled = {entry["id"]: entry["handled"] for entry in body["entries"]}
     assert handled == {money.unhandled_id: False, money.handled_id: True}
     till = await erp(broker.url, store, "till-2", role="erp_secondary")
@@ -100,6 +102,7 @@ async def payment_goes_through(broker: BrokerProcess, money: Money) -> None:
     """The lock held mid-payment is still the till's: nobody else takes it, its token pays."""
     store = money.store
     status, o1 = await manager_http(broker, store, "GET", "/orders/o1")
+    assert status == 200, o1
     assert [(lock["kind"], lock["token"], lock["holder"]["terminal_id"])
             for lock in o1["locks"]] == [("payment", money.held_token, "till")], o1
     other = await erp(broker.url, store, "till-2", role="erp_secondary")
@@ -152,6 +155,7 @@ async def test_memory_with_data_keeps_everything_acknowledged_across_a_sigkill(
     kill(broker)  # and again: what the restarted broker acknowledged survives too
     broker = broker_factory(port=broker.port, env=data).start()
     status, o1 = await manager_http(broker, money.store, "GET", "/orders/o1")
+    assert status == 200, o1
     assert o1["order"]["status"] == "paid" and o1["locks"] == [], o1
 
 
@@ -256,3 +260,50 @@ async def test_redis_sigkill_with_aof_everysec_keeps_writes_older_than_the_fsync
     await ready(broker)
     await payment_goes_through(broker, money)
     await records_survived(broker, money)
+
+
+async def test_a_data_file_serves_one_broker_at_a_time(
+        tmp_path: Path, broker_factory: BrokerFactory,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    data = {"TABLELOCK_DATA": str(tmp_path / "tablelock.db")}
+    broker_factory(env=data).start()
+    with pytest.raises(RuntimeError, match="exited"):
+        broker_factory(env=data).start(timeout=30)
+    assert "is another broker using it?" in capfd.readouterr().err
+
+
+async def test_a_failed_write_answers_unavailable_and_a_restart_keeps_what_was_acknowledged(
+        tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    data = {"TABLELOCK_DATA": str(tmp_path / "tablelock.db")}
+    # A full disk, for the broker alone: files it writes may not grow past 256 KiB (Python
+    # ignores SIGXFSZ, so the write fails with EFBIG). The child inherits the limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    try:
+        broker = broker_factory(env=data).spawn()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    broker.wait()
+    store = unique()
+    till = await erp(broker.url, store)
+    items = [{"sku": f"dish-{n}", "note": "x" * 200} for n in range(20)]
+    acknowledged = []
+    for n in range(200):
+        reply = await till.request("order.publish", change="modify",
+                                   order=order(f"o{n}", items=items))
+        if not reply["ok"]:
+            break
+        acknowledged.append(f"o{n}")
+    assert reply["error"]["code"] == "UNAVAILABLE", reply
+    assert 0 < len(acknowledged) < 200
+    assert (await ahttp("GET", f"{broker.http}/readyz"))[0] == 503
+    refused = await till.request("lock.acquire", order_id="o0", kind="payment")
+    assert refused["error"]["code"] == "UNAVAILABLE", refused
+    await till.close()
+    kill(broker)
+    broker = broker_factory(port=broker.port, env=data).start()
+    for order_id in acknowledged:
+        status, _ = await manager_http(broker, store, "GET", f"/orders/{order_id}")
+        assert status == 200, order_id
+    status, _ = await manager_http(broker, store, "GET", f"/orders/o{len(acknowledged)}")
+    assert status == 404

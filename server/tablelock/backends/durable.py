@@ -85,9 +85,16 @@ class Journal:
     def __init__(self, path: str, synchronous: Synchronous = "FULL") -> None:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.executescript(_SCHEMA)
+        # One broker per file: two would each hold their own state and overwrite each other.
+        # The lock is taken now and held until the process ends (the OS drops it on a kill).
+        try:
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            raise RuntimeError(f"data file {path}: {exc} (is another broker using it?)") from exc
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tablelock-data")
         self._next = _Batch()
         self._writing: asyncio.Task[None] | None = None
