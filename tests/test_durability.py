@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import Store
 from .redis_support import RedisServer
 from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
 
@@ -186,6 +187,30 @@ async def test_memory_with_data_gives_the_holder_its_grace_from_the_restart(
     assert taken["ok"] and taken["lock"]["token"] > held["lock"]["token"], taken
     await watcher.close()
     await taker.close()
+
+
+async def test_memory_with_data_ends_an_h5_lock_at_its_ttl_not_at_a_grace(
+        tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    data = {"TABLELOCK_DATA": str(tmp_path / "tablelock.db")}
+    broker = broker_factory(env=data).start()
+    store = Store(broker)
+    await store.config(h5_payment_lock_ttl_ms=5_000, disconnect_grace_ms=0)
+    cashier = await store.erp("cashier")
+    await store.publish(cashier, order_id="o1")
+    phone = await store.connect("h5", "phone", table="t1")
+    pay = await phone.request("lock.acquire", order_id="o1", kind="payment")
+    assert pay["ok"], pay
+    await store.close()
+    kill(broker)
+    broker = broker_factory(port=broker.port, env=data).start()
+    watcher = await WsClient.connect(broker.url, mint(store.store_id, "manager", "boss"))
+    subscribed = await watcher.request("subscribe", channel=f"order:{store.store_id}:o1")
+    # With no grace at all, an ERP lock would have ended at the restart: a phone's does not.
+    assert [lock["token"] for lock in subscribed["snapshot"]["locks"]] == [pay["lock"]["token"]]
+    expired = await watcher.event("lock.expired", timeout=15)
+    assert expired["lock"]["token"] == pay["lock"]["token"]
+    assert expired["ts"] >= pay["lock"]["expires_at"]
+    await watcher.close()
 
 
 # --- the Redis backend ------------------------------------------------------------------
