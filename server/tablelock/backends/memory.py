@@ -4,6 +4,9 @@ Atomicity comes from the event loop: `apply` never awaits between reading a
 record and publishing its events. Deadlines are loop timers (`call_at`), one
 per order that has one, so nothing polls; a timer only wakes the record and
 `rules.step` decides what lapsed.
+
+With a data file (`--data`, durable.py), every change is also queued to the file, and what
+depends on it (the reply, a read, an event) waits until it is on disk.
 """
 
 from __future__ import annotations
@@ -209,12 +212,9 @@ class MemoryBackend(Backend):
             for lock in rec.locks.values():
                 if lock.holder.role != "h5":
                     self._offline.setdefault(rec.store_id, {})[holder_key(lock.holder)] = now
-        self._retick_all()
-        await self._synced()
-
-    def _retick_all(self) -> None:
         for store_id, order_id in list(self._records):
             self.apply_now(store_id, order_id, Tick(), None)
+        await self._synced()
 
     async def ready(self) -> bool:
         return self._journal is None or self._journal.failed is None
