@@ -18,6 +18,11 @@ from typing import Any
 
 import pytest
 
+from tablelock.backends.durable import Journal, Statement
+from tablelock.backends.memory import MemoryBackend
+from tablelock.model import Order, Terminal
+from tablelock.rules import Acquire, Ingest
+
 from .conftest import Store
 from .redis_support import RedisServer
 from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
@@ -332,3 +337,68 @@ async def test_a_failed_write_answers_unavailable_and_a_restart_keeps_what_was_a
         assert status == 200, order_id
     status, _ = await manager_http(broker, store, "GET", f"/orders/o{len(acknowledged)}")
     assert status == 404
+
+
+# --- the order of things with a data file -------------------------------------------------
+
+class SlowDisk(Journal):
+    """A data file whose commits take 0.2 s, as a slow fsync does; it notes when each ended."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.commits_ended: list[float] = []
+
+    def _commit(self, statements: list[Statement]) -> None:
+        time.sleep(0.2)
+        super()._commit(statements)
+        self.commits_ended.append(time.monotonic())
+
+
+class Recorder:
+    """A sink that notes when each event reached it."""
+
+    def __init__(self) -> None:
+        self.published: list[float] = []
+
+    def publish(self, channel: str, seq: int, frame: bytes, table_id: str | None) -> None:
+        self.published.append(time.monotonic())
+
+    def direct(self, store_id: str, holder: str, frame: bytes,
+               unless_on: tuple[str, ...], coalesce: str = "") -> None:
+        self.published.append(time.monotonic())
+
+    def has_subscribers(self, channel: str) -> bool:
+        return True
+
+    def lost(self, channel: str) -> None:
+        pass
+
+
+async def test_nothing_is_answered_read_or_published_before_it_is_on_disk(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "tablelock.db")
+    disk = SlowDisk(path)
+    backend = MemoryBackend(journal=disk)
+    sink = Recorder()
+    await backend.start(sink)
+    till = Terminal("till", "erp_main", "till", "s1")
+    await backend.apply("s1", "o1", Ingest(Order("o1", "t1", 1, 1000)), None)
+    written_before = len(disk.commits_ended)
+    sink.published.clear()
+    granting = asyncio.create_task(backend.apply("s1", "o1", Acquire("payment"), till))
+    await asyncio.sleep(0)  # the grant is now in memory, and on its way to the disk
+    read = await backend.read("s1", "o1")
+    granted = await granting
+    answered = time.monotonic()
+    assert read is not None and "payment" in read.locks
+    assert len(disk.commits_ended) == written_before + 1
+    on_disk = disk.commits_ended[-1]
+    assert on_disk <= answered
+    assert sink.published and min(sink.published) >= on_disk  # lock.acquired, on two channels
+    await backend.close()
+    restarted = MemoryBackend(journal=Journal(path))
+    await restarted.start(Recorder())
+    back = await restarted.read("s1", "o1")
+    assert granted.record is not None and back is not None
+    assert back.locks["payment"].token == granted.record.locks["payment"].token
+    await restarted.close()

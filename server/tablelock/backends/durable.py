@@ -61,7 +61,7 @@ Statement = tuple[str, tuple[Any, ...]]
 class Saved:
     """What the file held at start-up."""
 
-    records: list[OrderRecord]
+    records: dict[tuple[str, str], OrderRecord]  # (store_id, order_id) -> record
     configs: dict[str, StoreConfig]
     # store -> [(id, raw entry, unhandled)], oldest first: the newest `audit_size` entries of
     # each store and every unhandled one.
@@ -105,12 +105,13 @@ class Journal:
     def load(self, audit_size: int) -> Saved:
         """Read everything back, and drop the audit entries no longer listed."""
         db = self._db
-        records = [_record_decoder.decode(body) for (body,) in db.execute(
-            "SELECT body FROM record")]
+        rows = db.execute("SELECT store_id, order_id, body FROM record")
+        records = {(store_id, order_id): _record_decoder.decode(body)
+                   for store_id, order_id, body in rows}
         configs = {store: _config_decoder.decode(body) for store, body in db.execute(
             "SELECT store_id, body FROM config")}
         audit: dict[str, list[tuple[int, bytes, bool]]] = {}
-        latest = max((rec.fence for rec in records), default=0)
+        latest = max((rec.fence for rec in records.values()), default=0)
         db.execute("BEGIN")
         for (store_id,) in db.execute("SELECT DISTINCT store_id FROM audit").fetchall():
             oldest_listed = db.execute(

@@ -186,8 +186,8 @@ class MemoryBackend(Backend):
             self._restore(saved)
 
     def _restore(self, saved: Saved) -> None:
-        for rec in saved.records:
-            self._store((rec.store_id, rec.order_id), None, rec)
+        for key, rec in saved.records.items():
+            self._store(key, None, rec)
         self._configs.update(saved.configs)
         for store_id, rows in saved.audit.items():
             log = self._audit[store_id] = StoreAudit(self._audit_size)
@@ -208,10 +208,10 @@ class MemoryBackend(Backend):
         # now, so that a paying terminal gets its whole grace to come back (an h5 lock ends
         # at its TTL, as ever); then the rules decide what lapsed while the broker was down.
         now = self.clock.now()
-        for rec in self._records.values():
+        for (store_id, _), rec in self._records.items():
             for lock in rec.locks.values():
                 if lock.holder.role != "h5":
-                    self._offline.setdefault(rec.store_id, {})[holder_key(lock.holder)] = now
+                    self._offline.setdefault(store_id, {})[holder_key(lock.holder)] = now
         for store_id, order_id in list(self._records):
             self.apply_now(store_id, order_id, Tick(), None)
         await self._synced()
