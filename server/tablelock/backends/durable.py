@@ -105,9 +105,9 @@ class Journal:
     def load(self, audit_size: int) -> Saved:
         """Read everything back, and drop the audit entries no longer listed."""
         db = self._db
-        rows = db.execute("SELECT store_id, order_id, body FROM record")
         records = {(store_id, order_id): _record_decoder.decode(body)
-                   for store_id, order_id, body in rows}
+                   for store_id, order_id, body in db.execute(
+                       "SELECT store_id, order_id, body FROM record")}
         configs = {store: _config_decoder.decode(body) for store, body in db.execute(
             "SELECT store_id, body FROM config")}
         audit: dict[str, list[tuple[int, bytes, bool]]] = {}
@@ -120,10 +120,10 @@ class Journal:
             if oldest_listed is not None:
                 db.execute("DELETE FROM audit WHERE store_id = ? AND id < ? AND NOT unhandled",
                            (store_id, oldest_listed[0]))
-            rows = db.execute("SELECT id, body, unhandled FROM audit WHERE store_id = ? "
+            kept = db.execute("SELECT id, body, unhandled FROM audit WHERE store_id = ? "
                               "ORDER BY id", (store_id,)).fetchall()
-            audit[store_id] = [(i, body, bool(unhandled)) for i, body, unhandled in rows]
-            latest = max(latest, _audit_time_decoder.decode(rows[-1][1]).ts)
+            audit[store_id] = [(i, body, bool(unhandled)) for i, body, unhandled in kept]
+            latest = max(latest, _audit_time_decoder.decode(kept[-1][1]).ts)
         db.execute("COMMIT")
         (last_audit_id,) = db.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()
         return Saved(records, configs, audit, last_audit_id, latest)
