@@ -21,7 +21,7 @@ import pytest
 from tablelock.backends.durable import Journal, Statement
 from tablelock.backends.memory import MemoryBackend
 from tablelock.model import Order, Terminal
-from tablelock.rules import Acquire, Ingest
+from tablelock.rules import Acquire, Complete, Ingest, Release
 
 from .conftest import Store
 from .redis_support import RedisServer
@@ -401,4 +401,40 @@ async def test_nothing_is_answered_read_or_published_before_it_is_on_disk(
     back = await restarted.read("s1", "o1")
     assert granted.record is not None and back is not None
     assert back.locks["payment"].token == granted.record.locks["payment"].token
+    await restarted.close()
+
+
+async def test_the_data_file_keeps_the_bounded_audit_log_and_every_unhandled_rejection(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "tablelock.db")
+    backend = MemoryBackend(audit_size=3, journal=Journal(path))
+    await backend.start(Recorder())
+    till = Terminal("till", "erp_main", "till", "s1")
+    await backend.apply("s1", "o1", Ingest(Order("o1", "t1", 1, 1000)), till)
+    rejected = await backend.apply("s1", "o1", Complete(None, 9, 1000, "pos-1"), till)
+    assert rejected.refusal is not None
+    for _ in range(3):  # six entries more: the rejection leaves the bounded log, not the file
+        grant = await backend.apply("s1", "o1", Acquire("payment"), till)
+        assert grant.record is not None
+        token = grant.record.locks["payment"].token
+        await backend.apply("s1", "o1", Release("payment", token), till)
+    listed = await backend.audit("s1", None, 100)
+    assert len(listed) == 4  # the last three, and the rejection still unhandled
+    await backend.close()
+    for _ in range(2):  # read back, and read back what the first read-back kept
+        restarted = MemoryBackend(audit_size=3, journal=Journal(path))
+        await restarted.start(Recorder())
+        assert [(e.id, e.kind, e.handled) for e in await restarted.audit("s1", None, 100)] == [
+            (e.id, e.kind, e.handled) for e in listed]
+        assert [e.handled for e in listed if e.kind == "payment.rejected"] == [False]
+        await restarted.close()
+    restarted = MemoryBackend(audit_size=3, journal=Journal(path))
+    await restarted.start(Recorder())
+    (entry,) = await restarted.audit("s1", "payment.rejected", 10)
+    assert await restarted.mark_handled("s1", entry.id)
+    await restarted.close()
+    restarted = MemoryBackend(audit_size=3, journal=Journal(path))
+    await restarted.start(Recorder())
+    assert await restarted.audit("s1", "payment.rejected", 10) == []  # handled, then evicted
+    assert len(await restarted.audit("s1", None, 100)) == 3
     await restarted.close()
