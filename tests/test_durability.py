@@ -1,8 +1,9 @@
 """What survives a crash (docs/operations.md, "What survives a crash"): one test per line.
 
-Real broker processes, real `redis-server` processes, real SIGKILLs. Each test first writes
-the money records of a store (a payment lock held mid-payment, a paid order, payment
-rejections one of which was handled, a store config), kills a process, and reads them back.
+Real broker processes, real `redis-server` processes, real SIGKILLs. The crash tests first write
+the money records of a store (a payment lock held mid-payment, a paid order, payment rejections
+one of which was handled, a store config), kill a process, and read them back. The last tests
+run the memory backend in this process, to see the order of things around the data file.
 """
 
 from __future__ import annotations
@@ -221,6 +222,13 @@ async def test_memory_with_data_ends_an_h5_lock_at_its_ttl_not_at_a_grace(
 # --- the Redis backend ------------------------------------------------------------------
 
 @pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def aof_always(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "always", appendonly=True, appendfsync="always").start()
     yield server
@@ -243,9 +251,9 @@ async def ready(broker: BrokerProcess, timeout: float = 20) -> None:
 
 
 async def test_redis_broker_sigkill_loses_nothing_and_a_peer_ends_its_locks(
-        aof_everysec: RedisServer, broker_factory: BrokerFactory) -> None:
-    doomed = broker_factory(backend=aof_everysec.url).start()
-    peer = broker_factory(backend=aof_everysec.url).start()
+        redis: RedisServer, broker_factory: BrokerFactory) -> None:
+    doomed = broker_factory(backend=redis.url).start()
+    peer = broker_factory(backend=redis.url).start()
     money = await write_money(doomed)
     kill(doomed)
     await records_survived(peer, money)
@@ -254,7 +262,7 @@ async def test_redis_broker_sigkill_loses_nothing_and_a_peer_ends_its_locks(
     # the peer broker.
     store = unique()
     await manager_http(peer, store, "PUT", "/config", {"disconnect_grace_ms": 1_000})
-    doomed = broker_factory(backend=aof_everysec.url).start()
+    doomed = broker_factory(backend=redis.url).start()
     till = await erp(doomed.url, store)
     await till.request("order.publish", order=order("o1"), change="modify")
     held = await till.request("lock.acquire", order_id="o1", kind="payment")
