@@ -5,8 +5,8 @@ outlive the process: order records (locks, fencing counters, versions, payments)
 configs and the audit log with its handled flags. Presence, channel seqs and histories are
 not kept: after a restart every terminal is offline and every channel starts from the clock.
 
-A commit with `synchronous=FULL` waits for an fsync (about 6 ms on the first machine this ran
-on): done on the event loop, it would stall every connection. So writes are queued, one
+A commit with `synchronous=FULL` waits for an fsync (0.6 to 6 ms on the virtual disk this was
+measured on): done on the event loop, it would stall every connection. So writes are queued, one
 thread commits them in batches (a group commit: what queued during one fsync goes in the next),
 and whatever depends on them (replies, reads, published events) waits until the batch that
 holds them is on disk. Nothing acknowledged is lost; a write the process dies before syncing
