@@ -31,11 +31,12 @@ def free_cluster_port() -> int:
 
 class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False,
-                 cluster: bool = False) -> None:
+                 cluster: bool = False, appendfsync: str = "always") -> None:
         self.port = port or (free_cluster_port() if cluster else free_port())
         self.workdir = workdir
         self.appendonly = appendonly
         self.cluster = cluster
+        self.appendfsync = appendfsync  # always | everysec: when the AOF is fsynced
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,7 +48,7 @@ class RedisServer:
         cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
                "--save", "", "--dir", str(self.workdir),
                "--appendonly", "yes" if self.appendonly else "no",
-               "--appendfsync", "always"]
+               "--appendfsync", self.appendfsync]
         if self.cluster:
             cmd += ["--cluster-enabled", "yes",
                     "--cluster-config-file", f"nodes-{self.port}.conf",

@@ -26,3 +26,14 @@ def test_quick_store_runs_without_errors(tmp_path: Path) -> None:
         assert row["connections"] == 10 * (3 + 10 * 2 + 2)  # the quick store
         assert row["pairs"] > 0 and row["fanout_ms"]["n"] > 0
     assert (tmp_path / "RESULTS.md").read_text().startswith("# tablelock benchmark results")
+
+
+def test_the_data_file_bench_runs(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "bench.durable", "--seconds", "0.2", "--dir", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.rsplit(maxsplit=3) for line in done.stdout.splitlines()[2:]]
+    backends = ("memory", "memory + data FULL", "memory + data NORMAL")
+    assert [(row[0], row[1]) for row in rows] == [
+        (backend, actors) for actors in ("1", "64") for backend in backends]
+    assert all(float(row[2].replace(",", "")) > 0 for row in rows)  # pairs/s

@@ -28,11 +28,15 @@ REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://
 
 
 def make_backend(settings: Settings) -> Backend:
+    if settings.data and settings.backend != "memory":
+        raise SettingsError("--data keeps the memory backend's state: Redis keeps its own")
     if settings.backend == "memory":
+        from .backends.durable import Journal
         from .backends.memory import MemoryBackend
 
         return MemoryBackend(settings.history_size, settings.audit_size,
-                             settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal)
+                             settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal,
+                             Journal(settings.data) if settings.data else None)
     if settings.backend.startswith(REDIS_SCHEMES):
         try:
             from .backends.redis import RedisBackend

@@ -52,7 +52,8 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:
-    settings = Settings.from_env(host=args.host, port=args.port, backend=args.backend)
+    settings = Settings.from_env(host=args.host, port=args.port, backend=args.backend,
+                                 data=getattr(args, "data", None))
     if args.secret:
         settings.secrets = [s for s in args.secret.split(",") if s]
     if not settings.secrets:
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("--port", type=port_flag, help="0 to 65535; 0: any free port")
     p_serve.add_argument("--backend", help="memory (default) or a redis:// URL")
     p_serve.add_argument("--secret", help="token secret(s), comma-separated; first signs")
+    p_serve.add_argument("--data", help="memory backend: keep its state in this SQLite file")
     p_serve.set_defaults(run=serve)
 
     p_demo = commands.add_parser("demo", help="a broker, a simulated store and the dashboard")

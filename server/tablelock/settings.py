@@ -26,6 +26,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     backend: str = "memory"
+    # The memory backend's write-ahead SQLite file ("": none, state dies with the process).
+    data: str = ""
     secrets: list[str] = field(default_factory=list)
     hello_timeout_s: float = 10.0
     heartbeat_ms: int = 20_000

@@ -4,6 +4,9 @@ Atomicity comes from the event loop: `apply` never awaits between reading a
 record and publishing its events. Deadlines are loop timers (`call_at`), one
 per order that has one, so nothing polls; a timer only wakes the record and
 `rules.step` decides what lapsed.
+
+With a data file (`--data`, durable.py), every change is also queued to the file, and what
+depends on it (the reply, a read, an event) waits until it is on disk.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..protocol import (
 from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
 from .base import (
     Backend,
+    EventSink,
     Numbered,
     best_for_table,
     first_seq,
@@ -38,16 +42,20 @@ from .base import (
     unhandled_for,
     untracked,
 )
+from .durable import AfterSync, Journal, Saved
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 _NONE: frozenset[str] = frozenset()
 
 
 class MonotonicClock:
-    """Epoch milliseconds that never go back: wall time at start plus monotonic time since."""
+    """Epoch milliseconds that never go back: wall time at start plus monotonic time since.
 
-    def __init__(self) -> None:
-        self._wall0 = time.time()
+    `after_ms`: a time the clock must start past (the latest one a data file records), so
+    that tokens keep increasing across a restart even if the wall clock went back."""
+
+    def __init__(self, after_ms: int = 0) -> None:
+        self._wall0 = max(time.time(), (after_ms + 1) / 1000)
         self._mono0 = time.monotonic()
 
     def now(self) -> int:
@@ -151,8 +159,10 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 class MemoryBackend(Backend):
     def __init__(self, history_size: int = 512, audit_size: int = 10_000,
                  h5_presence_linger_ms: int = 3_000, max_unhandled_per_terminal: int = 100,
-                 ) -> None:
-        self.clock = MonotonicClock()
+                 journal: Journal | None = None) -> None:
+        self._journal = journal
+        saved = journal.load(audit_size) if journal is not None else None
+        self.clock = MonotonicClock(saved.latest_ms if saved is not None else 0)
         self._linger_s = h5_presence_linger_ms / 1000
         self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._max_unhandled = max_unhandled_per_terminal
@@ -172,18 +182,67 @@ class MemoryBackend(Backend):
         self._audit: dict[str, StoreAudit] = {}
         self._audit_seq = 0
         self._default_config = StoreConfig()
+        if saved is not None:
+            self._restore(saved)
+
+    def _restore(self, saved: Saved) -> None:
+        for key, rec in saved.records.items():
+            self._store(key, None, rec)
+        self._configs.update(saved.configs)
+        for store_id, rows in saved.audit.items():
+            log = self._audit[store_id] = StoreAudit(self._audit_size)
+            for entry_id, raw, unhandled in rows:
+                log.entries.append(raw)
+                if unhandled:
+                    pin = unhandled_for(_audit_decoder.decode(raw))
+                    log.unhandled[str(entry_id)] = raw
+                    log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
+        self._audit_seq = saved.last_audit_id
+
+    async def start(self, sink: EventSink) -> None:
+        if self._journal is None:
+            await super().start(sink)
+            return
+        await super().start(AfterSync(sink, self._journal))
+        # Nobody is connected after a restart: the holders of restored locks went offline
+        # now, so that a paying terminal gets its whole grace to come back (an h5 lock ends
+        # at its TTL, as ever); then the rules decide what lapsed while the broker was down.
+        now = self.clock.now()
+        for (store_id, _), rec in self._records.items():
+            for lock in rec.locks.values():
+                if lock.holder.role != "h5":
+                    self._offline.setdefault(store_id, {})[holder_key(lock.holder)] = now
+        for store_id, order_id in list(self._records):
+            self.apply_now(store_id, order_id, Tick(), None)
+        await self._synced()
+
+    async def ready(self) -> bool:
+        return self._journal is None or self._journal.failed is None
+
+    async def _synced(self) -> None:
+        """With a data file: until what was done so far is on disk, so that nothing is
+        answered or shown before it would survive a crash."""
+        if self._journal is not None:
+            await self._journal.synced()
 
     async def now(self) -> int:
         return self.clock.now()
 
     async def close(self) -> None:
         self._deadlines.close()
+        if self._journal is not None:
+            await self._journal.close()
 
     # --- transitions -----------------------------------------------------------
 
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
-        return self.apply_now(store_id, order_id, command, actor)
+        if self._journal is None:
+            return self.apply_now(store_id, order_id, command, actor)
+        self._journal.check()
+        out = self.apply_now(store_id, order_id, command, actor)
+        await self._journal.synced()
+        return out
 
     def apply_now(self, store_id: str, order_id: str, command: Command,
                   actor: Terminal | None) -> Outcome:
@@ -195,6 +254,8 @@ class MemoryBackend(Backend):
         out = step(before, command, ctx)
         if out.changed:
             self._store(key, before, out.record)
+            if self._journal is not None:
+                self._journal.put_record(store_id, order_id, out.record)
         self._publish(store_id, order_id, out)
         self._deadlines.set(key, out.deadline)
         observe(store_id, order_id, out, ctx.now, started, type(command).__name__)
@@ -234,6 +295,8 @@ class MemoryBackend(Backend):
             self._holdings.setdefault((store_id, holder), set()).add(order_id)
 
     def _publish(self, store_id: str, order_id: str, out: Outcome) -> None:
+        if out.audit:  # first: with a data file, what is sent below waits for its entries too
+            self._append_audit(store_id, out.audit)
         if out.events:
             channels = (order_channel(store_id, order_id), store_channel(store_id))
             for event in out.events:
@@ -246,8 +309,6 @@ class MemoryBackend(Backend):
         for holder, event in out.direct:
             self.sink.direct(store_id, holder, direct_frame(event), (),
                              coalescing_key(event))
-        if out.audit:
-            self._append_audit(store_id, out.audit)
 
     def _channel(self, name: str) -> Channel:
         channel = self._channels.get(name)
@@ -273,12 +334,18 @@ class MemoryBackend(Backend):
     # --- store state --------------------------------------------------------------
 
     async def get_config(self, store_id: str) -> StoreConfig:
-        return self._configs.get(store_id, self._default_config)
+        config = self._configs.get(store_id, self._default_config)
+        await self._synced()
+        return config
 
     async def _put_config(self, store_id: str, config: StoreConfig) -> None:
+        if self._journal is not None:
+            self._journal.check()
+            self._journal.put_config(store_id, config)
         self._configs[store_id] = config
         # The grace may have changed: every deadline of the store is recomputed.
         self._retick(store_id, self._orders_of_store.get(store_id, ()))
+        await self._synced()
 
     async def publish_store_event(self, store_id: str, event: Event) -> None:
         self._number(store_channel(store_id), event_body(event))
@@ -287,11 +354,14 @@ class MemoryBackend(Backend):
         return list(self._orders_of_store.get(store_id, ()))
 
     async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
-        return self._records.get((store_id, order_id))
+        rec = self._records.get((store_id, order_id))
+        await self._synced()
+        return rec
 
     async def find_order(self, store_id: str, table_id: str) -> str | None:
         order_ids = self._orders_of_table.get((store_id, table_id), ())
         best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
+        await self._synced()
         return best.order_id if best else None
 
     async def snapshot(self, channel: str) -> tuple[int, Any]:
@@ -311,7 +381,9 @@ class MemoryBackend(Backend):
                     locks.extend(rec.locks.values())
             terminals = [t for t, _ in self._online.get(store_id, {}).values()]
             snap = StoreSnapshot(orders, locks, terminals)
-        return self._channel(channel).seq, snap
+        seq = self._channel(channel).seq
+        await self._synced()
+        return seq, snap
 
     def channel_idle(self, channel: str) -> None:
         """An order channel numbers nothing until its order exists: one subscribed to for an
@@ -333,7 +405,9 @@ class MemoryBackend(Backend):
         oldest = history[0].seq if history else seq + 1
         if since + 1 < oldest:
             return None
-        return [entry for entry in history if entry.seq > since]
+        missed = [entry for entry in history if entry.seq > since]
+        await self._synced()
+        return missed
 
     # --- presence -------------------------------------------------------------------
 
@@ -410,6 +484,11 @@ class MemoryBackend(Backend):
                 entry, pin = untracked(entry), ""
             entry.id = str(self._audit_seq)
             raw = _audit_encoder.encode(entry)
+            if self._journal is not None:
+                if len(log.entries) == log.entries.maxlen:
+                    evicted = _audit_decoder.decode(log.entries[0]).id
+                    self._journal.evict_audit(store_id, int(evicted))
+                self._journal.add_audit(store_id, self._audit_seq, raw, bool(pin))
             log.entries.append(raw)
             if pin:
                 log.unhandled[entry.id] = raw
@@ -427,11 +506,10 @@ class MemoryBackend(Backend):
 
     async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
         log = self._audit.get(store_id)
-        if log is None:
-            return []
-        entries = self._entries(log)
+        entries = self._entries(log) if log is not None else []
         if kind:
             entries = [e for e in entries if e.kind == kind]
+        await self._synced()
         return entries[:limit]
 
     async def mark_handled(self, store_id: str, entry_id: str) -> bool:
@@ -446,5 +524,8 @@ class MemoryBackend(Backend):
                 log.unhandled_by[pin] = left
             else:
                 log.unhandled_by.pop(pin, None)
+            if self._journal is not None:
+                self._journal.mark_handled(store_id, int(entry_id))
+                await self._journal.synced()
             return True
         return any(entry.id == entry_id for entry in self._entries(log))
