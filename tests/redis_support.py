@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .support import free_port
@@ -84,3 +87,98 @@ def create_cluster(nodes: list[RedisServer]) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("the Redis Cluster did not become ready")
+
+
+Action = Callable[[], Awaitable[None]]
+
+
+class RedisProxy:
+    """A TCP proxy in front of a redis-server that lands a fault on one chosen command.
+
+    `arm` names the bytes a command must contain (say an order id and an event name, which
+    only that order's commit carries). When such a command passes, `action` runs: with
+    `after=False` before the command goes on to Redis; with `after=True` once Redis's reply
+    to it is back, and that reply is then dropped, as when Redis dies or stalls after
+    running a command and before its reply reaches the client."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._armed: tuple[tuple[bytes, ...], Action, bool, asyncio.Event] | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def start(self) -> RedisProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def arm(self, marks: tuple[bytes, ...], action: Action, after: bool) -> asyncio.Event:
+        """Fault the next command holding every one of `marks`; the event is set once the
+        action has run."""
+        fired = asyncio.Event()
+        self._armed = (marks, action, after, fired)
+        return fired
+
+    async def closed(self) -> None:
+        """Until every connection open now has ended (both of its ends closed)."""
+        if self._sessions:
+            await asyncio.wait(set(self._sessions), timeout=10)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = asyncio.current_task()
+        assert session is not None
+        self._sessions.add(session)  # type: ignore[arg-type]
+        try:
+            await self._pump(reader, writer)
+        finally:
+            self._sessions.discard(session)  # type: ignore[arg-type]
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        on_reply: list[tuple[Action, asyncio.Event]] = []
+
+        async def requests() -> None:
+            while data := await reader.read(1 << 16):
+                armed = self._armed
+                if armed is not None and all(mark in data for mark in armed[0]):
+                    self._armed = None
+                    _, action, after, fired = armed
+                    if after:
+                        on_reply.append((action, fired))
+                    else:
+                        await action()
+                        fired.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def replies() -> None:
+            while data := await up_reader.read(1 << 16):
+                if on_reply:
+                    action, fired = on_reply.pop()
+                    await action()
+                    fired.set()
+                    continue  # the reply is lost
+                writer.write(data)
+                await writer.drain()
+
+        pumps = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for pump in pumps:
+            pump.cancel()
+        for stream in (writer, up_writer):
+            stream.close()

@@ -165,6 +165,14 @@ class _Unanswered(Exception):
     """A write left for Redis and no reply came back: it may have been applied."""
 
 
+class _Void(Exception):
+    """A commit whose reply was lost did not apply, and now never will."""
+
+    def __init__(self, sent_at: float) -> None:
+        super().__init__("void")
+        self.sent_at = sent_at
+
+
 def _text(value: str | bytes | int) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -312,60 +320,89 @@ class RedisBackend(Backend):
         try:
             return await self._apply(store_id, order_id, command, actor)
         except (RedisError, OSError, TimeoutError) as exc:  # reads only: commits raise ours
+            log.warning("DEBUG apply", exc_info=True)
             raise Unavailable(str(exc) or type(exc).__name__) from None
 
     async def _apply(self, store_id: str, order_id: str, command: Command,
                      actor: Terminal | None) -> Outcome:
         started = time.perf_counter()
         key = (store_id, order_id)
-        keys = self.keys(store_id)
         if self._offset_ms is None:
             await self.now()
-        for _ in range(MAX_ATTEMPTS):
-            cached = self._records.get(key)
-            state = self._states.get(store_id)
-            if cached is None or state is None:
-                await self._guard(self._load(keys, key))
-                continue
-            rec_rev, record = cached
-            now = self._now()
-            out = step(record, command, Context(now, state.config, actor, state.offline))
-            commit_id = secrets.token_hex(8)
-            wait = self._wait_replicas > 0 and any(e.event in DURABLE_EVENTS
-                                                   for e in out.events)
-            sent_at = time.monotonic()
+        # Once a commit was found void, Redis has just answered: a failure that follows is
+        # likely passing, so decide afresh until the resolve bound rather than give up.
+        retry_until: float | None = None
+        delay = 0.05
+        attempts = 0
+        while attempts < MAX_ATTEMPTS:
             try:
-                reply, replicated = await self._commit(keys, order_id, commit_id, rec_rev,
-                                                       state.rev, now, record, out, wait)
-            except _Unanswered as lost:
-                log.warning("commit %s of %s unanswered (%s): resolving", commit_id, order_id,
-                            lost)
-                self._records.pop(key, None)  # whatever happened, the cache can't know it
-                applied, replicated = await self._resolve(keys, order_id, commit_id, sent_at,
-                                                          wait)
-                metrics.REDIS_EVENTS.labels("commit_applied" if applied else
-                                            "commit_void").inc()
-                if not applied:
-                    continue  # nothing changed: decide afresh, as a first attempt would
-                reply = [1, now]
-            if reply[0] == 2:  # already known to the log: never when sent once (see COMMIT)
-                raise OutcomeUnknown(f"commit {commit_id} was already decided")
-            if reply[0] == 1:
-                self._learn_time(int(reply[1]))
-                if out.changed and len(reply) > 2:
-                    self._records[key] = (_text(reply[2]), out.record)
-                if self._cluster and out.deadline is not None:
-                    await self._index_deadline(store_id, out.deadline)
-                observe(store_id, order_id, out, int(reply[1]), started, type(command).__name__)
-                if not replicated:
-                    raise OutcomeUnknown(f"no replica confirmed commit {commit_id} within "
-                                         f"{self._wait_timeout_ms} ms")
+                out = await self._attempt(key, command, actor, started)
+            except _Void as void:
+                if retry_until is None:
+                    retry_until = void.sent_at + RESOLVE_WITHIN_S
+                if time.monotonic() >= retry_until:
+                    raise Unavailable("the commit was void; Redis is unsteady") from None
+                continue
+            except OutcomeUnknown:
+                raise
+            except Unavailable as exc:
+                log.warning("DEBUG attempt failed %r %s", exc, retry_until)
+                if retry_until is None or time.monotonic() >= retry_until:
+                    raise
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+                continue
+            if out is not None:
                 return out
+            attempts += 1
+        raise Unavailable("too much contention on one order")
+
+    async def _attempt(self, key: tuple[str, str], command: Command, actor: Terminal | None,
+                       started: float) -> Outcome | None:
+        """Step the order and commit it: the outcome, or None when the compare-and-set
+        refused (the fresh values are cached: step again)."""
+        store_id, order_id = key
+        keys = self.keys(store_id)
+        cached = self._records.get(key)
+        state = self._states.get(store_id)
+        if cached is None or state is None:
+            await self._guard(self._load(keys, key))
+            return None
+        rec_rev, record = cached
+        now = self._now()
+        out = step(record, command, Context(now, state.config, actor, state.offline))
+        commit_id = secrets.token_hex(8)
+        wait = self._wait_replicas > 0 and any(e.event in DURABLE_EVENTS for e in out.events)
+        sent_at = time.monotonic()
+        try:
+            reply, replicated = await self._commit(keys, order_id, commit_id, rec_rev,
+                                                   state.rev, now, record, out, wait)
+        except _Unanswered as lost:
+            log.warning("commit %s of %s unanswered (%s): resolving", commit_id, order_id, lost)
+            self._records.pop(key, None)  # whatever happened, the cache can't know it
+            applied, replicated = await self._resolve(keys, order_id, commit_id, sent_at, wait)
+            metrics.REDIS_EVENTS.labels("commit_applied" if applied else "commit_void").inc()
+            if not applied:  # nothing changed: decide afresh, as a first attempt would
+                raise _Void(sent_at) from None
+            reply = [1, now]
+        if reply[0] == 2:  # already known to the log: never when sent once (see COMMIT)
+            raise OutcomeUnknown(f"commit {commit_id} was already decided")
+        if reply[0] == 0:
             _, real, new_rev, raw, fields = reply
             self._learn_time(int(real), reset=True)
             self._records[key] = (_text(new_rev), _record_decoder.decode(raw) if raw else None)
             self._states[store_id] = _state_of(fields)
-        raise Unavailable("too much contention on one order")
+            return None
+        self._learn_time(int(reply[1]))
+        if out.changed and len(reply) > 2:
+            self._records[key] = (_text(reply[2]), out.record)
+        if self._cluster and out.deadline is not None:
+            await self._index_deadline(store_id, out.deadline)
+        observe(store_id, order_id, out, int(reply[1]), started, type(command).__name__)
+        if not replicated:
+            raise OutcomeUnknown(f"no replica confirmed commit {commit_id} within "
+                                 f"{self._wait_timeout_ms} ms")
+        return out
 
     async def _index_deadline(self, store_id: str, deadline: int) -> None:
         """Lower the store's entry in the global deadline index (Cluster: not in the script).
@@ -429,7 +466,7 @@ class RedisBackend(Backend):
                     [commit_id, COMMIT_LOG_MS], wait)
                 return _text(verdict) == "applied", replicated
             except (Unavailable, _Unanswered) as exc:
-                log.debug("commit %s not resolved yet: %s", commit_id, exc)
+                log.warning("DEBUG commit %s not resolved yet: %r", commit_id, exc)
             left = sent_at + RESOLVE_WITHIN_S - time.monotonic()
             if left <= 0:
                 raise OutcomeUnknown(f"commit {commit_id} unresolved after "
@@ -490,16 +527,28 @@ class RedisBackend(Backend):
 
     async def _connection(self, route_key: str) -> tuple[Any, Callable[[Any], Awaitable[None]]]:
         """A connected connection to the master of `route_key`, and how to give it back."""
+        release: Callable[[Any], Awaitable[None]]
         if not self._cluster:
             pool = self._redis.connection_pool
-            return await pool.get_connection(), pool.release
-        await self._redis.initialize()
-        node = self._redis.get_node_from_key(route_key)
-        conn = node.acquire_connection()
-        await conn.connect()
+            conn, release = await pool.get_connection(), pool.release
+        else:
+            await self._redis.initialize()
+            node = self._redis.get_node_from_key(route_key)
+            conn = node.acquire_connection()
 
-        async def release(connection: Any) -> None:
-            node.release(connection)
+            async def release(connection: Any) -> None:
+                node.release(connection)
+        try:
+            await conn.connect()
+            # A pooled connection the server closed (or with a stray reply) must not carry
+            # the write: its failure would leave the outcome unknown. The pool does not
+            # always check: replace it now, while a failure still means nothing was sent.
+            if await conn.can_read():
+                await conn.disconnect()
+                await conn.connect()
+        except BaseException:
+            await release(conn)
+            raise
         return conn, release
 
     # --- store state ---------------------------------------------------------------------

@@ -1,0 +1,194 @@
+"""A reply is the truth (PROTOCOL.md section 7, invariant 9.8), against real Redis faults.
+
+A proxy between the broker and redis-server lands each fault on one chosen commit: Redis
+SIGKILLed (on an `appendfsync always` AOF) or SIGSTOPped for 0.6 s, either before the
+commit reaches it or after it ran the commit and before its reply got back. Every round
+checks the broker's answer against what Redis really holds afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .redis_support import RedisProxy, RedisServer
+from .support import BrokerProcess, WsClient, mint, order, unique
+
+BrokerFactory = Callable[..., BrokerProcess]
+STALL_S = 0.6  # longer than the Redis client's 0.4 s socket timeout
+
+
+@pytest.fixture
+async def aof_redis(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, RedisProxy]]:
+    redis = RedisServer(tmp_path / "aof", appendonly=True).start()
+    proxy = await RedisProxy(redis.port).start()
+    yield redis, proxy
+    await proxy.stop()
+    redis.stop()
+
+
+async def start(broker: BrokerProcess) -> BrokerProcess:
+    """Start a broker without blocking this loop, which runs the proxy it connects through."""
+    return await asyncio.to_thread(broker.start)
+
+
+async def erp(url: str, store: str, sub: str, role: str = "erp_main") -> WsClient:
+    return await WsClient.connect(url, mint(store, role, sub))
+
+
+def stall(redis: RedisServer) -> Callable[[], Any]:
+    """SIGSTOP Redis now and SIGCONT it STALL_S later, without holding up the proxy."""
+    async def action() -> None:
+        assert redis.proc is not None
+        pid = redis.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(STALL_S, os.kill, pid, signal.SIGCONT)
+    return action
+
+
+def kill_and_restart(redis: RedisServer, down_s: float = 0.0) -> Callable[[], Any]:
+    """SIGKILL Redis, and bring it back on the same AOF and port `down_s` later."""
+    async def action() -> None:
+        await asyncio.to_thread(redis.stop)  # SIGKILL
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(redis.start)
+    return action
+
+
+async def wait_restarted(redis: RedisServer) -> None:
+    deadline = time.monotonic() + 20
+    while redis.proc is None:
+        assert time.monotonic() < deadline, "redis did not come back"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_commit_applied_before_redis_died_is_answered_as_applied(
+        aof_redis: tuple[RedisServer, RedisProxy], broker_factory: BrokerFactory) -> None:
+    """Redis runs the grant (fsynced to the AOF), dies before its reply reaches the broker,
+    restarts on the same AOF: the broker answers the grant, with the token Redis holds."""
+    redis, proxy = aof_redis
+    broker = await start(broker_factory(backend=proxy.url))
+    watching = await start(broker_factory(backend=redis.url))  # events reach other brokers too
+    store = unique()
+    cashier = await erp(broker.url, store, "cashier")
+    second = await erp(broker.url, store, "second", role="erp_secondary")
+    manager = await WsClient.connect(watching.url, mint(store, "manager", "boss"))
+    for n in range(4):
+        order_id = f"kill{n}x"
+        assert (await cashier.request("order.publish", order=order(order_id),
+                                      change="modify"))["ok"]
+        await manager.request("subscribe", channel=f"order:{store}:{order_id}")
+        # Rounds 0 and 2: the kill lands after Redis ran the commit; 1 and 3: before it.
+        after = n % 2 == 0
+        fired = proxy.arm((order_id.encode(), b"lock.acquired"), kill_and_restart(redis),
+                          after=after)
+        granted = await cashier.request("lock.acquire", order_id=order_id, kind="payment",
+                                        timeout=15)
+        assert granted["ok"], (n, granted)
+        assert fired.is_set()
+        token = granted["lock"]["token"]
+        await wait_restarted(redis)
+        held = await cashier.request("order.get", order_id=order_id, timeout=15)
+        assert [lock["token"] for lock in held["locks"]] == [token], (n, held)
+        channel = f"order:{store}:{order_id}"
+        event = await manager.event("lock.acquired", timeout=15,
+                                    where=lambda e: e["channel"] == channel)
+        assert event["lock"]["token"] == token
+        # The same for a force: it comes back forced, and the holder lost its lock.
+        fired = proxy.arm((order_id.encode(), b"lock.forced"), kill_and_restart(redis),
+                          after=after)
+        forced = await second.request("lock.acquire", order_id=order_id, kind="payment",
+                                      force=True, timeout=15)
+        assert forced["ok"], (n, forced)
+        assert fired.is_set()
+        assert [lock["token"] for lock in forced["forced"]] == [token], (n, forced)
+        await wait_restarted(redis)
+        held = await cashier.request("order.get", order_id=order_id, timeout=15)
+        assert [lock["token"] for lock in held["locks"]] == [forced["lock"]["token"]]
+    for client in (cashier, second, manager):
+        await client.close()
+
+
+async def test_a_commit_unresolved_for_5_s_is_answered_outcome_unknown(
+        aof_redis: tuple[RedisServer, RedisProxy], broker_factory: BrokerFactory) -> None:
+    """Redis ran the grant and stays down past 5 s: UNAVAILABLE with outcome unknown, never
+    a plain UNAVAILABLE; back up, Redis holds the grant, as `unknown` allowed."""
+    redis, proxy = aof_redis
+    broker = await start(broker_factory(backend=proxy.url))
+    store = unique()
+    cashier = await erp(broker.url, store, "cashier")
+    assert (await cashier.request("order.publish", order=order("o1"), change="modify"))["ok"]
+    fired = proxy.arm((b"o1", b"lock.acquired"), kill_and_restart(redis, down_s=7),
+                      after=True)
+    started = time.monotonic()
+    reply = await cashier.request("lock.acquire", order_id="o1", kind="payment", timeout=15)
+    assert fired.is_set()
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "UNAVAILABLE"
+    assert reply["error"]["outcome"] == "unknown"
+    assert time.monotonic() - started >= 5
+    await wait_restarted(redis)
+    held = await cashier.request("order.get", order_id="o1", timeout=15)
+    assert len(held["locks"]) == 1 and held["locks"][0]["holder"]["terminal_id"] == "cashier"
+    await cashier.close()
+
+
+async def test_a_write_never_sent_is_plain_unavailable(
+        aof_redis: tuple[RedisServer, RedisProxy], broker_factory: BrokerFactory) -> None:
+    """Redis down before the request: nothing can have changed, so no `outcome`."""
+    redis, proxy = aof_redis
+    broker = await start(broker_factory(backend=proxy.url))
+    store = unique()
+    cashier = await erp(broker.url, store, "cashier")
+    assert (await cashier.request("order.publish", order=order("o1"), change="modify"))["ok"]
+    redis.stop()
+    await proxy.closed()  # as when the broker talks to Redis directly: its sockets see it die
+    reply = await cashier.request("lock.acquire", order_id="o1", kind="payment")
+    assert reply["error"]["code"] == "UNAVAILABLE"
+    assert reply["error"].get("outcome") is None
+    await cashier.close()
+
+
+async def test_a_stalled_redis_never_turns_a_release_or_a_force_into_another_answer(
+        aof_redis: tuple[RedisServer, RedisProxy], broker_factory: BrokerFactory) -> None:
+    """SIGSTOP for 0.6 s around a commit, 30 rounds: a holder's release with its current
+    token is answered ok (never FENCED) and frees the lock; a force comes back `forced`."""
+    redis, proxy = aof_redis
+    broker = await start(broker_factory(backend=proxy.url))
+    store = unique()
+    cashier = await erp(broker.url, store, "cashier")
+    second = await erp(broker.url, store, "second", role="erp_secondary")
+    for n in range(30):
+        order_id = f"stall{n}x"
+        assert (await cashier.request("order.publish", order=order(order_id),
+                                      change="modify"))["ok"]
+        held = await cashier.request("lock.acquire", order_id=order_id, kind="payment")
+        assert held["ok"], (n, held)
+        token = held["lock"]["token"]
+        after = (n // 2) % 2 == 0  # the stall lands after Redis ran the commit, or before
+        if n % 2 == 0:
+            fired = proxy.arm((order_id.encode(), b"lock.released"), stall(redis), after)
+            released = await cashier.request("lock.release", order_id=order_id,
+                                             kind="payment", token=token, timeout=15)
+            assert fired.is_set()
+            assert released["ok"], (n, after, released)
+            left = await cashier.request("order.get", order_id=order_id)
+            assert left["locks"] == [], (n, left)
+        else:
+            fired = proxy.arm((order_id.encode(), b"lock.forced"), stall(redis), after)
+            forced = await second.request("lock.acquire", order_id=order_id, kind="payment",
+                                          force=True, timeout=15)
+            assert fired.is_set()
+            assert forced["ok"], (n, after, forced)
+            assert [lock["token"] for lock in forced.get("forced") or []] == [token], (n, forced)
+            left = await cashier.request("order.get", order_id=order_id)
+            assert [lock["token"] for lock in left["locks"]] == [forced["lock"]["token"]]
+    await cashier.close()
+    await second.close()
