@@ -107,6 +107,7 @@ class RedisProxy:
         self._server: asyncio.Server | None = None
         self._armed: tuple[tuple[bytes, ...], Action, bool, asyncio.Event] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self._actions: set[asyncio.Future[None]] = set()
 
     @property
     def url(self) -> str:
@@ -134,6 +135,17 @@ class RedisProxy:
         if self._sessions:
             await asyncio.wait(set(self._sessions), timeout=10)
 
+    async def _run(self, action: Action, fired: asyncio.Event) -> None:
+        """Run an action to its end even if the connection that met it closes meanwhile
+        (a SIGKILL closes it at once)."""
+        async def run() -> None:
+            await action()
+            fired.set()
+        task = asyncio.ensure_future(run())
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+        await asyncio.shield(task)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = asyncio.current_task()
         assert session is not None
@@ -160,8 +172,7 @@ class RedisProxy:
                     if after:
                         on_reply.append((action, fired))
                     else:
-                        await action()
-                        fired.set()
+                        await self._run(action, fired)
                 up_writer.write(data)
                 await up_writer.drain()
 
@@ -169,8 +180,7 @@ class RedisProxy:
             while data := await up_reader.read(1 << 16):
                 if on_reply:
                     action, fired = on_reply.pop()
-                    await action()
-                    fired.set()
+                    await self._run(action, fired)
                     continue  # the reply is lost
                 writer.write(data)
                 await writer.drain()

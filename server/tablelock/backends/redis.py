@@ -320,7 +320,6 @@ class RedisBackend(Backend):
         try:
             return await self._apply(store_id, order_id, command, actor)
         except (RedisError, OSError, TimeoutError) as exc:  # reads only: commits raise ours
-            log.warning("DEBUG apply", exc_info=True)
             raise Unavailable(str(exc) or type(exc).__name__) from None
 
     async def _apply(self, store_id: str, order_id: str, command: Command,
@@ -345,8 +344,7 @@ class RedisBackend(Backend):
                 continue
             except OutcomeUnknown:
                 raise
-            except Unavailable as exc:
-                log.warning("DEBUG attempt failed %r %s", exc, retry_until)
+            except Unavailable:
                 if retry_until is None or time.monotonic() >= retry_until:
                     raise
                 await asyncio.sleep(delay * (1 + random.random()))
@@ -466,7 +464,7 @@ class RedisBackend(Backend):
                     [commit_id, COMMIT_LOG_MS], wait)
                 return _text(verdict) == "applied", replicated
             except (Unavailable, _Unanswered) as exc:
-                log.warning("DEBUG commit %s not resolved yet: %r", commit_id, exc)
+                log.debug("commit %s not resolved yet: %s", commit_id, exc)
             left = sent_at + RESOLVE_WITHIN_S - time.monotonic()
             if left <= 0:
                 raise OutcomeUnknown(f"commit {commit_id} unresolved after "
