@@ -67,6 +67,11 @@ class RedisServer:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server did not start on {self.port}")
 
+    def knows_replica(self, port: int) -> bool:
+        out = subprocess.run([REDIS_CLI, "-p", str(self.port), "sentinel", "replicas",
+                              self.name], capture_output=True, text=True, timeout=5).stdout
+        return str(port) in out.split()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -192,3 +197,65 @@ class RedisProxy:
             pump.cancel()
         for stream in (writer, up_writer):
             stream.close()
+
+
+def replicate(replica: RedisServer, master: RedisServer) -> None:
+    """Make `replica` replicate `master`, and wait until its link is up."""
+    subprocess.run([REDIS_CLI, "-p", str(replica.port), "replicaof", "127.0.0.1",
+                    str(master.port)], check=True, stdout=subprocess.DEVNULL, timeout=5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = subprocess.run([REDIS_CLI, "-p", str(replica.port), "info", "replication"],
+                             capture_output=True, text=True, timeout=5).stdout
+        if "master_link_status:up" in out:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the replica did not catch up with its master")
+
+
+class SentinelServer:
+    """A redis-server in sentinel mode watching one master, quick to fail it over."""
+
+    def __init__(self, workdir: Path, master_port: int, name: str = "tl") -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.master_port = master_port
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SentinelServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / f"sentinel-{self.port}.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\n"
+                        f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n"
+                        f"sentinel down-after-milliseconds {self.name} 1000\n"
+                        f"sentinel failover-timeout {self.name} 5000\n")
+        self.proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while self.current_master() != self.master_port:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinel did not start")
+            time.sleep(0.05)
+        return self
+
+    def current_master(self) -> int | None:
+        """The port of the master the sentinel names now."""
+        try:
+            out = subprocess.run([REDIS_CLI, "-p", str(self.port), "sentinel",
+                                  "get-master-addr-by-name", self.name],
+                                 capture_output=True, text=True, timeout=5).stdout.split()
+        except subprocess.TimeoutExpired:
+            return None
+        return int(out[1]) if len(out) == 2 and out[1].isdigit() else None
+
+    def knows_replica(self, port: int) -> bool:
+        out = subprocess.run([REDIS_CLI, "-p", str(self.port), "sentinel", "replicas",
+                              self.name], capture_output=True, text=True, timeout=5).stdout
+        return str(port) in out.split()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .redis_support import RedisProxy, RedisServer
+from .redis_support import RedisProxy, RedisServer, SentinelServer, replicate
 from .support import BrokerProcess, WsClient, mint, order, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
@@ -182,3 +182,69 @@ async def test_a_stalled_redis_never_turns_a_release_or_a_force_into_another_ans
             assert [lock["token"] for lock in left["locks"]] == [forced["lock"]["token"]]
     await cashier.close()
     await second.close()
+
+
+async def until(check: Callable[[], Any], timeout: float = 30) -> None:
+    """Until a blocking check (a redis-cli call) holds."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_grant_acknowledged_after_wait_survives_a_failover(
+        tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    """With TABLELOCK_REDIS_WAIT_REPLICAS=1 a grant is acknowledged once a replica has it:
+    SIGKILL the master, the sentinel promotes the replica, and the lock is there, token
+    and all."""
+    master = RedisServer(tmp_path / "master").start()
+    replica = RedisServer(tmp_path / "replica").start()
+    sentinel: SentinelServer | None = None
+    try:
+        await asyncio.to_thread(replicate, replica, master)
+        sentinel = await asyncio.to_thread(SentinelServer(tmp_path / "sentinel",
+                                                          master.port).start)
+        await until(lambda: sentinel is not None and sentinel.knows_replica(replica.port))
+        broker = await start(broker_factory(
+            backend=f"redis+sentinel://127.0.0.1:{sentinel.port}/tl",
+            env={"TABLELOCK_REDIS_WAIT_REPLICAS": "1", "TABLELOCK_REDIS_WAIT_TIMEOUT_MS": "2000"}))
+        store = unique()
+        cashier = await erp(broker.url, store, "cashier")
+        assert (await cashier.request("order.publish", order=order("o1"), change="modify"))["ok"]
+        held = await cashier.request("lock.acquire", order_id="o1", kind="payment")
+        assert held["ok"], held
+        master.stop()  # SIGKILL: whatever it had not sent its replica is gone
+        await until(lambda: sentinel is not None and sentinel.current_master() == replica.port)
+        deadline = time.monotonic() + 30
+        while not (got := await cashier.request("order.get", order_id="o1", timeout=10))["ok"]:
+            assert got["error"]["code"] == "UNAVAILABLE", got
+            assert time.monotonic() < deadline, "the broker did not find the new master"
+            await asyncio.sleep(0.2)
+        assert [lock["token"] for lock in got["locks"]] == [held["lock"]["token"]]
+        await cashier.close()
+    finally:
+        if sentinel is not None:
+            sentinel.stop()
+        replica.stop()
+        master.stop()
+
+
+async def test_a_grant_no_replica_confirmed_is_answered_outcome_unknown(
+        tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    """WAIT times out (no replica at all): the grant applied on the master, so the reply is
+    not a plain UNAVAILABLE but `outcome: unknown`; the lock is there when read."""
+    redis = RedisServer(tmp_path / "alone").start()
+    try:
+        broker = await start(broker_factory(
+            backend=redis.url,
+            env={"TABLELOCK_REDIS_WAIT_REPLICAS": "1", "TABLELOCK_REDIS_WAIT_TIMEOUT_MS": "300"}))
+        store = unique()
+        cashier = await erp(broker.url, store, "cashier")
+        assert (await cashier.request("order.publish", order=order("o1"), change="modify"))["ok"]
+        reply = await cashier.request("lock.acquire", order_id="o1", kind="payment")
+        assert reply["error"]["code"] == "UNAVAILABLE" and reply["error"]["outcome"] == "unknown"
+        got = await cashier.request("order.get", order_id="o1")
+        assert [lock["holder"]["terminal_id"] for lock in got["locks"]] == ["cashier"]
+        await cashier.close()
+    finally:
+        redis.stop()

@@ -369,13 +369,18 @@ class RedisBackend(Backend):
         rec_rev, record = cached
         now = self._now()
         out = step(record, command, Context(now, state.config, actor, state.offline))
-        commit_id = secrets.token_hex(8)
+        # A commit that changes nothing (a read's Tick) needs no id: if its reply is lost,
+        # deciding it again is the same as a first attempt.
+        writes = out.changed or bool(out.events or out.direct or out.audit)
+        commit_id = secrets.token_hex(8) if writes else ""
         wait = self._wait_replicas > 0 and any(e.event in DURABLE_EVENTS for e in out.events)
         sent_at = time.monotonic()
         try:
             reply, replicated = await self._commit(keys, order_id, commit_id, rec_rev,
                                                    state.rev, now, record, out, wait)
         except _Unanswered as lost:
+            if not writes:
+                raise _Void(sent_at) from None
             log.warning("commit %s of %s unanswered (%s): resolving", commit_id, order_id, lost)
             self._records.pop(key, None)  # whatever happened, the cache can't know it
             applied, replicated = await self._resolve(keys, order_id, commit_id, sent_at, wait)

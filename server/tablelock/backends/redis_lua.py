@@ -60,14 +60,18 @@ end
 #       10 order channel, 11 its JSON, 12 store channel, 13 its JSON, 14 pub/sub channel,
 #       15 history maxlen, 16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
 #       20 unhandled entries kept per terminal, 21 table the record had ('' none),
-#       22 table it has now ('' none), 23 commit id, 24 how long the commit log keeps ids (ms),
+#       22 table it has now ('' none), 23 commit id ('' for one that changes nothing:
+#       a read), 24 how long the commit log keeps ids (ms),
 #       then per event (body, table_id, notify, direct body), per direct (terminal, body,
 #       coalescing key), per audit entry (json, terminal to keep it unhandled for or '',
 #       json to log instead when that terminal has its fill of unhandled entries)
 COMMIT = _EMIT + """
 local real = now_ms()
 -- Sent once only; an id already known was applied, or voided by RESOLVE: never apply it now.
-if redis.call('ZSCORE', KEYS[13], ARGV[23]) or redis.call('ZSCORE', KEYS[13], 'v' .. ARGV[23]) then
+-- A commit that writes nothing of its own has no id ('').
+local commit_id = ARGV[23]
+if commit_id ~= '' and (redis.call('ZSCORE', KEYS[13], commit_id)
+                        or redis.call('ZSCORE', KEYS[13], 'v' .. commit_id)) then
   return {2, real}
 end
 local rec_rev = redis.call('HGET', KEYS[1], 'rev') or '0'
@@ -100,9 +104,11 @@ else
   redis.call('ZADD', KEYS[4], deadline, order_id)
   if KEYS[14] then redis.call('ZADD', KEYS[14], 'LT', deadline, ARGV[9]) end
 end
-redis.call('ZADD', KEYS[13], real, ARGV[23])
-redis.call('ZREMRANGEBYSCORE', KEYS[13], '-inf', real - tonumber(ARGV[24]))
-redis.call('PEXPIRE', KEYS[13], ARGV[24])
+if commit_id ~= '' then
+  redis.call('ZADD', KEYS[13], real, commit_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[13], '-inf', real - tonumber(ARGV[24]))
+  redis.call('PEXPIRE', KEYS[13], ARGV[24])
+end
 local out = {}
 local maxlen = ARGV[15]
 local i = 25
