@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from .redis_support import RedisProxy, RedisServer, SentinelServer, replicate
-from .support import BrokerProcess, WsClient, mint, order, unique
+from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
 STALL_S = 0.6  # longer than the Redis client's 0.4 s socket timeout
@@ -248,3 +248,30 @@ async def test_a_grant_no_replica_confirmed_is_answered_outcome_unknown(
         await cashier.close()
     finally:
         redis.stop()
+
+
+async def test_a_payment_applied_before_redis_died_is_answered_200_over_http(
+        aof_redis: tuple[RedisServer, RedisProxy], broker_factory: BrokerFactory) -> None:
+    """The payment route: Redis records the payment and dies before replying; restarted on
+    its AOF, the broker answers 200 with the payment, which was recorded once."""
+    redis, proxy = aof_redis
+    broker = await start(broker_factory(backend=proxy.url))
+    store = unique()
+    cashier = await erp(broker.url, store, "cashier")
+    assert (await cashier.request("order.publish", order=order("o1"), change="modify"))["ok"]
+    held = await cashier.request("lock.acquire", order_id="o1", kind="payment")
+    body = {"token": held["lock"]["token"], "version": 1, "amount_cents": 1000,
+            "payment_ref": "pay-1"}
+    url = f"{broker.http}/v1/stores/{store}/orders/o1/payment"
+    fired = proxy.arm((b"o1", b"order.paid"), kill_and_restart(redis), after=True)
+    status, paid = await ahttp("POST", url, mint(store, "service", "psp"), body)
+    assert status == 200, paid
+    assert paid["order"]["status"] == "paid" and paid["payment"]["payment_ref"] == "pay-1"
+    await asyncio.wait_for(fired.wait(), 20)
+    # Recorded once: the same payment again is its idempotent replay, another is refused.
+    status, again = await ahttp("POST", url, mint(store, "service", "psp"), body)
+    assert status == 200 and again["payment"] == paid["payment"], again
+    status, other = await ahttp("POST", url, mint(store, "service", "psp"),
+                                {**body, "payment_ref": "pay-2"})
+    assert status == 409 and other["error"]["code"] == "ORDER_PAID", other
+    await cashier.close()
