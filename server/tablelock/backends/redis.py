@@ -539,8 +539,9 @@ class RedisBackend(Backend):
             node = self._redis.get_node_from_key(route_key)
             conn = node.acquire_connection()
 
-            async def release(connection: Any) -> None:
+            async def give_back(connection: Any) -> None:
                 node.release(connection)
+            release = give_back
         try:
             await conn.connect()
             # A pooled connection the server closed (or with a stray reply) must not carry

@@ -145,7 +145,11 @@ return {1, real, redis.call('HGET', KEYS[1], 'rev') or '0'}
 # never will: COMMIT refuses an id voided here).
 # KEYS: 1 the order's commit log   ARGV: 1 commit id, 2 how long the log keeps ids (ms)
 RESOLVE = _EMIT + """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'applied' end
+-- Applied: touch the log (a write), so that a WAIT on this connection covers the commit too.
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'applied'
+end
 local real = now_ms()
 redis.call('ZADD', KEYS[1], real, 'v' .. ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', real - tonumber(ARGV[2]))
