@@ -75,7 +75,9 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 16
 # How long the seq given to a subscriber of an order not seen yet is kept for the order.
 UNCLAIMED_SEQ_MS = 600_000
-CALL_TIMEOUT_S = 0.9  # a lock request is answered UNAVAILABLE within 1 s, never left hanging
+# A call that cannot change anything (a read, or getting a connection for a write) fails
+# within this: such a request is answered UNAVAILABLE within 1 s, never left hanging.
+CALL_TIMEOUT_S = 0.9
 # A write whose reply was lost is resolved within this, else answered with outcome unknown.
 RESOLVE_WITHIN_S = 5.0
 # How long an order's commit log keeps a commit id: far past any resolve, and past the time
