@@ -49,7 +49,9 @@ def make_backend(settings: Settings) -> Backend:
         return RedisBackend(settings.backend, settings.history_size, settings.audit_size,
                             max_unclaimed_seqs=settings.max_unknown_order_seqs,
                             h5_presence_linger_ms=settings.h5_presence_linger_ms,
-                            max_unhandled_per_terminal=settings.max_unhandled_per_terminal)
+                            max_unhandled_per_terminal=settings.max_unhandled_per_terminal,
+                            wait_replicas=settings.redis_wait_replicas,
+                            wait_timeout_ms=settings.redis_wait_timeout_ms)
     raise SettingsError(f"unknown backend {settings.backend!r} (--backend, TABLELOCK_BACKEND): "
                         f"use memory or a Redis URL ({', '.join(REDIS_SCHEMES)})")
 

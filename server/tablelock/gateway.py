@@ -11,13 +11,13 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from . import metrics
 from .auth import AuthError, Tokens
-from .backends.base import Backend, Numbered, Unavailable
+from .backends.base import Backend, Numbered, OutcomeUnknown, Unavailable
 from .hub import Connection, Hub
 from .model import ERP_ROLES, FORCING_ROLES, Lock, Order, Terminal
 from .prompts import prompt
@@ -103,11 +103,12 @@ def ok_frame(request_id: int | str, result: msgspec.Struct | None = None) -> byt
 
 
 def error_frame(request_id: RequestId, code: str, locale: str, *, variant: str = "",
-                can_force: bool = False, lock: Lock | None = None, detail: str = "") -> bytes:
+                can_force: bool = False, lock: Lock | None = None, detail: str = "",
+                outcome: Literal["unknown"] | None = None) -> bytes:
     message = prompt(code, locale, variant)
     if detail:
         message = f"{message} ({detail})"
-    body = ErrorBody(code, message, can_force, lock)
+    body = ErrorBody(code, message, can_force, lock, outcome)
     return encode(ErrorReply(request_id, body))
 
 
@@ -319,6 +320,9 @@ class Gateway:
             await work
         except Refused as refused:
             self._fail(conn, request, refused.code, detail=refused.detail)
+        except OutcomeUnknown:  # the write may have been applied: the client reads first
+            _count(request, "UNAVAILABLE")
+            conn.send(error_frame(request.id, "UNAVAILABLE", conn.locale, outcome="unknown"))
         except Unavailable:
             self._fail(conn, request, "UNAVAILABLE")
         except Exception:

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .auth import AuthError, Tokens
-from .backends.base import Backend, Unavailable
+from .backends.base import Backend, OutcomeUnknown, Unavailable
 from .model import StoreConfig, Terminal
 from .prompts import prompt
 from .protocol import Identifier, OrderResult, PaymentRef, SafeInt, Token, encode
@@ -47,9 +47,12 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def error_response(status: int, code: str, detail: str = "", locale: str = DEFAULT_LOCALE,
-                   variant: str = "") -> Response:
+                   variant: str = "", outcome: str | None = None) -> Response:
     message = prompt(code, locale, variant) + (f" ({detail})" if detail else "")
-    return json_response({"error": {"code": code, "message": message}}, status)
+    error = {"code": code, "message": message}
+    if outcome is not None:  # a write whose fate is unknown: read the order before acting
+        error["outcome"] = outcome
+    return json_response({"error": error}, status)
 
 
 def is_identifier(value: str) -> bool:
@@ -111,6 +114,8 @@ def http_routes(backend: Backend, tokens: Tokens,
             except HttpError as err:
                 return error_response(err.status, err.code, err.detail,
                                       await locale_of(request), err.variant)
+            except OutcomeUnknown:
+                return error_response(503, "UNAVAILABLE", outcome="unknown")
             except Unavailable:
                 return error_response(503, "UNAVAILABLE")
         return run

@@ -65,7 +65,8 @@ BACKEND_SECONDS = SampledHistogram(Histogram(
     "tablelock_backend_seconds", "Backend call latency, by call (one call in 16)", ["call"],
     buckets=_FAST))
 REDIS_EVENTS = Counter("tablelock_redis_events_total",
-                       "Redis subscription losses, resynchronisations and gap recoveries",
+                       "Redis subscription losses, resynchronisations, gap recoveries, lost "
+                       "commit replies resolved (applied or void) and WAIT timeouts",
                        ["kind"])
 SLOW_CONSUMERS = Counter("tablelock_slow_consumers_total",
                          "Connections closed (4010) because their send queue passed its bound")

@@ -47,9 +47,11 @@ class DemoToken(msgspec.Struct):
     store_id: str
 
 
-class HttpErrorDetail(msgspec.Struct):
+class HttpErrorDetail(msgspec.Struct, omit_defaults=True):
     code: str
     message: str  # in the store's locale
+    # Only on a 503 UNAVAILABLE whose write may have been applied: read the order first.
+    outcome: Literal["unknown"] | None = None
 
 
 class HttpErrorReply(msgspec.Struct):

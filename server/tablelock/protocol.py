@@ -234,6 +234,8 @@ class ErrorBody(msgspec.Struct):
     message: str
     can_force: bool = False
     lock: Lock | None = None
+    # "unknown" on an UNAVAILABLE whose write may have been applied: read the order first.
+    outcome: Literal["unknown"] | None = None
 
 
 class ErrorReply(msgspec.Struct):

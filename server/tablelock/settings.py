@@ -51,6 +51,10 @@ class Settings:
     max_unhandled_per_terminal: int = 100
     # Redis: seqs given to subscribers of orders not seen yet, kept per store (10 min at most).
     max_unknown_order_seqs: int = 10_000
+    # Redis: acknowledge a grant or a payment only once WAIT saw it on this many replicas
+    # (0: don't wait); past the timeout the reply is UNAVAILABLE with outcome unknown.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1_000
     max_connections: int = 50_000
     max_connections_per_store: int = 5_000
     max_connections_per_terminal: int = 16

@@ -39,7 +39,13 @@ def first_seq(now_ms: int) -> int:
 
 
 class Unavailable(Exception):
-    """The backend cannot be reached: refuse, never guess (code UNAVAILABLE)."""
+    """The backend cannot be reached and nothing changed: refuse, never guess (code
+    UNAVAILABLE)."""
+
+
+class OutcomeUnknown(Unavailable):
+    """A write may have been applied, and the backend could not say so within the bound
+    (UNAVAILABLE with `"outcome": "unknown"`: the client reads the order before it acts)."""
 
 
 class EventSink(Protocol):

@@ -12,6 +12,14 @@ Deadlines sit in a sorted set per store, indexed by a global sorted set of
 stores, and any live broker sweeps them: the compare-and-set makes each
 expiry happen once. Brokers heartbeat; the presence of a dead one's terminals
 is taken away by the others, which starts their locks' disconnect grace.
+
+A reply is the truth. The commit is sent exactly once, on a connection of its
+own, with an id the script writes into the order's commit log. When its reply is
+lost (Redis died or stalled after the command left), the broker asks `RESOLVE`
+until Redis answers: applied, or void, which also forbids it to apply later.
+Applied is answered as decided; void is stepped afresh; no answer within
+`RESOLVE_WITHIN_S` is UNAVAILABLE with outcome unknown. With `wait_replicas`, a
+grant or a payment is acknowledged only once `WAIT` saw it on that many replicas.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import metrics
 from ..model import MAX_SAFE_INT, AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
@@ -53,6 +61,7 @@ from . import redis_lua
 from .base import (
     Backend,
     Numbered,
+    OutcomeUnknown,
     Unavailable,
     best_for_table,
     observe,
@@ -66,7 +75,16 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 16
 # How long the seq given to a subscriber of an order not seen yet is kept for the order.
 UNCLAIMED_SEQ_MS = 600_000
-CALL_TIMEOUT_S = 0.9  # a lock request is answered UNAVAILABLE within 1 s, never left hanging
+# A call that cannot change anything (a read, or getting a connection for a write) fails
+# within this: such a request is answered UNAVAILABLE within 1 s, never left hanging.
+CALL_TIMEOUT_S = 0.9
+# A write whose reply was lost is resolved within this, else answered with outcome unknown.
+RESOLVE_WITHIN_S = 5.0
+# How long an order's commit log keeps a commit id: far past any resolve, and past the time
+# tolerance after which a commit still in flight is refused anyway.
+COMMIT_LOG_MS = 60_000
+# What `wait_replicas` makes wait for a replica: grants and payments.
+DURABLE_EVENTS = frozenset({"lock.acquired", "lock.forced", "order.paid"})
 
 _record_decoder = msgspec.msgpack.Decoder(OrderRecord)
 _record_encoder = msgspec.msgpack.Encoder()
@@ -113,6 +131,10 @@ class Keys:
         """The ids of the orders of a table (the index behind order.get by table_id)."""
         return f"{self.prefix}:t:{table_id}"
 
+    def commits(self, order_id: str) -> str:
+        """The ids of the order's recent commits (redis_lua.COMMIT, RESOLVE)."""
+        return f"{self.prefix}:c:{order_id}"
+
     def hist_order(self, order_id: str) -> str:
         return f"{self.prefix}:h:o:{order_id}"
 
@@ -139,6 +161,18 @@ def _state_of(fields: list[bytes]) -> StoreState:
         elif key.startswith("off:"):
             state.offline[key[4:]] = int(value)
     return state
+
+
+class _Unanswered(Exception):
+    """A write left for Redis and no reply came back: it may have been applied."""
+
+
+class _Void(Exception):
+    """A commit whose reply was lost did not apply, and now never will."""
+
+    def __init__(self, sent_at: float) -> None:
+        super().__init__("void")
+        self.sent_at = sent_at
 
 
 def _text(value: str | bytes | int) -> str:
@@ -176,8 +210,11 @@ class RedisBackend(Backend):
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
                  heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
                  max_unclaimed_seqs: int = 10_000, h5_presence_linger_ms: int = 3_000,
-                 max_unhandled_per_terminal: int = 100) -> None:
+                 max_unhandled_per_terminal: int = 100, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1_000) -> None:
         self.url = url
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
         self._linger_s = h5_presence_linger_ms / 1000
         self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._linger_tasks: set[asyncio.Task[None]] = set()
@@ -195,7 +232,8 @@ class RedisBackend(Backend):
         self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
-                                      "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS")}
+                                      "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS",
+                                      "RESOLVE")}
         self._keys: dict[str, Keys] = {}
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
@@ -281,38 +319,103 @@ class RedisBackend(Backend):
 
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
-        return await self._guard(self._apply(store_id, order_id, command, actor))
+        try:
+            return await self._apply(store_id, order_id, command, actor)
+        except (RedisError, OSError, TimeoutError) as exc:  # reads only: commits raise ours
+            raise Unavailable(str(exc) or type(exc).__name__) from None
 
     async def _apply(self, store_id: str, order_id: str, command: Command,
                      actor: Terminal | None) -> Outcome:
         started = time.perf_counter()
         key = (store_id, order_id)
-        keys = self.keys(store_id)
         if self._offset_ms is None:
             await self.now()
-        for _ in range(MAX_ATTEMPTS):
-            cached = self._records.get(key)
-            state = self._states.get(store_id)
-            if cached is None or state is None:
-                await self._load(keys, key)
+        # Once a commit was found void, Redis has just answered: a failure that follows is
+        # likely passing, so decide afresh until the resolve bound rather than give up.
+        retry_until: float | None = None
+        delay = 0.05
+        attempts = 0
+        while attempts < MAX_ATTEMPTS:
+            try:
+                out = await self._attempt(key, command, actor, started)
+            except _Void as void:
+                if retry_until is None:
+                    retry_until = void.sent_at + RESOLVE_WITHIN_S
+                if time.monotonic() >= retry_until:
+                    raise Unavailable("the commit was void; Redis is unsteady") from None
                 continue
-            rec_rev, record = cached
-            now = self._now()
-            out = step(record, command, Context(now, state.config, actor, state.offline))
-            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, record, out)
-            if reply[0] == 1:
-                self._learn_time(int(reply[1]))
-                if out.changed:
-                    self._records[key] = (_text(reply[2]), out.record)
-                if self._cluster and out.deadline is not None:
-                    await self._redis.zadd(self.due_stores, {store_id: out.deadline}, lt=True)
-                observe(store_id, order_id, out, int(reply[1]), started, type(command).__name__)
+            except OutcomeUnknown:
+                raise
+            except Unavailable:
+                if retry_until is None or time.monotonic() >= retry_until:
+                    raise
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+                continue
+            if out is not None:
                 return out
+            attempts += 1
+        raise Unavailable("too much contention on one order")
+
+    async def _attempt(self, key: tuple[str, str], command: Command, actor: Terminal | None,
+                       started: float) -> Outcome | None:
+        """Step the order and commit it: the outcome, or None when the compare-and-set
+        refused (the fresh values are cached: step again)."""
+        store_id, order_id = key
+        keys = self.keys(store_id)
+        cached = self._records.get(key)
+        state = self._states.get(store_id)
+        if cached is None or state is None:
+            await self._guard(self._load(keys, key))
+            return None
+        rec_rev, record = cached
+        now = self._now()
+        out = step(record, command, Context(now, state.config, actor, state.offline))
+        # A commit that changes nothing (a read's Tick) needs no id: if its reply is lost,
+        # deciding it again is the same as a first attempt.
+        writes = out.changed or bool(out.events or out.direct or out.audit)
+        commit_id = secrets.token_hex(8) if writes else ""
+        wait = self._wait_replicas > 0 and any(e.event in DURABLE_EVENTS for e in out.events)
+        sent_at = time.monotonic()
+        try:
+            reply, replicated = await self._commit(keys, order_id, commit_id, rec_rev,
+                                                   state.rev, now, record, out, wait)
+        except _Unanswered as lost:
+            if not writes:
+                raise _Void(sent_at) from None
+            log.warning("commit %s of %s unanswered (%s): resolving", commit_id, order_id, lost)
+            self._records.pop(key, None)  # whatever happened, the cache can't know it
+            applied, replicated = await self._resolve(keys, order_id, commit_id, sent_at, wait)
+            metrics.REDIS_EVENTS.labels("commit_applied" if applied else "commit_void").inc()
+            if not applied:  # nothing changed: decide afresh, as a first attempt would
+                raise _Void(sent_at) from None
+            reply = [1, now]
+        if reply[0] == 2:  # already known to the log: never when sent once (see COMMIT)
+            raise OutcomeUnknown(f"commit {commit_id} was already decided")
+        if reply[0] == 0:
             _, real, new_rev, raw, fields = reply
             self._learn_time(int(real), reset=True)
             self._records[key] = (_text(new_rev), _record_decoder.decode(raw) if raw else None)
             self._states[store_id] = _state_of(fields)
-        raise Unavailable("too much contention on one order")
+            return None
+        self._learn_time(int(reply[1]))
+        if out.changed and len(reply) > 2:
+            self._records[key] = (_text(reply[2]), out.record)
+        if self._cluster and out.deadline is not None:
+            await self._index_deadline(store_id, out.deadline)
+        observe(store_id, order_id, out, int(reply[1]), started, type(command).__name__)
+        if not replicated:
+            raise OutcomeUnknown(f"no replica confirmed commit {commit_id} within "
+                                 f"{self._wait_timeout_ms} ms")
+        return out
+
+    async def _index_deadline(self, store_id: str, deadline: int) -> None:
+        """Lower the store's entry in the global deadline index (Cluster: not in the script).
+        The commit applied already: a failure here must not turn its reply into a refusal."""
+        try:
+            await self._guard(self._redis.zadd(self.due_stores, {store_id: deadline}, lt=True))
+        except Unavailable as exc:
+            log.warning("deadline of store %s not indexed: %s", store_id, exc)
 
     async def _load(self, keys: Keys, key: tuple[str, str]) -> None:
         real, rec_rev, raw, fields = await self._scripts["LOAD"](
@@ -323,8 +426,9 @@ class RedisBackend(Backend):
         if len(self._records) > 20_000:  # a bounded cache: a miss only costs a round trip
             self._records.clear()
 
-    async def _commit(self, keys: Keys, order_id: str, rec_rev: str, state_rev: str, now: int,
-                      before: OrderRecord | None, out: Outcome) -> list[Any]:
+    async def _commit(self, keys: Keys, order_id: str, commit_id: str, rec_rev: str,
+                      state_rev: str, now: int, before: OrderRecord | None, out: Outcome,
+                      wait: bool) -> tuple[list[Any], bool]:
         op = ("set" if out.record is not None else "del") if out.changed else "keep"
         channel = order_channel(keys.store_id, order_id)
         old_table = before.order.table_id if before is not None else ""
@@ -336,7 +440,7 @@ class RedisBackend(Backend):
             keys.store_id, channel, encode(channel), keys.store_channel,
             keys.store_channel_json, keys.pubsub, self._history_size, self._audit_size,
             len(out.events), len(out.direct), len(out.audit), self._max_unhandled,
-            old_table, new_table,
+            old_table, new_table, commit_id, COMMIT_LOG_MS,
         ]
         for event in out.events:
             args += [event_body(event), event.table_id or "", event.notify or "",
@@ -349,11 +453,109 @@ class RedisBackend(Backend):
         key_list = [keys.record(order_id), keys.state, keys.seqs, keys.due, keys.orders,
                     keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled,
                     keys.unhandled_count, keys.table(old_table or new_table),
-                    keys.table(new_table or old_table)]
+                    keys.table(new_table or old_table), keys.commits(order_id)]
         if not self._cluster:
             key_list.append(self.due_stores)
-        result: list[Any] = await self._scripts["COMMIT"](keys=key_list, args=args)
-        return result
+        reply, replicated = await self._run_once(key_list[0], "COMMIT", key_list, args, wait)
+        return list(reply), replicated
+
+    async def _resolve(self, keys: Keys, order_id: str, commit_id: str, sent_at: float,
+                       wait: bool) -> tuple[bool, bool]:
+        """Whether an unanswered commit applied (and, with `wait`, reached a replica): ask
+        until Redis answers, with backoff, for up to RESOLVE_WITHIN_S after it was sent."""
+        delay = 0.05
+        while True:
+            try:
+                verdict, replicated = await self._run_once(
+                    keys.record(order_id), "RESOLVE", [keys.commits(order_id)],
+                    [commit_id, COMMIT_LOG_MS], wait)
+                return _text(verdict) == "applied", replicated
+            except (Unavailable, _Unanswered) as exc:
+                log.debug("commit %s not resolved yet: %s", commit_id, exc)
+            left = sent_at + RESOLVE_WITHIN_S - time.monotonic()
+            if left <= 0:
+                raise OutcomeUnknown(f"commit {commit_id} unresolved after "
+                                     f"{RESOLVE_WITHIN_S:g} s")
+            await asyncio.sleep(min(delay * (1 + random.random()), left))
+            delay = min(delay * 2, 0.5)
+
+    async def _run_once(self, route_key: str, name: str, key_list: list[str], args: list[Any],
+                        wait: bool) -> tuple[Any, bool]:
+        """Run a script exactly once on a connection of its own (the client's retry would
+        run it twice): a failure before it left is Unavailable (nothing changed), after it
+        left _Unanswered. With `wait`, then WAIT on that connection, which covers every
+        write it made: whether `wait_replicas` replicas have them too."""
+        script = self._scripts[name]
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                conn, release = await self._connection(route_key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise Unavailable(str(exc) or type(exc).__name__) from None
+        done = False
+        try:
+            try:
+                await conn.send_command("EVALSHA", script.sha, len(key_list), *key_list, *args)
+                try:
+                    reply = await conn.read_response()
+                except NoScriptError:  # refused unrun: load it and send it (its first run)
+                    await conn.send_command("SCRIPT", "LOAD", script.script)
+                    await conn.read_response()
+                    await conn.send_command("EVALSHA", script.sha, len(key_list), *key_list,
+                                            *args)
+                    reply = await conn.read_response()
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise _Unanswered(str(exc) or type(exc).__name__) from None
+            replicated = True
+            if wait:
+                replicated = await self._replicated(conn)
+            done = True
+            return reply, replicated
+        finally:
+            if not done:  # a reply may still come: the connection can't serve anyone else
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+            await release(conn)
+
+    async def _replicated(self, conn: Any) -> bool:
+        """WAIT on the connection that wrote: did enough replicas get its writes in time?"""
+        try:
+            await conn.send_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
+            acked = await conn.read_response(timeout=self._wait_timeout_ms / 1000 + 0.4)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("WAIT failed: %s", exc)
+            await conn.disconnect()
+            return False
+        if int(acked) < self._wait_replicas:
+            metrics.REDIS_EVENTS.labels("wait_timeout").inc()
+            return False
+        return True
+
+    async def _connection(self, route_key: str) -> tuple[Any, Callable[[Any], Awaitable[None]]]:
+        """A connected connection to the master of `route_key`, and how to give it back."""
+        release: Callable[[Any], Awaitable[None]]
+        if not self._cluster:
+            pool = self._redis.connection_pool
+            conn, release = await pool.get_connection(), pool.release
+        else:
+            await self._redis.initialize()
+            node = self._redis.get_node_from_key(route_key)
+            conn = node.acquire_connection()
+
+            async def give_back(connection: Any) -> None:
+                node.release(connection)
+            release = give_back
+        try:
+            await conn.connect()
+            # A pooled connection the server closed (or with a stray reply) must not carry
+            # the write: its failure would leave the outcome unknown. The pool does not
+            # always check: replace it now, while a failure still means nothing was sent.
+            if await conn.can_read():
+                await conn.disconnect()
+                await conn.connect()
+        except BaseException:
+            await release(conn)
+            raise
+        return conn, release
 
     # --- store state ---------------------------------------------------------------------
 

@@ -6,6 +6,12 @@ one order's record, decided by `rules.step` in Python: it refuses when the
 record or the store state moved since the broker read them, or when the time
 the broker stepped at is not within `tolerance` before Redis's own clock, and
 then hands back the fresh values so the broker can step again.
+
+Every commit carries an id, written down with its order (the order's commit log,
+a sorted set by Redis time) when it applies. A broker that lost a commit's reply
+asks `RESOLVE` whether it applied; an id not found is marked void there, so
+that the commit, still on its way or buffered in a stalled Redis, can never
+apply afterwards: the answer is final either way.
 """
 
 from __future__ import annotations
@@ -48,20 +54,28 @@ end
 # KEYS: 1 record, 2 store state, 3 seqs, 4 deadlines, 5 order ids, 6 order history,
 #       7 store history, 8 audit, 9 unhandled audit, 10 unhandled count per terminal,
 #       11 the order ids of the table the record had, 12 those of the table it has now,
-#       [13 global due-stores, not in Cluster]
+#       13 the order's commit log, [14 global due-stores, not in Cluster]
 # ARGV: 1 record rev seen, 2 state rev seen, 3 now stepped at, 4 tolerance ms,
 #       5 record op (keep|set|del), 6 record bytes, 7 deadline or '', 8 order id, 9 store id,
 #       10 order channel, 11 its JSON, 12 store channel, 13 its JSON, 14 pub/sub channel,
 #       15 history maxlen, 16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
 #       20 unhandled entries kept per terminal, 21 table the record had ('' none),
-#       22 table it has now ('' none),
+#       22 table it has now ('' none), 23 commit id ('' for one that changes nothing:
+#       a read), 24 how long the commit log keeps ids (ms),
 #       then per event (body, table_id, notify, direct body), per direct (terminal, body,
 #       coalescing key), per audit entry (json, terminal to keep it unhandled for or '',
 #       json to log instead when that terminal has its fill of unhandled entries)
 COMMIT = _EMIT + """
+local real = now_ms()
+-- Sent once only; an id already known was applied, or voided by RESOLVE: never apply it now.
+-- A commit that writes nothing of its own has no id ('').
+local commit_id = ARGV[23]
+if commit_id ~= '' and (redis.call('ZSCORE', KEYS[13], commit_id)
+                        or redis.call('ZSCORE', KEYS[13], 'v' .. commit_id)) then
+  return {2, real}
+end
 local rec_rev = redis.call('HGET', KEYS[1], 'rev') or '0'
 local state_rev = redis.call('HGET', KEYS[2], 'rev') or '0'
-local real = now_ms()
 local stepped = tonumber(ARGV[3])
 if rec_rev ~= ARGV[1] or state_rev ~= ARGV[2] or stepped > real
    or stepped < real - tonumber(ARGV[4]) then
@@ -88,11 +102,16 @@ if deadline == '' or op == 'del' then
   redis.call('ZREM', KEYS[4], order_id)
 else
   redis.call('ZADD', KEYS[4], deadline, order_id)
-  if KEYS[13] then redis.call('ZADD', KEYS[13], 'LT', deadline, ARGV[9]) end
+  if KEYS[14] then redis.call('ZADD', KEYS[14], 'LT', deadline, ARGV[9]) end
+end
+if commit_id ~= '' then
+  redis.call('ZADD', KEYS[13], real, commit_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[13], '-inf', real - tonumber(ARGV[24]))
+  redis.call('PEXPIRE', KEYS[13], ARGV[24])
 end
 local out = {}
 local maxlen = ARGV[15]
-local i = 23
+local i = 25
 for _ = 1, tonumber(ARGV[17]) do
   local body, table_id, notify, direct = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   emit(out, KEYS[3], KEYS[6], ARGV[10], ARGV[11], body, table_id, maxlen)
@@ -120,6 +139,22 @@ for _ = 1, tonumber(ARGV[19]) do
 end
 if #out > 0 then redis.call('PUBLISH', ARGV[14], cjson.encode(out)) end
 return {1, real, redis.call('HGET', KEYS[1], 'rev') or '0'}
+"""
+
+# Whether a commit whose reply was lost applied: 'applied', else 'void' (and from now on it
+# never will: COMMIT refuses an id voided here).
+# KEYS: 1 the order's commit log   ARGV: 1 commit id, 2 how long the log keeps ids (ms)
+RESOLVE = _EMIT + """
+-- Applied: touch the log (a write), so that a WAIT on this connection covers the commit too.
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'applied'
+end
+local real = now_ms()
+redis.call('ZADD', KEYS[1], real, 'v' .. ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', real - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 'void'
 """
 
 # Read an order's record and its store's state at once (a cache miss).
