@@ -173,7 +173,7 @@ def test_manager_check_agrees_with_manager_publish(action: str) -> None:
     (ERP1, Release("order")), (ERP2, Release("payment", T0 + 1)),
     (MANAGER, Release("order", force=True)), (ERP1, Renew("order", T0 + 1)),
     (SERVICE, Complete(T0 + 1, 1, 1000, "p")), (ERP1, Complete(T0 + 1, 1, 1000, "p")),
-    (None, Complete(T0 + 1, 1, 1000, "p")), (H5, Complete(T0 + 1, 1, 1000, "p")),
+    (None, Complete(T0 + 1, 1, 1000, "p")),
 ], ids=lambda v: getattr(v, "role", None) or type(v).__name__)
 def test_unknown_order_is_not_found(actor: Terminal | None, command: Any) -> None:
     out = step(None, command, actor)
@@ -321,15 +321,15 @@ def test_token_before_version_before_amount() -> None:
     sim = open_order(version=4, amount_cents=1200)
     lock = sim.grant(H5, "payment")
     sim.now += H5_TTL  # the phone's lock lapses
-    expired = sim.step(H5, Complete(lock.token, 3, 1, "a"))
+    expired = sim.step(SERVICE, Complete(lock.token, 3, 1, "a"))
     assert refusal_code(expired) == "LOCK_EXPIRED"
     fresh = sim.grant(H5_SAME_TABLE, "payment")
-    assert refusal_code(sim.step(H5, Complete(lock.token, 3, 1, "b"))) == "FENCED"
-    assert refusal_code(sim.step(H5_SAME_TABLE, Complete(fresh.token, 3, 1, "c"))) == \
+    assert refusal_code(sim.step(SERVICE, Complete(lock.token, 3, 1, "b"))) == "FENCED"
+    assert refusal_code(sim.step(SERVICE, Complete(fresh.token, 3, 1, "c"))) == \
         "STALE_VERSION"
-    assert refusal_code(sim.step(H5_SAME_TABLE, Complete(fresh.token, 4, 1, "d"))) == \
+    assert refusal_code(sim.step(SERVICE, Complete(fresh.token, 4, 1, "d"))) == \
         "AMOUNT_MISMATCH"
-    assert sim.step(H5_SAME_TABLE, Complete(fresh.token, 4, 1200, "e")).refusal is None
+    assert sim.step(SERVICE, Complete(fresh.token, 4, 1200, "e")).refusal is None
 
 
 def test_publish_token_before_version_before_conflict() -> None:
@@ -535,9 +535,9 @@ def test_every_refused_payment_is_audited(make: str) -> None:
         sim.grant(ERP1, "payment", force=True)
         code = "FENCED"
     else:
-        assert sim.step(H5, Complete(lock.token, 1, 1000, "first")).refusal is None
+        assert sim.step(SERVICE, Complete(lock.token, 1, 1000, "first")).refusal is None
         code = "ORDER_PAID"
-    out = sim.step(H5, Complete(lock.token, 1, 1000, "second"))
+    out = sim.step(SERVICE, Complete(lock.token, 1, 1000, "second"))
     assert refusal_code(out) == code
     rejected = [a for a in out.audit if a.kind == "payment.rejected"]
     assert len(rejected) == 1
@@ -545,7 +545,7 @@ def test_every_refused_payment_is_audited(make: str) -> None:
     assert {k: rejected[0].detail[k] for k in ("payment_ref", "code", "amount_cents",
                                                   "version")} == {
         "payment_ref": "second", "code": code, "amount_cents": 1000, "version": 1}
-    assert rejected[0].terminal == holder_of(H5)
+    assert rejected[0].terminal == holder_of(SERVICE)
 
 
 # --- re-acquire, upgrade, presettle ------------------------------------------------------
@@ -618,7 +618,7 @@ def test_payment_while_presettle_is_held_keeps_it_until_paid() -> None:
     assert payment.order_version == presettle.order_version == 3
     assert sim.record is not None and sim.record.locks["presettle"] == presettle
     assert refusal_code(sim.publish(ERP1, version=4, change="add_items")) == "PAYMENT_LOCKED"
-    out = sim.step(H5, Complete(payment.token, 3, 4200, "wx-1"))
+    out = sim.step(SERVICE, Complete(payment.token, 3, 4200, "wx-1"))
     assert out.refusal is None
     assert names(out) == ["order.paid", "lock.released", "lock.released"]
     assert {e.lock.kind for e in out.events[1:] if e.lock} == {"payment", "presettle"}
@@ -647,14 +647,14 @@ def test_payment_complete_success_and_idempotent_retry() -> None:
     sim.step(ERP2, Release("order"))
     lock = sim.grant(H5, "payment")
     sim.now += 100
-    out = sim.step(H5, Complete(lock.token, 2, 3100, "wx-42"))
+    out = sim.step(SERVICE, Complete(lock.token, 2, 3100, "wx-42"))
     assert out.refusal is None and out.result is not None
     paid = only(out, "order.paid")
     assert paid.order is not None and paid.order.status == "paid" and paid.order.version == 2
     assert paid.payment is not None
     assert (paid.payment.token, paid.payment.amount_cents, paid.payment.payment_ref) == (
         lock.token, 3100, "wx-42")
-    assert paid.payment.by == H5
+    assert paid.payment.by == SERVICE  # the payment service, for the phone
     released = only(out, "lock.released")
     assert released.lock == lock and released.reason == "paid"
     assert out.result["order"].status == "paid"
@@ -665,7 +665,7 @@ def test_payment_complete_success_and_idempotent_retry() -> None:
     # A retry by payment_ref, whatever its token, gets the same success and changes nothing.
     before = sim.record
     for token in (lock.token, None, 999):
-        retry = sim.step(H5, Complete(token, 2, 3100, "wx-42"))
+        retry = sim.step(SERVICE, Complete(token, 2, 3100, "wx-42"))
         assert retry.refusal is None and retry.result == out.result
         assert retry.events == [] and retry.audit == [] and retry.record == before
     # Anything else is a second payment.
@@ -693,10 +693,10 @@ def test_h5_lock_expires_exactly_at_its_ttl() -> None:
     assert expired.lock == lock and expired.notify == "h1" and expired.table_id == "t1"
     assert out.deadline is None and sim.record is not None and sim.record.locks == {}
     # The lapsed token: LOCK_EXPIRED, then FENCED once someone else takes a payment lock.
-    assert refusal_code(sim.step(H5, Complete(lock.token, 1, 1000, "a"))) == "LOCK_EXPIRED"
+    assert refusal_code(sim.step(SERVICE, Complete(lock.token, 1, 1000, "a"))) == "LOCK_EXPIRED"
     assert refusal_code(sim.step(H5, Release("payment", lock.token))) == "LOCK_EXPIRED"
     sim.grant(ERP1, "payment")
-    assert refusal_code(sim.step(H5, Complete(lock.token, 1, 1000, "b"))) == "FENCED"
+    assert refusal_code(sim.step(SERVICE, Complete(lock.token, 1, 1000, "b"))) == "FENCED"
 
 
 def test_expiry_happens_on_any_step_not_only_tick() -> None:

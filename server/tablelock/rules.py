@@ -556,10 +556,10 @@ def _publish_token_refusal(rec: OrderRecord, token: int, actor: Terminal) -> str
 
 def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
+    if actor is not None and actor.role == "h5":
+        return _refuse(out, "FORBIDDEN")  # a phone never records a payment
     if rec is None:
         return _refuse(out, "NOT_FOUND")
-    if actor is not None and actor.role == "h5" and rec.order.table_id != actor.table_id:
-        return _refuse(out, "FORBIDDEN")
     if rec.payment is not None and rec.payment.payment_ref == cmd.payment_ref:
         out.result = {"order": rec.order, "payment": rec.payment}  # the retry of a success
         return None
