@@ -1,0 +1,477 @@
+"""Linearizability of payment-lock histories: Wing and Gong's search with Lowe's memoisation.
+
+A history is a list of `Operation`s: who asked, when the request left and when
+its reply came back (None: no reply, so it may or may not have taken effect),
+what was asked and what was answered. `check` splits it per order (operations on
+different orders commute, so each order is checked alone) and, for each order,
+looks for one total order of its operations that respects real time (an
+operation that returned before another was invoked comes first) and that the
+sequential `PaymentLockModel` accepts, answer by answer.
+
+The search is the one porcupine (github.com/anishathalye/porcupine) runs, written
+here from the papers: the call and return entries of a partition sit in one
+list in time order; the search linearizes the first call it can (the model
+accepts its answer in the current state), removes it and its return from the
+list and starts over from the head; when it reaches a return whose call is not
+yet linearized, it backtracks the last choice. Lowe's memoisation keeps every
+(set of linearized operations, model state) pair already tried, so no
+configuration is explored twice. An operation without a reply returns after
+everything else, so it may take effect anywhere after its call, or, since the
+model lets it, not at all.
+
+The model is nondeterministic (a lock may lapse on its own; an unanswered
+request may or may not have applied; the token of an unanswered grant is
+unknown until a read shows it), so the search runs over sets of model states,
+as porcupine does with its nondeterministic models.
+
+    python -m bench.linearizability HISTORY.json   # one JSON operation per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+# --- operations ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    order_id: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    order_id: str
+    token: int | None
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    order_id: str
+    token: int | None
+    payment_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    order_id: str
+
+
+Input = Acquire | Release | Complete | Read
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A payment lock granted; `forced`: the tokens it revoked (None: not recorded)."""
+
+    token: int
+    forced: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A release, or a payment (the `payment_ref` the order is now paid with)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """A read: the payment lock's token (None: no lock), and whether the order is paid."""
+
+    token: int | None
+    paid: bool
+
+
+Output = Granted | Refused | Done | Seen
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    client: str
+    call: float  # when the request left
+    ret: float | None  # when its reply came back; None: no reply (indeterminate)
+    input: Input
+    output: Output | None  # None: no reply, or an answer that says the outcome is unknown
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.ret is None or self.output is None
+
+
+# --- the sequential model of the payment lock (PROTOCOL.md section 2) ------------
+
+class LockState(NamedTuple):
+    holder: str | None  # the client holding the payment lock
+    token: int | None  # its token; None while unknown (granted by an unanswered acquire)
+    since: float  # when the request that granted it was sent
+    floor: int  # every later grant's token must exceed this: tokens only grow
+    lapsed: int | None  # the token of the last lock that expired, until the next grant
+    paid: str | None  # the payment_ref the order was paid with
+
+
+# Refusals that say nothing about the payment lock (another kind's lock, a version, the
+# ERP), or that say nothing changed: they are allowed in any state and change nothing.
+NEUTRAL = {"UNAVAILABLE", "ORDER_LOCKED", "PRESETTLE_LOCKED", "ERP_UNAVAILABLE", "FORBIDDEN",
+           "NOT_FOUND", "BAD_REQUEST", "RATE_LIMITED"}
+CONFLICT = "PAYMENT_LOCKED"
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentLockModel:
+    """The payment lock of one order, strict where the protocol is strict.
+
+    A grant's token exceeds every earlier token of the order; no two clients hold
+    it; a release or a payment goes through only with the current token; at most
+    one payment, whose retries (same `payment_ref`) answer the same success; a
+    paid order takes no lock.
+
+    A lock may also end on its own (its TTL, or its holder's disconnect grace), but
+    not sooner than `min_lifetime` (seconds, the history's unit) after the request
+    that took it was sent: before an operation that returned later than that, the
+    lock may have lapsed. Renewals only push that moment later.
+    """
+
+    min_lifetime: float = float("inf")
+
+    def init(self) -> LockState:
+        return LockState(None, None, 0.0, 0, None, None)
+
+    def step(self, state: LockState, op: Operation) -> set[LockState]:
+        """Every state `op` can leave when linearized in `state`, given its answer."""
+        starts = {state}
+        ret = float("inf") if op.indeterminate else op.ret
+        if state.holder is not None and ret is not None and (
+                ret - state.since >= self.min_lifetime):
+            starts.add(state._replace(holder=None, token=None, lapsed=state.token))  # expired
+            starts.add(state._replace(holder=None, token=None))  # holder_disconnected
+        found: set[LockState] = set()
+        for start in starts:
+            if op.indeterminate:
+                found.add(start)  # it never reached the lock
+                found.update(_effects(start, op))
+            else:
+                assert op.output is not None
+                found.update(_answered(start, op, op.output))
+        return found
+
+
+def _current(state: LockState, token: int | None) -> bool:
+    """Can `token` be the held lock's (whose token may be unknown, but not below the floor)?"""
+    if state.holder is None or token is None:
+        return False
+    return state.token == token if state.token is not None else token >= state.floor
+
+
+def _resolve(state: LockState, token: int) -> LockState:
+    """The held lock's token is `token` (the caller checked `_current`)."""
+    return state if state.token is not None else state._replace(token=token, floor=token)
+
+
+def _grant(state: LockState, op: Operation, token: int | None) -> LockState | None:
+    """`op`'s client takes the lock with `token` (None: unknown); None if it is too low."""
+    if token is None:
+        return LockState(op.client, None, op.call, state.floor + 1, None, state.paid)
+    if token <= state.floor:
+        return None
+    return LockState(op.client, token, op.call, token, None, state.paid)
+
+
+def _effects(state: LockState, operation: Operation) -> set[LockState]:
+    """What an unanswered operation may have done (other than nothing)."""
+    client, op = operation.client, operation.input
+    free = state.holder is None or state.holder == client
+    if isinstance(op, Acquire) and state.paid is None and state.holder != client and (
+            free or op.force):
+        granted = _grant(state, operation, None)
+        return {granted} if granted is not None else set()
+    if isinstance(op, Release) and state.paid is None and state.holder is not None and (
+            op.force or (state.holder == client and _current(state, op.token))):
+        return {state._replace(holder=None, token=None)}
+    if isinstance(op, Complete) and state.paid is None and _current(state, op.token):
+        return {state._replace(holder=None, token=None, paid=op.payment_ref)}
+    return set()
+
+
+def _answered(state: LockState, operation: Operation, out: Output) -> set[LockState]:
+    client, op = operation.client, operation.input
+    if isinstance(out, Refused) and out.code in NEUTRAL:
+        return {state}
+    paid = state.paid is not None
+    if isinstance(op, Read):
+        if not isinstance(out, Seen) or out.paid != paid:
+            return set()
+        if out.token is None:
+            return {state} if state.holder is None else set()
+        return {_resolve(state, out.token)} if _current(state, out.token) else set()
+    if isinstance(op, Acquire):
+        return _answered_acquire(state, operation, out)
+    if isinstance(op, Release):
+        if isinstance(out, Done):
+            if paid or state.holder is None:
+                return set()
+            if op.force or (state.holder == client and _current(state, op.token)):
+                return {state._replace(holder=None, token=None)}
+            return set()
+        if not isinstance(out, Refused):
+            return set()
+        if out.code == "NOT_HOLDER" and not paid and (op.force or op.token is None):
+            return {state} if state.holder is None or (
+                not op.force and state.holder != client) else set()
+        return {state} if _token_refusal_fits(state, client, op.token, out.code) else set()
+    assert isinstance(op, Complete)
+    if isinstance(out, Done):
+        if paid:
+            return {state} if state.paid == op.payment_ref else set()  # the retry
+        if not _current(state, op.token):
+            return set()
+        assert op.token is not None
+        return {_resolve(state, op.token)._replace(holder=None, token=None,
+                                                   paid=op.payment_ref)}
+    if not isinstance(out, Refused):
+        return set()
+    if out.code == "ORDER_PAID":
+        return {state} if paid and state.paid != op.payment_ref else set()
+    if out.code in ("STALE_VERSION", "AMOUNT_MISMATCH"):  # past the token check
+        return {state} if not paid and _current(state, op.token) else set()
+    return {state} if _token_refusal_fits(state, client, op.token, out.code) else set()
+
+
+def _answered_acquire(state: LockState, operation: Operation, out: Output) -> set[LockState]:
+    client, op = operation.client, operation.input
+    assert isinstance(op, Acquire)
+    paid = state.paid is not None
+    if isinstance(out, Refused):
+        if out.code == "ORDER_PAID":
+            return {state} if paid else set()
+        blocked = not paid and state.holder not in (None, client) and not op.force
+        return {state} if out.code == CONFLICT and blocked else set()
+    if not isinstance(out, Granted) or paid:
+        return set()
+    if state.holder == client:  # a re-acquire returns the held lock
+        if out.forced or not _current(state, out.token):
+            return set()
+        return {_resolve(state, out.token)}
+    if state.holder is not None:  # another client holds it: only a force takes it
+        if not op.force or out.forced == ():
+            return set()
+        if out.forced is not None and (len(out.forced) != 1 or not _current(
+                state, out.forced[0])):
+            return set()  # it must name the lock it revoked
+    elif out.forced:
+        return set()  # it revoked a lock that was not there
+    granted = _grant(state, operation, out.token)
+    return {granted} if granted is not None else set()
+
+
+def _token_refusal_fits(state: LockState, client: str, token: int | None,
+                        code: str) -> bool:
+    """A refusal of a write under `token`: ORDER_PAID, LOCK_EXPIRED, FENCED or NOT_HOLDER."""
+    if code == "ORDER_PAID":
+        return state.paid is not None
+    if state.paid is not None:
+        return False  # ORDER_PAID comes first
+    current = _current(state, token)
+    if code == "NOT_HOLDER":
+        return current and state.holder != client
+    if current:
+        # A current token can still be refused if the lock may be held by an unknown
+        # token that merely sits above the floor.
+        return state.token is None and code in ("FENCED", "LOCK_EXPIRED")
+    if code == "LOCK_EXPIRED":
+        return token is not None and token == state.lapsed
+    if code == "FENCED":
+        return token is None or token != state.lapsed
+    return False
+
+
+# --- the search --------------------------------------------------------------------
+
+class _Entry:
+    """A call or a return in the partition's time-ordered doubly linked list."""
+
+    __slots__ = ("id", "is_call", "match", "next", "prev", "time")
+
+    def __init__(self, op_id: int, time: float, is_call: bool) -> None:
+        self.id = op_id
+        self.time = time
+        self.is_call = is_call
+        self.match: _Entry | None = None  # a call's return
+        self.prev: _Entry | None = None
+        self.next: _Entry | None = None
+
+
+def _entries(ops: list[Operation]) -> _Entry:
+    """The list head: calls and returns by time; at equal times calls first, so that two
+    operations that touch at one instant count as concurrent (the lenient reading)."""
+    end = max([op.call for op in ops] + [op.ret for op in ops if op.ret is not None]) + 1
+    events: list[tuple[float, int, _Entry]] = []
+    for op_id, op in enumerate(ops):
+        call = _Entry(op_id, op.call, True)
+        ret = _Entry(op_id, end if op.indeterminate else op.ret, False)  # type: ignore[arg-type]
+        call.match = ret
+        events += [(call.time, 0, call), (ret.time, 1, ret)]
+    events.sort(key=lambda item: (item[0], item[1]))
+    head = _Entry(-1, float("-inf"), False)
+    last = head
+    for _, _, entry in events:
+        last.next, entry.prev = entry, last
+        last = entry
+    return head
+
+
+def _lift(call: _Entry) -> None:
+    assert call.prev is not None and call.match is not None and call.match.prev is not None
+    call.prev.next = call.next
+    if call.next is not None:
+        call.next.prev = call.prev
+    ret = call.match
+    ret.prev.next = ret.next  # type: ignore[union-attr]
+    if ret.next is not None:
+        ret.next.prev = ret.prev
+
+
+def _unlift(call: _Entry) -> None:
+    ret = call.match
+    assert ret is not None and ret.prev is not None and call.prev is not None
+    ret.prev.next = ret
+    if ret.next is not None:
+        ret.next.prev = ret
+    call.prev.next = call
+    if call.next is not None:
+        call.next.prev = call
+
+
+@dataclass
+class PartitionResult:
+    order_id: str
+    ok: bool
+    operations: int
+    # The longest prefix of a linearization the search found (all of it when ok).
+    longest: list[Operation] = field(default_factory=list)
+    configurations: int = 0  # (linearized set, states) pairs tried: the search's work
+
+
+def check_partition(order_id: str, ops: list[Operation],
+                    model: PaymentLockModel) -> PartitionResult:
+    if not ops:
+        return PartitionResult(order_id, True, 0)
+    head = _entries(ops)
+    states: frozenset[LockState] = frozenset({model.init()})
+    linearized = 0
+    seen: set[tuple[int, Hashable]] = set()
+    stack: list[tuple[_Entry, frozenset[LockState]]] = []
+    longest: list[int] = []
+    entry = head.next
+    while head.next is not None:
+        assert entry is not None
+        if entry.is_call:
+            op = ops[entry.id]
+            following = frozenset(after for state in states for after in model.step(state, op))
+            if following:
+                mark = linearized | (1 << entry.id)
+                if (mark, following) not in seen:
+                    seen.add((mark, following))
+                    stack.append((entry, states))
+                    states, linearized = following, mark
+                    _lift(entry)
+                    if len(stack) > len(longest):
+                        longest = [call.id for call, _ in stack]
+                    entry = head.next
+                    continue
+            entry = entry.next
+        else:
+            if not stack:  # this return's call cannot come first in any order: not linearizable
+                return PartitionResult(order_id, False, len(ops), [ops[i] for i in longest],
+                                       len(seen))
+            call, states = stack.pop()
+            linearized &= ~(1 << call.id)
+            _unlift(call)
+            entry = call.next
+    return PartitionResult(order_id, True, len(ops), [ops[i] for i in longest], len(seen))
+
+
+@dataclass
+class Result:
+    ok: bool
+    partitions: list[PartitionResult]
+
+    @property
+    def failures(self) -> list[PartitionResult]:
+        return [p for p in self.partitions if not p.ok]
+
+
+def check(history: Iterable[Operation], model: PaymentLockModel | None = None) -> Result:
+    """Is `history` linearizable, order by order?"""
+    model = model or PaymentLockModel()
+    by_order: dict[str, list[Operation]] = defaultdict(list)
+    for op in history:
+        by_order[op.input.order_id].append(op)
+    parts = [check_partition(order_id, ops, model) for order_id, ops in sorted(by_order.items())]
+    return Result(all(p.ok for p in parts), parts)
+
+
+# --- histories as JSON lines ------------------------------------------------------------
+
+_INPUTS = {"acquire": Acquire, "release": Release, "complete": Complete, "read": Read}
+_OUTPUTS = {"granted": Granted, "refused": Refused, "done": Done, "seen": Seen}
+
+
+def to_json(op: Operation) -> dict[str, Any]:
+    def tagged(value: Any, table: dict[str, type]) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        name = next(k for k, v in table.items() if isinstance(value, v))
+        fields = {k: getattr(value, k) for k in value.__dataclass_fields__}
+        return {"op": name, **fields}
+    return {"client": op.client, "call": op.call, "ret": op.ret,
+            "input": tagged(op.input, _INPUTS), "output": tagged(op.output, _OUTPUTS)}
+
+
+def from_json(data: dict[str, Any]) -> Operation:
+    def build(value: dict[str, Any] | None, table: dict[str, type]) -> Any:
+        if value is None:
+            return None
+        fields = dict(value)
+        kind = table[fields.pop("op")]
+        if "forced" in fields and fields["forced"] is not None:
+            fields["forced"] = tuple(fields["forced"])
+        return kind(**fields)
+    return Operation(data["client"], data["call"], data["ret"], build(data["input"], _INPUTS),
+                     build(data["output"], _OUTPUTS))
+
+
+def describe(op: Operation) -> str:
+    end = "no reply" if op.ret is None else f"{op.ret:.3f}"
+    return f"{op.client} [{op.call:.3f} .. {end}] {op.input} -> {op.output}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="check a payment-lock history")
+    parser.add_argument("history", help="JSON lines, one operation each")
+    args = parser.parse_args(argv)
+    with open(args.history, encoding="utf-8") as lines:
+        history = [from_json(json.loads(line)) for line in lines if line.strip()]
+    result = check(history)
+    print(f"{len(history)} operations, {len(result.partitions)} orders: "
+          f"{'linearizable' if result.ok else 'NOT linearizable'}")
+    for failure in result.failures:
+        print(f"order {failure.order_id}: no linearization; the longest prefix found:")
+        for op in failure.longest:
+            print("   ", describe(op))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
