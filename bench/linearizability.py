@@ -42,12 +42,16 @@ from typing import Any, NamedTuple
 
 @dataclass(frozen=True, slots=True)
 class Acquire:
+    """lock.acquire of the payment lock."""
+
     order_id: str
     force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Release:
+    """lock.release of the payment lock."""
+
     order_id: str
     token: int | None
     force: bool = False
@@ -62,15 +66,38 @@ class Complete:
 
 @dataclass(frozen=True, slots=True)
 class Read:
+    """order.get: the order's status and its locks."""
+
     order_id: str
 
 
-Input = Acquire | Release | Complete | Read
+@dataclass(frozen=True, slots=True)
+class OtherLock:
+    """lock.acquire of an order or presettle lock: both are blocked by another's payment
+    lock (so a force revokes it), and their tokens come from the same per-order counter."""
+
+    order_id: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """order.publish: modify and add_items are blocked by another's payment lock (a force
+    revokes it); `status` "closed" ends the order and releases its locks, "open" reopens
+    an unpaid one."""
+
+    order_id: str
+    force: bool = False
+    status: str = "open"
+
+
+Input = Acquire | Release | Complete | Read | OtherLock | Publish
 
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    """A payment lock granted; `forced`: the tokens it revoked (None: not recorded)."""
+    """A lock granted (payment, or another kind for OtherLock); `forced`: the payment-lock
+    tokens it revoked (None: not recorded)."""
 
     token: int
     forced: tuple[int, ...] | None = None
@@ -83,15 +110,15 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """A release, or a payment (the `payment_ref` the order is now paid with)."""
+    """A release, a payment or a publish went through."""
 
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """A read: the payment lock's token (None: no lock), and whether the order is paid."""
+    """A read: the payment lock's token (None: no lock) and the order's status."""
 
     token: int | None
-    paid: bool
+    status: str
 
 
 Output = Granted | Refused | Done | Seen
@@ -119,23 +146,40 @@ class LockState(NamedTuple):
     floor: int  # every later grant's token must exceed this: tokens only grow
     lapsed: int | None  # the token of the last lock that expired, until the next grant
     paid: str | None  # the payment_ref the order was paid with
+    closed: bool  # the ERP closed the order
+
+    @property
+    def ended(self) -> bool:
+        return self.paid is not None or self.closed
+
+    @property
+    def status(self) -> str:
+        return "closed" if self.closed else "paid" if self.paid is not None else "open"
+
+    def others(self, client: str) -> bool:
+        """Someone other than `client` holds the payment lock."""
+        return self.holder is not None and self.holder != client
+
+    def freed(self) -> LockState:
+        return self._replace(holder=None, token=None)
 
 
-# Refusals that say nothing about the payment lock (another kind's lock, a version, the
-# ERP), or that say nothing changed: they are allowed in any state and change nothing.
-NEUTRAL = {"UNAVAILABLE", "ORDER_LOCKED", "PRESETTLE_LOCKED", "ERP_UNAVAILABLE", "FORBIDDEN",
-           "NOT_FOUND", "BAD_REQUEST", "RATE_LIMITED"}
-CONFLICT = "PAYMENT_LOCKED"
+# Refusals that say nothing about the payment lock (a version, the ERP, the broker's
+# load) or that say nothing changed: allowed in any state, they change nothing.
+NEUTRAL = {"UNAVAILABLE", "ERP_UNAVAILABLE", "FORBIDDEN", "NOT_FOUND", "BAD_REQUEST",
+           "RATE_LIMITED", "STALE_VERSION", "ACCEPT_BLOCKED"}
+# Conflicts named after the payment lock's: another's payment lock would have come first.
+LATER_CONFLICTS = {"PRESETTLE_LOCKED", "ORDER_LOCKED"}
 
 
 @dataclass(frozen=True, slots=True)
 class PaymentLockModel:
     """The payment lock of one order, strict where the protocol is strict.
 
-    A grant's token exceeds every earlier token of the order; no two clients hold
-    it; a release or a payment goes through only with the current token; at most
-    one payment, whose retries (same `payment_ref`) answer the same success; a
-    paid order takes no lock.
+    A grant's token (of any kind) exceeds every earlier token of the order; no two
+    clients hold the payment lock; a release or a payment goes through only with
+    the current token; at most one payment, whose retries (same `payment_ref`)
+    answer the same success; an ended order takes no lock.
 
     A lock may also end on its own (its TTL, or its holder's disconnect grace), but
     not sooner than `min_lifetime` (seconds, the history's unit) after the request
@@ -146,7 +190,7 @@ class PaymentLockModel:
     min_lifetime: float = float("inf")
 
     def init(self) -> LockState:
-        return LockState(None, None, 0.0, 0, None, None)
+        return LockState(None, None, 0.0, 0, None, None, False)
 
     def step(self, state: LockState, op: Operation) -> set[LockState]:
         """Every state `op` can leave when linearized in `state`, given its answer."""
@@ -154,8 +198,8 @@ class PaymentLockModel:
         ret = float("inf") if op.indeterminate else op.ret
         if state.holder is not None and ret is not None and (
                 ret - state.since >= self.min_lifetime):
-            starts.add(state._replace(holder=None, token=None, lapsed=state.token))  # expired
-            starts.add(state._replace(holder=None, token=None))  # holder_disconnected
+            starts.add(state.freed()._replace(lapsed=state.token))  # expired
+            starts.add(state.freed())  # released: its holder's grace ran out
         found: set[LockState] = set()
         for start in starts:
             if op.indeterminate:
@@ -182,82 +226,82 @@ def _resolve(state: LockState, token: int) -> LockState:
 def _grant(state: LockState, op: Operation, token: int | None) -> LockState | None:
     """`op`'s client takes the lock with `token` (None: unknown); None if it is too low."""
     if token is None:
-        return LockState(op.client, None, op.call, state.floor + 1, None, state.paid)
+        return state._replace(holder=op.client, token=None, since=op.call,
+                              floor=state.floor + 1, lapsed=None)
     if token <= state.floor:
         return None
-    return LockState(op.client, token, op.call, token, None, state.paid)
+    return state._replace(holder=op.client, token=token, since=op.call, floor=token,
+                          lapsed=None)
+
+
+def _published(state: LockState, op: Publish, client: str) -> LockState:
+    after = state.freed() if op.force and state.others(client) else state
+    if op.status == "closed":
+        return after.freed()._replace(closed=True)
+    return after._replace(closed=False)
 
 
 def _effects(state: LockState, operation: Operation) -> set[LockState]:
     """What an unanswered operation may have done (other than nothing)."""
     client, op = operation.client, operation.input
-    free = state.holder is None or state.holder == client
-    if isinstance(op, Acquire) and state.paid is None and state.holder != client and (
-            free or op.force):
-        granted = _grant(state, operation, None)
-        return {granted} if granted is not None else set()
-    if isinstance(op, Release) and state.paid is None and state.holder is not None and (
-            op.force or (state.holder == client and _current(state, op.token))):
-        return {state._replace(holder=None, token=None)}
-    if isinstance(op, Complete) and state.paid is None and _current(state, op.token):
-        return {state._replace(holder=None, token=None, paid=op.payment_ref)}
+    if state.ended and not isinstance(op, Publish):
+        return set()
+    if isinstance(op, Acquire) and state.holder != client and (
+            op.force or state.holder is None):
+        return {_grant(state, operation, None) or state}
+    if isinstance(op, Release) and state.holder is not None and (
+            op.force or (state.holder == client and (
+                op.token is None or _current(state, op.token)))):
+        return {state.freed()}
+    if isinstance(op, Complete) and _current(state, op.token):
+        return {state.freed()._replace(paid=op.payment_ref)}
+    if isinstance(op, OtherLock):
+        taken = state._replace(floor=state.floor + 1)  # a grant of unknown token
+        return {taken, taken.freed()} if op.force and state.others(client) else {taken}
+    if isinstance(op, Publish) and state.paid is None:
+        return {_published(state, op, client)}
     return set()
 
 
 def _answered(state: LockState, operation: Operation, out: Output) -> set[LockState]:
     client, op = operation.client, operation.input
-    if isinstance(out, Refused) and out.code in NEUTRAL:
-        return {state}
-    paid = state.paid is not None
+    if isinstance(out, Refused):
+        return {state} if _refusal_fits(state, client, op, out.code) else set()
     if isinstance(op, Read):
-        if not isinstance(out, Seen) or out.paid != paid:
+        if not isinstance(out, Seen) or out.status != state.status:
             return set()
         if out.token is None:
             return {state} if state.holder is None else set()
         return {_resolve(state, out.token)} if _current(state, out.token) else set()
     if isinstance(op, Acquire):
         return _answered_acquire(state, operation, out)
-    if isinstance(op, Release):
-        if isinstance(out, Done):
-            if paid or state.holder is None:
-                return set()
-            if op.force or (state.holder == client and _current(state, op.token)):
-                return {state._replace(holder=None, token=None)}
-            return set()
-        if not isinstance(out, Refused):
-            return set()
-        if out.code == "NOT_HOLDER" and not paid and (op.force or op.token is None):
-            return {state} if state.holder is None or (
-                not op.force and state.holder != client) else set()
-        return {state} if _token_refusal_fits(state, client, op.token, out.code) else set()
-    assert isinstance(op, Complete)
-    if isinstance(out, Done):
-        if paid:
-            return {state} if state.paid == op.payment_ref else set()  # the retry
-        if not _current(state, op.token):
-            return set()
-        assert op.token is not None
-        return {_resolve(state, op.token)._replace(holder=None, token=None,
-                                                   paid=op.payment_ref)}
-    if not isinstance(out, Refused):
+    if isinstance(op, OtherLock):
+        return _answered_other_lock(state, operation, out)
+    if not isinstance(out, Done):
         return set()
-    if out.code == "ORDER_PAID":
-        return {state} if paid and state.paid != op.payment_ref else set()
-    if out.code in ("STALE_VERSION", "AMOUNT_MISMATCH"):  # past the token check
-        return {state} if not paid and _current(state, op.token) else set()
-    return {state} if _token_refusal_fits(state, client, op.token, out.code) else set()
+    if isinstance(op, Release):
+        if state.ended or state.holder is None:
+            return set()
+        mine = state.holder == client and (op.token is None or _current(state, op.token))
+        return {state.freed()} if op.force or mine else set()
+    if isinstance(op, Publish):
+        if state.paid is not None and op.status != "closed":
+            return set()
+        return {_published(state, op, client)} if op.force or not state.others(client) \
+            else set()
+    assert isinstance(op, Complete)
+    if state.paid is not None:
+        return {state} if state.paid == op.payment_ref else set()  # the retry
+    if state.ended or not _current(state, op.token):
+        return set()
+    assert op.token is not None
+    return {_resolve(state, op.token).freed()._replace(paid=op.payment_ref)}
 
 
 def _answered_acquire(state: LockState, operation: Operation, out: Output) -> set[LockState]:
     client, op = operation.client, operation.input
     assert isinstance(op, Acquire)
-    paid = state.paid is not None
-    if isinstance(out, Refused):
-        if out.code == "ORDER_PAID":
-            return {state} if paid else set()
-        blocked = not paid and state.holder not in (None, client) and not op.force
-        return {state} if out.code == CONFLICT and blocked else set()
-    if not isinstance(out, Granted) or paid:
+    if not isinstance(out, Granted) or state.ended:
         return set()
     if state.holder == client:  # a re-acquire returns the held lock
         if out.forced or not _current(state, out.token):
@@ -275,25 +319,65 @@ def _answered_acquire(state: LockState, operation: Operation, out: Output) -> se
     return {granted} if granted is not None else set()
 
 
-def _token_refusal_fits(state: LockState, client: str, token: int | None,
-                        code: str) -> bool:
-    """A refusal of a write under `token`: ORDER_PAID, LOCK_EXPIRED, FENCED or NOT_HOLDER."""
+def _answered_other_lock(state: LockState, operation: Operation,
+                         out: Output) -> set[LockState]:
+    client, op = operation.client, operation.input
+    assert isinstance(op, OtherLock)
+    if not isinstance(out, Granted) or state.ended:
+        return set()
+    if out.token <= state.floor and not out.forced:
+        # The re-acquire of the client's own lock of that kind: returned before any conflict.
+        return {state}
+    after = state
+    if out.forced:
+        if not op.force or len(out.forced) != 1 or not state.others(client) or not _current(
+                state, out.forced[0]):
+            return set()
+        after = state.freed()
+    elif state.others(client):
+        if out.forced == () or not op.force:
+            return set()  # another's payment lock blocks it
+        after = state.freed()  # a force whose reply did not say what it revoked
+    return {after._replace(floor=max(after.floor, out.token))}
+
+
+def _refusal_fits(state: LockState, client: str, op: Input, code: str) -> bool:
+    """Could `op` be refused `code` in `state` (it then changes nothing)?"""
+    if code in NEUTRAL or isinstance(op, Read):
+        return code in NEUTRAL
+    if isinstance(op, Publish):
+        if code == "ORDER_PAID":
+            return state.paid is not None and op.status != "closed"
+        if code == "PAYMENT_LOCKED":
+            return not op.force and state.others(client)
+        return (code in LATER_CONFLICTS and not state.others(client)) or code in (
+            "FENCED", "LOCK_EXPIRED", "NOT_HOLDER")  # a publish under a token
     if code == "ORDER_PAID":
-        return state.paid is not None
-    if state.paid is not None:
+        if isinstance(op, Complete) and state.paid == op.payment_ref:
+            return False  # the retry of the success answers it again
+        return state.ended
+    if state.ended:
         return False  # ORDER_PAID comes first
+    if isinstance(op, (Acquire, OtherLock)):
+        if code == "PAYMENT_LOCKED":
+            return not op.force and state.others(client)
+        return code in LATER_CONFLICTS and not state.others(client)
+    token = op.token if isinstance(op, (Release, Complete)) else None
     current = _current(state, token)
     if code == "NOT_HOLDER":
+        if isinstance(op, Release) and (op.force or op.token is None):
+            return state.holder is None or (not op.force and state.holder != client)
         return current and state.holder != client
+    if code in ("STALE_VERSION", "AMOUNT_MISMATCH"):
+        return isinstance(op, Complete) and current
+    # A token refusal. A current token can still be refused while the held lock's token
+    # is unknown and the token merely sits above the floor.
     if current:
-        # A current token can still be refused if the lock may be held by an unknown
-        # token that merely sits above the floor.
-        return state.token is None and code in ("FENCED", "LOCK_EXPIRED")
+        return state.token is None and (code == "FENCED" or (
+            code == "LOCK_EXPIRED" and token == state.lapsed))
     if code == "LOCK_EXPIRED":
         return token is not None and token == state.lapsed
-    if code == "FENCED":
-        return token is None or token != state.lapsed
-    return False
+    return code == "FENCED" and (token is None or token != state.lapsed)
 
 
 # --- the search --------------------------------------------------------------------
@@ -424,7 +508,8 @@ def check(history: Iterable[Operation], model: PaymentLockModel | None = None) -
 
 # --- histories as JSON lines ------------------------------------------------------------
 
-_INPUTS = {"acquire": Acquire, "release": Release, "complete": Complete, "read": Read}
+_INPUTS = {"acquire": Acquire, "release": Release, "complete": Complete, "read": Read,
+           "other_lock": OtherLock, "publish": Publish}
 _OUTPUTS = {"granted": Granted, "refused": Refused, "done": Done, "seen": Seen}
 
 
