@@ -143,6 +143,7 @@ class LockState(NamedTuple):
     holder: str | None  # the client holding the payment lock
     token: int | None  # its token; None while unknown (granted by an unanswered acquire)
     since: float  # when the request that granted it was sent
+    low: int  # while its token is unknown: the least it can be
     floor: int  # every later grant's token must exceed this: tokens only grow
     lapsed: int | None  # the token of the last lock that expired, until the next grant
     paid: str | None  # the payment_ref the order was paid with
@@ -190,7 +191,7 @@ class PaymentLockModel:
     min_lifetime: float = float("inf")
 
     def init(self) -> LockState:
-        return LockState(None, None, 0.0, 0, None, None, False)
+        return LockState(None, None, 0.0, 0, 0, None, None, False)
 
     def step(self, state: LockState, op: Operation) -> set[LockState]:
         """Every state `op` can leave when linearized in `state`, given its answer."""
@@ -212,22 +213,24 @@ class PaymentLockModel:
 
 
 def _current(state: LockState, token: int | None) -> bool:
-    """Can `token` be the held lock's (whose token may be unknown, but not below the floor)?"""
+    """Can `token` be the held lock's (whose token may be unknown, but has a least value)?"""
     if state.holder is None or token is None:
         return False
-    return state.token == token if state.token is not None else token >= state.floor
+    return state.token == token if state.token is not None else token >= state.low
 
 
 def _resolve(state: LockState, token: int) -> LockState:
     """The held lock's token is `token` (the caller checked `_current`)."""
-    return state if state.token is not None else state._replace(token=token, floor=token)
+    if state.token is not None:
+        return state
+    return state._replace(token=token, floor=max(state.floor, token))
 
 
 def _grant(state: LockState, op: Operation, token: int | None) -> LockState | None:
     """`op`'s client takes the lock with `token` (None: unknown); None if it is too low."""
     if token is None:
         return state._replace(holder=op.client, token=None, since=op.call,
-                              floor=state.floor + 1, lapsed=None)
+                              low=state.floor + 1, floor=state.floor + 1, lapsed=None)
     if token <= state.floor:
         return None
     return state._replace(holder=op.client, token=token, since=op.call, floor=token,
