@@ -261,8 +261,8 @@ def _effects(state: LockState, operation: Operation) -> set[LockState]:
     if isinstance(op, OtherLock):
         taken = state._replace(floor=state.floor + 1)  # a grant of unknown token
         return {taken, taken.freed()} if op.force and state.others(client) else {taken}
-    if isinstance(op, Publish) and state.paid is None:
-        return {_published(state, op, client)}
+    if isinstance(op, Publish) and (state.paid is None or op.status == "closed"):
+        return {_published(state, op, client)}  # a paid order may only be closed
     return set()
 
 

@@ -267,8 +267,8 @@ def rules_history(seed: int, count: int = 40) -> list[Operation]:
 
 
 def test_histories_made_by_the_rules_are_linearizable() -> None:
-    for seed in range(100):
-        history = rules_history(seed)
+    for seed in range(300):
+        history = rules_history(seed, count=40 + seed % 2 * 40)
         result = check(history)
         assert result.ok, (seed, [str(o) for o in result.failures[0].longest])
         assert [from_json(to_json(o)) for o in history] == history
