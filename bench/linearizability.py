@@ -443,15 +443,15 @@ def _unlift(call: _Entry) -> None:
 @dataclass
 class PartitionResult:
     order_id: str
-    ok: bool
+    ok: bool | None  # None: the search gave up (it tried `budget` configurations)
     operations: int
     # The longest prefix of a linearization the search found (all of it when ok).
     longest: list[Operation] = field(default_factory=list)
     configurations: int = 0  # (linearized set, states) pairs tried: the search's work
 
 
-def check_partition(order_id: str, ops: list[Operation],
-                    model: PaymentLockModel) -> PartitionResult:
+def check_partition(order_id: str, ops: list[Operation], model: PaymentLockModel,
+                    budget: int | None = None) -> PartitionResult:
     if not ops:
         return PartitionResult(order_id, True, 0)
     head = _entries(ops)
@@ -469,6 +469,9 @@ def check_partition(order_id: str, ops: list[Operation],
             if following:
                 mark = linearized | (1 << entry.id)
                 if (mark, following) not in seen:
+                    if budget is not None and len(seen) >= budget:
+                        return PartitionResult(order_id, None, len(ops),
+                                               [ops[i] for i in longest], len(seen))
                     seen.add((mark, following))
                     stack.append((entry, states))
                     states, linearized = following, mark
@@ -491,22 +494,32 @@ def check_partition(order_id: str, ops: list[Operation],
 
 @dataclass
 class Result:
-    ok: bool
     partitions: list[PartitionResult]
 
     @property
+    def ok(self) -> bool:
+        """Linearizable: every order has a linearization (none failed, none gave up)."""
+        return all(p.ok for p in self.partitions)
+
+    @property
     def failures(self) -> list[PartitionResult]:
-        return [p for p in self.partitions if not p.ok]
+        return [p for p in self.partitions if p.ok is False]
+
+    @property
+    def unknown(self) -> list[PartitionResult]:
+        return [p for p in self.partitions if p.ok is None]
 
 
-def check(history: Iterable[Operation], model: PaymentLockModel | None = None) -> Result:
-    """Is `history` linearizable, order by order?"""
+def check(history: Iterable[Operation], model: PaymentLockModel | None = None,
+          budget: int | None = None) -> Result:
+    """Is `history` linearizable, order by order? `budget`: configurations an order may
+    take before its search gives up (None: no limit)."""
     model = model or PaymentLockModel()
     by_order: dict[str, list[Operation]] = defaultdict(list)
     for op in history:
         by_order[op.input.order_id].append(op)
-    parts = [check_partition(order_id, ops, model) for order_id, ops in sorted(by_order.items())]
-    return Result(all(p.ok for p in parts), parts)
+    return Result([check_partition(order_id, ops, model, budget)
+                   for order_id, ops in sorted(by_order.items())])
 
 
 # --- histories as JSON lines ------------------------------------------------------------
@@ -548,12 +561,16 @@ def describe(op: Operation) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="check a payment-lock history")
     parser.add_argument("history", help="JSON lines, one operation each")
+    parser.add_argument("--min-lifetime", type=float, default=float("inf"),
+                        help="least time a lock lives unrenewed, in the history's unit "
+                             "(default: locks never end on their own)")
     args = parser.parse_args(argv)
     with open(args.history, encoding="utf-8") as lines:
         history = [from_json(json.loads(line)) for line in lines if line.strip()]
-    result = check(history)
-    print(f"{len(history)} operations, {len(result.partitions)} orders: "
-          f"{'linearizable' if result.ok else 'NOT linearizable'}")
+    result = check(history, PaymentLockModel(args.min_lifetime))
+    verdict = ("linearizable" if result.ok else "NOT linearizable" if result.failures
+               else "unknown (the search gave up)")
+    print(f"{len(history)} operations, {len(result.partitions)} orders: {verdict}")
     for failure in result.failures:
         print(f"order {failure.order_id}: no linearization; the longest prefix found:")
         for op in failure.longest:

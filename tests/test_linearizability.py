@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from bench.history import History
 from bench.linearizability import (
     Acquire,
     Complete,
@@ -193,6 +194,50 @@ def test_a_read_that_contradicts_the_writes_is_not_linearizable() -> None:
         op("c", 2, 3, Read(ORDER), Seen(None, "open")),
         op("a", 4, 5, Release(ORDER, 5), Done()),
     )
+
+
+def test_a_search_over_its_budget_says_unknown() -> None:
+    history = [op(c, 0, 10, Acquire(ORDER), Refused("PAYMENT_LOCKED")) for c in "abcdef"]
+    history.append(op("g", 0, 10, Acquire(ORDER), Granted(5, ())))
+    result = check(history, budget=3)
+    assert not result.ok and result.failures == [] and len(result.unknown) == 1
+    assert check(history).ok
+
+
+# --- a run's requests, as the chaos harness records them ----------------------------------
+
+def test_wire_requests_and_replies_become_operations() -> None:
+    history = History()
+    lock5 = {"kind": "payment", "token": 5}
+    order = {"order_id": "o1", "status": "open"}
+    history.record("s1", "erp", "lock.acquire", {"order_id": "o1", "kind": "payment"},
+                   0.0, 0.1, {"ok": True, "lock": lock5, "order": order})
+    history.record("s1", "erp", "lock.renew", {"order_id": "o1", "kind": "payment",
+                                               "token": 5}, 0.2, 0.3, {"ok": True})
+    history.record("s1", "erp-2", "lock.acquire",
+                   {"order_id": "o1", "kind": "payment", "force": True}, 0.4, 0.5,
+                   {"ok": True, "lock": {"kind": "payment", "token": 7}, "order": order,
+                    "forced": [{"kind": "order", "token": 6}, lock5]})
+    history.record("s1", "erp", "payment.complete",
+                   {"order_id": "o1", "token": 5, "payment_ref": "r1"}, 0.6, 0.7, None)
+    history.record("s1", "erp", "lock.release", {"order_id": "o1", "kind": "payment",
+                                                 "token": 5}, 0.8, 5.9,
+                   {"ok": False, "error": {"code": "UNAVAILABLE", "outcome": "unknown"}})
+    history.record("s1", "phone", "order.get", {"table_id": "t1"}, 6.0, 6.1,
+                   {"ok": True, "order": order, "locks": [{"kind": "payment", "token": 7}]})
+    history.record("s2", "erp", "lock.acquire", {"order_id": "o1", "kind": "order"}, 0.0, 0.1,
+                   {"ok": False, "error": {"code": "PAYMENT_LOCKED"}})
+    assert [(o.client, o.input, o.output, o.ret) for o in history.operations] == [
+        ("s1/erp", Acquire("s1/o1"), Granted(5, ()), 0.1),
+        ("s1/erp-2", Acquire("s1/o1", True), Granted(7, (5,)), 0.5),
+        ("s1/erp", Complete("s1/o1", 5, "r1"), None, None),
+        ("s1/erp", Release("s1/o1", 5), None, None),
+        ("s1/phone", Read("s1/o1"), Seen(7, "open"), 6.1),
+        ("s2/erp", OtherLock("s2/o1"), Refused("PAYMENT_LOCKED"), 0.1),
+    ]
+    result = history.check(min_lifetime=4.5)
+    assert not result.ok  # store s2's order lock cannot be refused: nobody holds its payment
+    assert [p.order_id for p in result.failures] == ["s2/o1"]
 
 
 # --- against the real rules: histories made by rules.step are linearizable -------------
