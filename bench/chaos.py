@@ -859,10 +859,10 @@ class Term:
         if link is None or not link.ready:
             self.run.stats.requests[(type_, "OFFLINE")] += 1
             return None
-        sent = self.run.elapsed()
+        sent = time.monotonic()  # (not elapsed(): its origin moves once setup is done)
         reply = await self._call(link, type_, params, timeout)
         self.run.history.record(self.store.store_id, self.sub, type_, params, sent,
-                                self.run.elapsed(), reply)
+                                time.monotonic(), reply)
         code = "LOST" if reply is None else "OK" if reply.get("ok") else reply["error"]["code"]
         self.run.stats.requests[(type_, code)] += 1
         return reply
