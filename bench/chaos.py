@@ -1061,11 +1061,37 @@ class Term:
         self.uncertain.append(payment)
         await self.complete(payment)
 
+    async def record_payment(self, p: Pay) -> Frame | None:
+        """payment.complete as this terminal may send it: an ERP or manager itself; a phone's
+        through the platform's payment service (HTTP, role `service`), as the provider would."""
+        if self.role != "h5":
+            return await self.req("payment.complete", order_id=p.order_id, token=p.token,
+                                  version=p.version, amount_cents=p.amount, payment_ref=p.ref)
+        link = self.link
+        broker = self.run.brokers[link.broker if link is not None else self.home]
+        body = {"token": p.token, "version": p.version, "amount_cents": p.amount,
+                "payment_ref": p.ref}
+        sent = time.monotonic()
+        try:
+            status, answer = await http(
+                "POST", broker.port, f"/v1/stores/{p.store_id}/orders/{p.order_id}/payment",
+                self.run.mint(p.store_id, "service", "payment-service"), body)
+        except (OSError, TimeoutError, ValueError, IndexError):
+            status, answer = 0, None  # the broker is down: the service tries again later
+        reply: Frame | None = None
+        if isinstance(answer, dict) and status != 503:
+            reply = {"ok": status == 200, **answer}
+        self.run.history.record(p.store_id, "payment-service", "payment.complete",
+                                {"order_id": p.order_id, "token": p.token,
+                                 "payment_ref": p.ref}, sent, time.monotonic(), reply)
+        code = "LOST" if reply is None else "OK" if reply["ok"] else reply["error"]["code"]
+        self.run.stats.requests[("payment.service", code)] += 1
+        return reply
+
     async def complete(self, p: Pay) -> None:
         """payment.complete until a definite answer: a lost reply is retried with its ref."""
         p.attempts += 1
-        reply = await self.req("payment.complete", order_id=p.order_id, token=p.token,
-                               version=p.version, amount_cents=p.amount, payment_ref=p.ref)
+        reply = await self.record_payment(p)
         if reply is None or (not reply.get("ok") and reply["error"]["code"] in (
                 "UNAVAILABLE", "RATE_LIMITED")):
             if p.attempts >= 12 and not self.run.final:
@@ -1078,8 +1104,7 @@ class Term:
             return
         self._paid(p, reply, retry=p.attempts > 1)
         if self.rng.random() < 0.3:  # the network dropped the answer: the same ref again
-            again = await self.req("payment.complete", order_id=p.order_id, token=p.token,
-                                   version=p.version, amount_cents=p.amount, payment_ref=p.ref)
+            again = await self.record_payment(p)
             if again is not None and (again.get("ok") or again["error"]["code"] not in (
                     "UNAVAILABLE", "RATE_LIMITED")):
                 self._paid(p, again, retry=True)

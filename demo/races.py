@@ -26,7 +26,19 @@ from tablelock_client import (
     TablelockError,
 )
 
-from .terminals import DESSERTS, DRINKS, RICE, add_dishes, money, names, said, token_of
+from .terminals import (
+    BY_SKU,
+    DESSERTS,
+    DRINKS,
+    REASONS,
+    RICE,
+    Terminal,
+    add_dishes,
+    money,
+    names,
+    said,
+    token_of,
+)
 
 if TYPE_CHECKING:
     from .simulation import Store, Table
@@ -58,8 +70,15 @@ async def _pay_then(store: Store, table: Table) -> None:
         await store.pay_at_counter(table)
 
 
-async def _stale_payment(store: Store, table: Table, held: LockHandle, who: str) -> None:
-    """A payment made with a lock that is no longer current: refused, for a refund."""
+async def _stale_payment(store: Store, table: Table, held: LockHandle, who: str,
+                         payer: Terminal) -> None:
+    """A payment made with a lock that is no longer current: refused, for a refund. A phone's
+    goes through the payment provider, which is told so."""
+    if payer.role == "h5":
+        if await store.through_provider(table, held, f"LATE-{held.order_id}-{held.token}",
+                                        "WeChat Pay"):
+            log.warning("%s's payment with an old lock went through", who)
+        return
     try:
         await held.complete_payment(f"LATE-{held.order_id}-{held.token}")
     except TablelockError as exc:
@@ -96,7 +115,7 @@ async def counter_edits_while_customer_pays(store: Store, rng: random.Random,
         order = store.book.order(oid)
         edit: Callable[[dict[str, Any]], None]
         if order is not None and len(order["items"]) > 1:
-            what = (f"takes {order['items'][0]['name'].split(' ', 1)[-1]} off the bill "
+            what = (f"takes {names([BY_SKU[order['items'][0]['sku']]])} off the bill "
                     "(the kitchen ran out)")
             edit = lambda o: o["items"].pop(0)  # noqa: E731
         else:
@@ -138,12 +157,12 @@ async def cashier_forces(store: Store, rng: random.Random, table: Table) -> None
     phone, bar = table.phone, store.bar
     assert phone is not None
     if rng.random() < 0.5:
-        victim = f"{tid} phone"
+        victim, payer = f"{tid} phone", phone
         held = await phone.c.acquire(oid, "payment")
         log.info("%s: takes the payment lock (token %s) and stalls in the payment app", victim,
                  token_of(held))
     else:
-        victim = store.main.name
+        victim, payer = store.main.name, store.main
         held = await store.main.c.acquire(oid, "payment")
         log.info("%s opens %s's bill (payment lock, token %s) and is called away", victim, tid,
                  token_of(held))
@@ -156,8 +175,7 @@ async def cashier_forces(store: Store, rng: random.Random, table: Table) -> None
             log.info("%s: checkout → %s [can force: %s] — the bartender confirms “continue”",
                      bar.name, said(exc), exc.can_force)
             taken = await bar.c.acquire(oid, "payment", force=True, operator=BARTENDER,
-                                        reason="the guest pays at the bar; the other checkout "
-                                               "is stalled")
+                                        reason=REASONS["bar_pays"])
         try:
             log.info("%s forces its way in: %s's payment lock (token %s) is revoked, the bar "
                      "holds token %s", bar.name, victim, token_of(held), token_of(taken))
@@ -165,7 +183,7 @@ async def cashier_forces(store: Store, rng: random.Random, table: Table) -> None
                 async with asyncio.timeout(2):
                     await held.lost.wait()
             if rng.random() < 0.4:
-                await _stale_payment(store, table, held, victim)
+                await _stale_payment(store, table, held, victim, payer)
             await store.sleep(1, 2, rng)
             if not table.paid:
                 await store.complete(table, taken, bar, "card")
@@ -205,7 +223,7 @@ async def phone_lock_lapses(store: Store, rng: random.Random, table: Table) -> N
     async with store.using_main():
         await store.add_at(main, table, [rng.choice(DESSERTS)], " after the lapse")
         if rng.random() < 0.5:
-            await _stale_payment(store, table, held, f"{tid} phone")
+            await _stale_payment(store, table, held, f"{tid} phone", phone)
         await store.sleep(1, 2, rng)
         if not table.paid:
             log.info("%s phone: the guest reloads the order and pays again", tid)
@@ -266,7 +284,7 @@ async def dish_after_prebill(store: Store, rng: random.Random, table: Table) -> 
             await store.sleep(0.5, 1, rng)
             forced = await store.book.publish(
                 bar, oid, "add_items", lambda o: add_dishes(o, [drink]), force=True,
-                operator=BARTENDER, reason="the guest ordered another drink after the pre-bill")
+                operator=BARTENDER, reason=REASONS["drink_after_prebill"])
             store.stats.bump("dishes")
             log.info("%s forces the drink in: the pre-bill is void, %s is now v%d, %s",
                      bar.name, oid, forced.version, money(forced.amount_cents))

@@ -38,17 +38,20 @@ from tablelock_client import (
     Unavailable,
 )
 
+from .provider import Charge, PaymentProvider
 from .terminals import (
     CONFIG_ERRORS,
     DESSERTS,
     DISHES,
     DRINKS,
+    REASONS,
     Book,
     Dish,
     Pace,
     Stats,
     Terminal,
     add_dishes,
+    http_base,
     money,
     names,
     put_config,
@@ -119,6 +122,8 @@ class Store:
         self.cashier2 = self.terminal("erp-cashier-2", "erp_secondary", "Cashier 2")
         self.bar = self.terminal("erp-bar", "erp_secondary", "Bar")
         self.tables = [Table(f"T{i:02d}", self.rng(f"table/{i}")) for i in range(1, tables + 1)]
+        self.provider = PaymentProvider(http_base(url), tokens, speed=speed,
+                                        rng=self.rng("provider"))
         self.main_ready = asyncio.Event()  # the front desk is online and not about to go
         self.main_users = 0
         # Order numbers start from the clock, so a demo on Redis never reuses one.
@@ -498,7 +503,7 @@ class Store:
                 held = await cashier.c.acquire(
                     oid, "payment", force=force,
                     operator=f"{cashier.name} staff" if force else None,
-                    reason="the guests are waiting at the counter" if force else None)
+                    reason=REASONS["counter_waiting"] if force else None)
             except OrderPaid:
                 table.paid = True
                 return True
@@ -526,10 +531,13 @@ class Store:
 
     async def complete(self, table: Table, held: LockHandle, payer: Terminal,
                        method: str) -> bool:
-        """`payment.complete` under `held`; a lost answer is retried with the same ref."""
-        oid, tid = held.order_id, table.table_id
+        """`payment.complete` under `held`; a lost answer is retried with the same ref. A phone
+        pays through the payment provider instead (`through_provider`)."""
+        oid = held.order_id
         ref = f"{method.split()[0].upper()}-{oid}-{held.token}"
-        who = f"{tid} phone" if payer.role == "h5" else payer.name
+        if payer.role == "h5":
+            return await self.through_provider(table, held, ref, method)
+        who = payer.name
         for _ in range(3):
             try:
                 result = await held.complete_payment(ref)
@@ -556,6 +564,33 @@ class Store:
             log.info("%s: paid %s by %s — order %s v%d is paid", who,
                      money(result.order.amount_cents), method, oid, result.order.version)
             return True
+        return False
+
+    async def through_provider(self, table: Table, held: LockHandle, ref: str,
+                               method: str) -> bool:
+        """A phone pays in the payment app; the provider confirms, and the platform's payment
+        service records it with the phone's lock token (role `service`, over HTTP)."""
+        oid, tid = held.order_id, table.table_id
+        order = held.order
+        charge = Charge(self.store_id, oid, held.token, order.version if order else 0,
+                        order.amount_cents if order else 0, ref)
+        settled = await self.provider.charge(charge)
+        if settled.status == "paid":
+            self.paid(table, oid)
+            log.info("%s phone: paid %s by %s; the payment service recorded it — order %s "
+                     "v%d is paid", tid, money(charge.amount_cents), method, oid, charge.version)
+            return True
+        if settled.code == "ORDER_PAID":
+            table.paid = True
+        if settled.status == "refused":
+            self.stats.refused(settled.code or "REFUSED")
+            log.info("%s phone: the payment service could not record %s: %s “%s” — recorded "
+                     "as payment.rejected, to refund", tid, ref, settled.code, settled.message)
+        else:
+            log.info("%s phone: the payment service got no answer for %s (%s)", tid, ref,
+                     settled.message)
+        with contextlib.suppress(TablelockError):
+            await held.release()
         return False
 
     def paid(self, table: Table, order_id: str) -> None:
@@ -631,4 +666,4 @@ class Store:
                 self.stats.bump("errors")
             finally:
                 self.unclaim(table)
-            await self.sleep(*pause, rng)
+            await self.sleep(pause[0], pause[1], rng)

@@ -31,6 +31,8 @@ from tablelock_client import (
 )
 from tablelock_client.connection import Frame
 
+from . import STATIC
+
 log = logging.getLogger("tablelock.demo")
 
 TOKEN_TTL_S = 24 * 3600  # minted again at every (re)connect, so a long demo never runs out
@@ -86,31 +88,25 @@ class Pace:
 @dataclass(frozen=True, slots=True)
 class Dish:
     sku: str
-    name: str
+    zh: str
+    en: str
     price_cents: int
     kind: str = "dish"  # dish, drink or dessert
 
 
-MENU: tuple[Dish, ...] = (
-    Dish("kungpao", "宫保鸡丁 Kung Pao chicken", 3800),
-    Dish("mapo", "麻婆豆腐 Mapo tofu", 2600),
-    Dish("seabass", "清蒸鲈鱼 Steamed sea bass", 8800),
-    Dish("xlb", "小笼包 Soup dumplings", 2200),
-    Dish("friedrice", "扬州炒饭 Yangzhou fried rice", 1800),
-    Dish("hotsour", "酸辣汤 Hot and sour soup", 1600),
-    Dish("duck", "北京烤鸭 Peking duck", 12800),
-    Dish("beans", "干煸四季豆 Dry-fried green beans", 2400),
-    Dish("rice", "米饭 Rice", 300),
-    Dish("beer", "青岛啤酒 Tsingtao beer", 1200, "drink"),
-    Dish("plum", "酸梅汤 Sour plum drink", 800, "drink"),
-    Dish("tea", "菊花茶 Chrysanthemum tea", 1000, "drink"),
-    Dish("pudding", "芒果布丁 Mango pudding", 1500, "dessert"),
-    Dish("tangyuan", "汤圆 Sweet rice balls", 1200, "dessert"),
-)
+# One menu for the simulation and the pages (static/menu.json), so that prices agree.
+MENU: tuple[Dish, ...] = tuple(Dish(**dish) for dish in
+                               json.loads((STATIC / "menu.json").read_text(encoding="utf-8")))
 DISHES = tuple(d for d in MENU if d.kind == "dish")
 DRINKS = tuple(d for d in MENU if d.kind == "drink")
 DESSERTS = tuple(d for d in MENU if d.kind == "dessert")
-RICE = next(d for d in MENU if d.sku == "rice")
+BY_SKU = {d.sku: d for d in MENU}
+# The force reasons the simulated staff give (static/reasons.json: the dashboard shows them in
+# its reader's language).
+REASONS: dict[str, str] = {
+    key: text["en"]
+    for key, text in json.loads((STATIC / "reasons.json").read_text(encoding="utf-8")).items()}
+RICE = BY_SKU["rice"]
 
 
 def add_dishes(order: dict[str, Any], dishes: list[Dish]) -> None:
@@ -121,12 +117,12 @@ def add_dishes(order: dict[str, Any], dishes: list[Dish]) -> None:
                 item["qty"] += 1
                 break
         else:
-            items.append({"sku": dish.sku, "name": dish.name, "qty": 1,
+            items.append({"sku": dish.sku, "name": dish.zh, "qty": 1,
                           "price_cents": dish.price_cents})
 
 
 def names(dishes: list[Dish]) -> str:
-    return ", ".join(d.name.split(" ", 1)[-1] for d in dishes)
+    return ", ".join(d.en for d in dishes)
 
 
 def total(items: list[dict[str, Any]]) -> int:

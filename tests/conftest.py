@@ -101,6 +101,14 @@ class Store:
         return await ahttp(method, f"{self.broker.http}/v1/stores/{self.store_id}{path}",
                            token, body)
 
+    async def service_pay(self, order_id: str, **body: Any) -> dict[str, Any]:
+        """The platform's payment service records a phone's payment (a phone never does):
+        `POST .../payment` with a `service` token, answered like a WebSocket reply (`ok`, then
+        `order` or `error`) plus the HTTP `status`."""
+        status, answer = await self.http("POST", f"/orders/{order_id}/payment", role="service",
+                                         body=body)
+        return {"ok": status == 200, "status": status, **answer}
+
     async def audit(self, kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """The store's audit log, newest first, read with a manager token."""
         query = f"?limit={limit}" + (f"&kind={kind}" if kind else "")

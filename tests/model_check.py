@@ -43,6 +43,7 @@ from tablelock.model import (
     OrderStatus,
     StoreConfig,
     Terminal,
+    holder_key,
 )
 from tablelock.rules import (
     Acquire,
@@ -123,7 +124,7 @@ class World:
     record: OrderRecord | None
     now: int
     strong_link: bool = True
-    offline: tuple[tuple[str, int], ...] = ()  # (terminal_id, since), sorted
+    offline: tuple[tuple[str, int], ...] = ()  # (holder_key, since), sorted
     high: int = 0  # the highest fence this order id ever had (it outlives a forgotten record)
 
     @property
@@ -235,8 +236,8 @@ def deadlines(world: World) -> set[int]:
     times = set()
     for lock in rec.locks.values():
         times.add(lock.expires_at)
-        if lock.holder.terminal_id in offline:
-            times.add(offline[lock.holder.terminal_id] + GRACE)
+        if holder_key(lock.holder) in offline:
+            times.add(offline[holder_key(lock.holder)] + GRACE)
     if rec.ended_at is not None:
         times.add(rec.ended_at + RETENTION)
     return times
@@ -247,7 +248,7 @@ def moves(world: World) -> Iterator[Move]:
     version = rec.order.version if rec is not None else 0
     offline = dict(world.offline)
     online = [t for t in (ERP1, ERP2, H5, H5_OTHER, MANAGER, SERVICE)
-              if t.terminal_id not in offline]
+              if holder_key(t) not in offline]
     # One token of each class the rules can tell apart: each held, and one never granted.
     held = state_tokens(rec) if rec is not None else []
     tokens: list[int | None] = [None, *held, (held[0] if held else T0) - 1]
@@ -321,13 +322,13 @@ def moves(world: World) -> Iterator[Move]:
                            Ingest(order_at(max(version + bump, 1))))
 
     for terminal in PRESENT:
-        tid = terminal.terminal_id
+        tid = holder_key(terminal)
         if tid in offline:
             back = tuple(pair for pair in world.offline if pair[0] != tid)
-            yield ticked(replace(world, offline=back), f"{tid} reconnects")
+            yield ticked(replace(world, offline=back), f"{terminal.terminal_id} reconnects")
         else:
             gone = tuple(sorted((*world.offline, (tid, world.now))))
-            yield ticked(replace(world, offline=gone), f"{tid} disconnects")
+            yield ticked(replace(world, offline=gone), f"{terminal.terminal_id} disconnects")
     if world.strong_link:
         off = replace(world, strong_link=False)
         yield Move("strong link off", lambda _: _one(call(off, None, ReleaseAll())))
@@ -521,8 +522,8 @@ def encode(rec: OrderRecord | None) -> bytes:
 
 def lock_end(lock: Lock, offline: dict[str, int]) -> int:
     """When a lock must be gone, per the spec: its TTL, or its ERP holder's grace."""
-    if lock.holder.role != "h5" and lock.holder.terminal_id in offline:
-        return min(lock.expires_at, offline[lock.holder.terminal_id] + GRACE)
+    if lock.holder.role != "h5" and holder_key(lock.holder) in offline:
+        return min(lock.expires_at, offline[holder_key(lock.holder)] + GRACE)
     return lock.expires_at
 
 
@@ -600,7 +601,7 @@ def check_step(step: Step, after: World) -> list[str]:
         if out.refusal is not None and out.refusal.code in CONFLICT_CODES:
             blocker = out.refusal.lock
             if blocker is None or [(to, e.event) for to, e in out.direct] != [
-                    (blocker.holder.terminal_id, "lock.contended")]:
+                    (holder_key(blocker.holder), "lock.contended")]:
                 found.append("a conflict did not tell the blocking holder, once")
         elif out.direct:
             found.append("a direct event without a conflict")

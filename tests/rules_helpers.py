@@ -45,6 +45,8 @@ H5 = term("h1", "h5", "t1")
 H5_SAME_TABLE = term("h2", "h5", "t1")
 H5_OTHER_TABLE = term("h3", "h5", "t2")
 SERVICE = term("svc", "service")
+# A phone whose token names the same sub as the till ERP1: not the till (holder_key).
+H5_AS_TILL = term("e1", "h5", "t1")
 
 
 def make_order(order_id: str = "o1", table_id: str = "t1", version: int = 1,

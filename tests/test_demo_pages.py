@@ -6,7 +6,8 @@ so every effect a page has is checked on the wire or over HTTP. One Chromium and
 broker serve the module; each test uses tables of its own. The tests that restart a broker or
 want a clean store for screenshots start one of their own.
 
-`TABLELOCK_UPDATE_SCREENSHOT=1` also writes docs/dashboard.png (1366x768).
+`TABLELOCK_WRITE_SCREENSHOT=1` makes test_readme_screenshot write docs/dashboard.png (1366x768)
+from a real `tablelock demo`, simulation included.
 """
 
 from __future__ import annotations
@@ -434,10 +435,17 @@ async def test_erp_force_continue_when_the_phone_pays(demo: DemoBroker, pages: P
     await message.wait_for()
     assert await message.text_content() == prompt("FENCED", "en")
     assert not await h5.is_visible('[data-testid="confirm-payment"]')
+    await h5.wait_for_selector('[data-testid="pay"]:disabled')  # the counter's payment lock
+    assert "being paid elsewhere" in (await h5.text_content('[data-testid="pay-reason"]') or "")
     await erp.click('[data-testid="collect"]')
     paid = await watcher.event("order.paid")
     assert paid["order"]["table_id"] == "T04"
     assert paid["payment"]["by"]["role"] == "erp_main"
+    # The phone says where it was paid, and the "taken over" error is gone.
+    await h5.wait_for_selector('[data-testid="paid-elsewhere"][data-by="counter"]', timeout=3000)
+    assert await h5.text_content('[data-testid="paid-elsewhere"]') == "Paid at the counter"
+    assert not await message.is_visible()
+    assert await h5.text_content('[data-testid="h5-status"]') == "paid"
     await shoot(erp, tmp_path / "erp-paid.png")
     await watcher.close()
 
@@ -448,23 +456,30 @@ async def test_h5_pays_and_falls_back_to_the_front_desk(demo: DemoBroker, pages:
     h5 = await pages.open(f"{demo.http}/app/h5.html?table=T07&lang=en", PHONE)
     await h5.wait_for_selector('[data-testid="h5-total"]:has-text("¥88.00")')
 
-    # A dish under the ERP's order lock is allowed (asked for); pay is refused (ORDER_LOCKED).
+    # A dish under the ERP's order lock is allowed (asked for); Pay waits, and says why.
     await acquire(erp, "o-t07", "order")
     await h5.click('[data-testid="add-beer"]')
     await h5.wait_for_selector('[data-testid="h5-message"]:has-text("Tsingtao beer")')
-    await h5.click('[data-testid="pay"]')
-    await h5.wait_for_selector(
-        f'[data-testid="h5-message"]:has-text("{prompt("ORDER_LOCKED", "en")}")')
+    await h5.wait_for_selector('[data-testid="pay"]:disabled', timeout=3000)
+    assert (await h5.text_content('[data-testid="pay-reason"]')
+            == "The counter is changing the order")
     await erp.request("lock.release", order_id="o-t07", kind="order")
+    await h5.wait_for_selector('[data-testid="pay"]:enabled', timeout=3000)
 
-    # Pay: countdown, then the payment app's confirm completes it.
+    # Pay: countdown, then the payment app's confirm goes to the payment provider, whose
+    # payment service records it (role service); the page learns it from order.paid.
+    watcher = await demo.connect("manager", "watch-h5-pay")
+    await watcher.request("subscribe", channel=f"order:{STORE}:o-t07")
     await h5.click('[data-testid="pay"]')
     await h5.wait_for_selector('[data-testid="countdown"]')
     await h5.click('[data-testid="confirm-payment"]')
+    await h5.wait_for_selector('[data-testid="provider-wait"]')
+    paid = await watcher.event("order.paid", timeout=10)
+    assert paid["payment"]["by"]["role"] == "service"
     await h5.wait_for_selector('[data-testid="paid"]')
     ref = (await h5.text_content('[data-testid="paid-ref"]') or "").split()[-1]
-    entries = (await demo.api("GET", "/audit?kind=payment.completed"))[1]["entries"]
-    assert any(e["detail"]["payment_ref"] == ref for e in entries)
+    assert paid["payment"]["payment_ref"] == ref
+    await watcher.close()
 
     # No ERP to ask: "pay at the front desk", and no lock is taken.
     await erp.close()
@@ -479,6 +494,193 @@ async def test_h5_pays_and_falls_back_to_the_front_desk(demo: DemoBroker, pages:
     _, got = await demo.api("GET", "/orders/o-t08")
     assert got["locks"] == []
     await secondary.close()
+
+
+async def test_h5_follows_the_push(demo: DemoBroker, pages: Pages) -> None:
+    """A new order, a change and the next party's order reach the phone at once: the order's
+    channel and the table feed, no polling."""
+    h5 = await pages.open(f"{demo.http}/app/h5.html?table=T10&lang=en", PHONE)
+    await h5.wait_for_selector('[data-testid="h5-no-order"]')
+    erp = await demo.erp("erp-push", "Cashier 8")
+    await publish(erp, "o-t10", "T10", amount_cents=4200)
+    await h5.wait_for_selector('[data-testid="h5-total"]:has-text("¥42.00")', timeout=2000)
+    await publish(erp, "o-t10", "T10", version=2, amount_cents=5500)
+    await h5.wait_for_selector('[data-testid="h5-total"]:has-text("¥55.00")', timeout=2000)
+    # Paid at the counter, closed, and the next party's order appears by itself.
+    lock = await acquire(erp, "o-t10", "payment")
+    reply = await erp.request("payment.complete", order_id="o-t10", token=lock["token"],
+                              version=2, amount_cents=5500, payment_ref="pos-t10")
+    assert reply["ok"], reply
+    await h5.wait_for_selector('[data-testid="paid-elsewhere"][data-by="counter"]', timeout=2000)
+    await publish(erp, "o-t10b", "T10", amount_cents=2600)
+    await h5.wait_for_selector('[data-testid="h5-total"]:has-text("¥26.00")', timeout=2000)
+    assert not await h5.is_visible('[data-testid="paid-elsewhere"]')
+    await erp.close()
+
+
+async def test_h5_pay_waits_while_paid_elsewhere(demo: DemoBroker, pages: Pages) -> None:
+    erp = await demo.erp("erp-elsewhere", "Cashier 9")
+    await publish(erp, "o-t11", "T11", amount_cents=3000)
+    h5 = await pages.open(f"{demo.http}/app/h5.html?table=T11&lang=en", PHONE)
+    await h5.wait_for_selector('[data-testid="pay"]:enabled')
+    # Another phone at the table pays: Pay is off, with the reason and that phone's time left.
+    other = await demo.connect("h5", "h5-t11-other", table="T11", name="T11")
+    await acquire(other, "o-t11", "payment")
+    await h5.wait_for_selector('[data-testid="pay"]:disabled', timeout=2000)
+    reason = await h5.text_content('[data-testid="pay-reason"]') or ""
+    assert reason.startswith("This order is being paid elsewhere") and "s left" in reason, reason
+    await other.close()  # an h5 lock outlives its phone: it ends at its TTL, or by a cashier
+    reply = await erp.request("lock.release", order_id="o-t11", kind="payment", force=True,
+                              operator="test", reason="the phone went away")
+    assert reply["ok"], reply
+    await h5.wait_for_selector('[data-testid="pay"]:enabled', timeout=2000)
+    # Its own payment: Pay is off and counts down with the lock.
+    await h5.click('[data-testid="pay"]')
+    pay = h5.locator('[data-testid="pay"]')
+    await h5.wait_for_selector('[data-testid="pay"][data-paying]:disabled')
+    first = await pay.text_content() or ""
+    assert first.startswith("Paying") and "s left" in first, first
+    await h5.wait_for_function(
+        """(first) => document.querySelector('[data-testid="pay"]').textContent !== first""",
+        arg=first, timeout=3000)
+    await h5.click('[data-testid="cancel-payment"]')
+    await h5.wait_for_selector('[data-testid="pay"]:enabled', timeout=3000)
+    await erp.close()
+
+
+async def test_h5_payment_refused_by_the_broker_is_refunded(demo: DemoBroker,
+                                                             pages: Pages) -> None:
+    """The cashier forces the phone's lock while the provider confirms: the payment service
+    is refused (FENCED), the page says the money goes back, the store has it to reconcile."""
+    erp = await demo.erp("erp-refund", "Cashier 11")
+    await publish(erp, "o-t15", "T15", amount_cents=2000)
+    h5 = await pages.open(f"{demo.http}/app/h5.html?table=T15&lang=en", PHONE)
+    await h5.click('[data-testid="pay"]')
+    await h5.wait_for_selector('[data-testid="countdown"]')
+    await h5.click('[data-testid="confirm-payment"]')
+    await h5.wait_for_selector('[data-testid="provider-wait"]')
+    await acquire(erp, "o-t15", "payment", force=True, operator="test", reason="refund test")
+    message = h5.locator('[data-testid="h5-message"]')
+    await message.wait_for(timeout=10_000)
+    expected = f"The payment was not recorded: {prompt('FENCED', 'en')} It will be refunded."
+    await h5.wait_for_function(
+        "(text) => document.querySelector('[data-testid=h5-message]').textContent === text",
+        arg=expected, timeout=10_000)
+    entries = (await demo.api("GET", "/audit?kind=payment.rejected"))[1]["entries"]
+    mine = [e for e in entries if e["order_id"] == "o-t15"]
+    assert mine and mine[0]["detail"]["code"] == "FENCED"
+    assert mine[0]["terminal"]["role"] == "service"
+    await erp.close()
+
+
+async def test_language_follows_the_switch(demo: DemoBroker, pages: Pages) -> None:
+    """Pages open in Chinese; status words, dish names, errors on screen and force reasons
+    follow the switch."""
+    erp = await demo.erp("erp-lang", "Cashier 10")
+    body = order("o-t12", "T12", 1, 1600, items=[{"sku": "hotsour", "name": "酸辣汤", "qty": 1,
+                                                  "price_cents": 1600}])
+    assert (await erp.request("order.publish", order=body, change="modify"))["ok"]
+    erp.book["o-t12"] = body  # type: ignore[attr-defined]
+    h5 = await pages.open(f"{demo.http}/app/h5.html?table=T12", PHONE)
+    items = h5.locator('[data-testid="h5-items"]')
+    await items.wait_for()
+    assert await h5.text_content('[data-testid="h5-status"]') == "未支付"
+    assert "酸辣汤" in (await items.text_content() or "")
+    assert "Hot and sour" not in (await items.text_content() or "")
+    # An error on screen (a dish while the counter pays), then the switch.
+    lock = await acquire(erp, "o-t12", "payment")
+    await h5.click('[data-testid="add-rice"]')
+    message = h5.locator('[data-testid="h5-message"]')
+    await message.wait_for()
+    assert await message.text_content() == "订单正在其他机器/顾客端进行支付，请稍后再试"
+    await h5.select_option('[data-testid="lang-switch"]', "en")
+    await h5.wait_for_function(
+        "document.querySelector('[data-testid=h5-status]').textContent === 'unpaid'")
+    assert (await message.text_content()
+            == "This order is being paid elsewhere. Please try again shortly.")
+    assert "Hot and sour soup" in (await items.text_content() or "")
+    assert "酸辣汤" not in (await items.text_content() or "")
+
+    # A force reason the ERP page gave in Chinese reads in English on an English dashboard.
+    dash = await pages.open(f"{demo.http}/app/dashboard.html?lang=en")
+    erp_page = await pages.open(f"{demo.http}/app/erp.html?table=T12")
+    await erp_page.click('[data-testid="checkout"]')
+    await erp_page.click('[data-testid="dialog-confirm"]')
+    await erp_page.wait_for_selector('[data-testid="collect"]')
+    line = dash.locator('[data-testid="feed"] li[data-event="lock.forced"][data-table="T12"]')
+    await line.first.wait_for(timeout=3000)
+    await dash.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="feed"] li[data-table="T12"]')]
+            .some((li) => li.textContent.includes('the cashier chose to continue the checkout'))""",
+        timeout=8000)
+    await dash.select_option('[data-testid="lang-switch"]', "zh-CN")
+    await dash.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="feed"] li[data-table="T12"]')]
+            .some((li) => li.textContent.includes('收银台确认继续结账'))""")
+    entries = (await demo.api("GET", "/audit?kind=lock.forced"))[1]["entries"]
+    assert any(e["order_id"] == "o-t12" and e["detail"]["reason"] == "收银台确认继续结账"
+               for e in entries)
+    await erp.request("lock.release", order_id="o-t12", kind="payment", token=lock["token"])
+    await erp.close()
+
+
+async def test_erp_page_identity_words_toasts_and_cart(demo: DemoBroker, pages: Pages) -> None:
+    one = await pages.open(f"{demo.http}/app/erp.html?table=T13&lang=en", own_context=True)
+    two = await pages.open(f"{demo.http}/app/erp.html?table=T13&lang=en", own_context=True)
+    ids = [await p.evaluate("window.tablelockClient.terminal.terminal_id") for p in (one, two)]
+    assert ids[0] != ids[1] and "erp-cashier-2" not in ids, ids
+    names = [await p.evaluate("window.tablelockClient.terminal.name") for p in (one, two)]
+    assert names[0] != names[1] and "Cashier 2" not in names, names
+    # Cashier language: no protocol words.
+    main = await pages.open(f"{demo.http}/app/erp.html?role=erp_main&table=T13&lang=en",
+                            own_context=True)
+    text = await main.text_content("body") or ""
+    assert "order.fetch" not in text and "lock service" not in text, text
+    await main.click('[data-testid="new-order"]')
+    await one.wait_for_selector('[data-testid="erp-total"]')
+    # Stacked toasts never cover the activity log.
+    for _ in range(5):
+        await one.click('[data-testid="accept"]')
+    await one.wait_for_selector('[data-testid="toast"]')
+    log_box = await one.locator('[data-testid="erp-log"]').bounding_box()
+    boxes = [await t.bounding_box() for t in await one.locator(".toast").all()]
+    assert log_box is not None and 1 <= len(boxes) <= 3, boxes
+    for box in boxes:
+        assert box is not None
+        overlap = not (box["y"] + box["height"] <= log_box["y"]
+                       or log_box["y"] + log_box["height"] <= box["y"])
+        assert not overlap, (box, log_box)
+    # A phone's payment lock: "Edit cart" is off, and says why.
+    order_id = await one.evaluate(
+        """[...window.tablelockClient.mirror("store:demo").orders.values()]
+            .find((o) => o.table_id === "T13").order_id""")
+    phone = await demo.connect("h5", "h5-t13", table="T13", name="T13")
+    await acquire(phone, order_id, "payment")
+    await one.wait_for_selector('[data-testid="edit-cart"]:disabled', timeout=2000)
+    assert "paying on their phone" in (await one.text_content('[data-testid="edit-cart-reason"]')
+                                       or "")
+    await phone.close()
+
+
+async def test_prices_agree_with_the_menu(demo: DemoBroker, pages: Pages) -> None:
+    """One menu (demo/static/menu.json) for the simulation and the pages."""
+    from tablelock_demo.terminals import MENU, add_dishes, money
+
+    h5 = await pages.open(f"{demo.http}/app/h5.html?table=T14&lang=en", PHONE)
+    for dish in MENU:
+        button = h5.locator(f'[data-testid="add-{dish.sku}"]')
+        text = await button.text_content() or ""
+        assert dish.en in text and money(dish.price_cents) in text, (dish, text)
+    body = order("o-t14", "T14", 1, 0, items=[])
+    add_dishes(body, [MENU[0], MENU[0], MENU[5]])  # as the simulation orders
+    body["amount_cents"] = sum(i["qty"] * i["price_cents"] for i in body["items"])
+    erp = await demo.erp("erp-prices")
+    assert (await erp.request("order.publish", order=body, change="modify"))["ok"]
+    total = money(body["amount_cents"])
+    await h5.wait_for_selector(f'[data-testid="h5-total"]:has-text("{total}")')
+    items = await h5.text_content('[data-testid="h5-items"]') or ""
+    assert money(2 * MENU[0].price_cents) in items and MENU[0].zh not in items, items
+    await erp.close()
 
 
 # --- screenshots ---------------------------------------------------------------------------
@@ -514,9 +716,11 @@ async def test_screenshots(demo: DemoBroker, pages: Pages, tmp_path: Path) -> No
     phone8 = await demo.connect("h5", "h5-t08", table="T08", name="T08", store=store)
     lock8 = await acquire(phone8, "o-t08", "payment")
     amount8 = 3000 + 1700 * 6
+    service = mint(store, "service", "payment-service")
     for ref in ("pay-t08-1", "pay-t08-2"):  # the second is refused: reconcile it
-        await phone8.request("payment.complete", order_id="o-t08", token=lock8["token"],
-                             version=1, amount_cents=amount8, payment_ref=ref)
+        await ahttp("POST", f"{demo.http}/v1/stores/{store}/orders/o-t08/payment", service,
+                    {"token": lock8["token"], "version": 1, "amount_cents": amount8,
+                     "payment_ref": ref})
     # A phone paying now, from the H5 page (the ERP answers its order.fetch).
     h5 = await pages.open(url("h5.html", "h5", "h5-t05", "T05", name="T05"), PHONE)
     await h5.click('[data-testid="pay"]')
@@ -541,9 +745,44 @@ async def test_screenshots(demo: DemoBroker, pages: Pages, tmp_path: Path) -> No
     await dash.set_viewport_size(TABLET)  # type: ignore[arg-type]
     await asyncio.sleep(0.3)
     await shoot(dash, tmp_path / "dashboard-768x1024.png")
-    if os.environ.get("TABLELOCK_UPDATE_SCREENSHOT") == "1":
-        target = ROOT / "docs" / "dashboard.png"
-        shutil.copyfile(shot, target)
-        print(f"updated {target}")
+    assert shot.stat().st_size > 0
     for client in (main, cashier2, phone7, phone8, phone9):
         await client.close()
+
+
+class SimulatedDemo(DemoBroker):
+    """`tablelock demo` as a user runs it: the simulated store included."""
+
+    command = ("demo", "--secret", SECRET, "--store", STORE, "--seed", "1")
+
+
+@pytest.mark.timeout(180)
+async def test_readme_screenshot(pages: Pages, tmp_path: Path) -> None:
+    """The README's picture is the real `tablelock demo`'s dashboard once the store is busy.
+    With TABLELOCK_WRITE_SCREENSHOT=1 it is written to docs/dashboard.png."""
+    broker = await asyncio.to_thread(SimulatedDemo().start)
+    try:
+        dash = await pages.open(f"{broker.http}/app/dashboard.html?lang=en")
+        await dash.wait_for_function(
+            """() => {
+                const tiles = [...document.querySelectorAll('[data-testid=table-map] .tile')];
+                const busy = tiles.filter((t) => t.dataset.state !== 'free').length;
+                const locked = tiles.some((t) => ['paying', 'editing', 'prebilled']
+                    .includes(t.dataset.state));
+                const feed = document.querySelectorAll('[data-testid=feed] li[data-event]');
+                const online = document.querySelectorAll(
+                    '[data-testid=terminals] [data-online=true]');
+                return busy >= 8 && locked && feed.length >= 20 && online.length >= 6;
+            }""", timeout=90_000, polling=250)
+        await asyncio.sleep(1.1)  # let the tiles' flash settle
+        shot = await shoot(dash, tmp_path / "dashboard.png")
+        header = shot.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (
+            LAPTOP["width"], LAPTOP["height"])
+        if os.environ.get("TABLELOCK_WRITE_SCREENSHOT") == "1":
+            target = ROOT / "docs" / "dashboard.png"
+            shutil.copyfile(shot, target)
+            print(f"wrote {target}")
+    finally:
+        await asyncio.to_thread(broker.stop)

@@ -1,4 +1,5 @@
-"""The demo's simulated store against a real broker: it plays every race, pays nothing twice.
+"""The demo's simulated store against a real broker: it plays every race, pays nothing twice,
+and its phones pay through the simulated payment provider.
 
 A manager terminal follows the store channel from the start, as the dashboard
 would; `simulate` runs in the test's loop at three times the speed for 20 s
@@ -75,6 +76,9 @@ async def test_the_simulated_store_plays_every_race(demo_broker: BrokerProcess) 
     assert len(created) >= 12, (len(created), stats)
     assert len(paid) >= 6, (paid, stats)
     assert len(paid) == len(set(paid))
+    # A phone never records a payment: the payment provider's service does, with its token.
+    payers = Counter(e["payment"]["by"]["role"] for e in events if e["event"] == "order.paid")
+    assert payers["h5"] == 0 and payers["service"] >= 1, payers
     assert names["lock.forced"] >= 1, names  # a cashier forced past a lock; a forced publish
     assert names["lock.expired"] >= 1, names  # a phone's payment lock lapsed
     seqs = [e["seq"] for e in events]

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from tablelock import rules
-from tablelock.model import Lock, OrderRecord, Terminal
+from tablelock.model import Lock, OrderRecord, Terminal, holder_key
 from tablelock.rules import Complete, Context
 
 from .model_check import explore
@@ -55,7 +55,7 @@ def payment_accepted_twice(monkeypatch: pytest.MonkeyPatch) -> None:
 def h5_lock_gets_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     """A phone that drops its socket loses its payment lock after the disconnect grace."""
     def broken(lock: Lock, ctx: Context) -> tuple[int, str]:
-        since = ctx.offline.get(lock.holder.terminal_id)
+        since = ctx.offline.get(holder_key(lock.holder))
         if since is not None and since + ctx.config.disconnect_grace_ms <= lock.expires_at:
             return since + ctx.config.disconnect_grace_ms, "holder_disconnected"
         return lock.expires_at, "expired"

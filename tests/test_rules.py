@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tablelock.model import CONFIG_RANGES, Lock, StoreConfig, Terminal, holder_of
+from tablelock.model import CONFIG_RANGES, Lock, StoreConfig, Terminal, holder_key, holder_of
 from tablelock.rules import (
     Acquire,
     Check,
@@ -28,6 +28,7 @@ from .rules_helpers import (
     ERP_TTL,
     GRACE,
     H5,
+    H5_AS_TILL,
     H5_OTHER_TABLE,
     H5_SAME_TABLE,
     H5_TTL,
@@ -325,8 +326,7 @@ def test_token_before_version_before_amount() -> None:
     assert refusal_code(expired) == "LOCK_EXPIRED"
     fresh = sim.grant(H5_SAME_TABLE, "payment")
     assert refusal_code(sim.step(SERVICE, Complete(lock.token, 3, 1, "b"))) == "FENCED"
-    assert refusal_code(sim.step(SERVICE, Complete(fresh.token, 3, 1, "c"))) == \
-        "STALE_VERSION"
+    assert refusal_code(sim.step(SERVICE, Complete(fresh.token, 3, 1, "c"))) == "STALE_VERSION"
     assert refusal_code(sim.step(SERVICE, Complete(fresh.token, 4, 1, "d"))) == \
         "AMOUNT_MISMATCH"
     assert sim.step(SERVICE, Complete(fresh.token, 4, 1200, "e")).refusal is None
@@ -379,7 +379,7 @@ def test_force_revokes_every_conflicting_lock() -> None:
     assert out.result is not None
     assert [lock.kind for lock in out.result["forced"]] == ["payment", "presettle", "order"]
     assert names(out) == ["lock.forced"] * 3 + ["lock.acquired"]
-    assert [e.notify for e in out.events[:3]] == ["h1", "m1", "e2"]
+    assert [e.notify for e in out.events[:3]] == [holder_key(t) for t in (H5, MANAGER, ERP2)]
     assert out.record is not None and list(out.record.locks) == ["order"]
     audits = [a for a in out.audit if a.kind == "lock.forced"]
     assert [a.detail["operator"] for a in audits] == ["boss"] * 3
@@ -447,6 +447,41 @@ def test_payment_complete_by_a_non_holder_terminal_is_refused() -> None:
     assert sim.order.status == "open"
 
 
+@pytest.mark.parametrize("config", [CONFIG, LOOSE], ids=["strong", "loose"])
+def test_a_phone_never_records_a_payment(config: StoreConfig) -> None:
+    sim = Sim(config=config)
+    sim.publish(ERP1)
+    out = sim.acquire(H5, "payment")
+    token = out.result["lock"].token if out.result and out.result["lock"] else None
+    before = sim.record
+    for attempt in (Complete(token, 1, 1000, "wx-1"), Complete(token, 9, 1, "forged")):
+        out = sim.step(H5, attempt)
+        assert refusal_code(out) == "FORBIDDEN"
+        assert out.audit == [] and out.events == [] and sim.record == before
+    # Unknown order: FORBIDDEN first, not NOT_FOUND (nothing is read for a phone).
+    assert refusal_code(step(None, Complete(token, 1, 1000, "x"), H5)) == "FORBIDDEN"
+    assert sim.step(SERVICE, Complete(token, 1, 1000, "wx-1")).refusal is None
+
+
+def test_a_phone_with_a_tills_sub_is_not_the_till() -> None:
+    sim = open_order()
+    order_lock = sim.grant(ERP1, "order")
+    assert refusal_code(sim.step(H5_AS_TILL, Release("payment"))) == "NOT_HOLDER"
+    assert refusal_code(sim.step(H5_AS_TILL, Release("payment", order_lock.token))) == "FENCED"
+    # Its pay is blocked by the till's order lock (no `upgraded` takeover), and the till hears.
+    out = sim.acquire(H5_AS_TILL, "payment")
+    assert refusal_code(out) == "ORDER_LOCKED"
+    assert [to for to, _ in out.direct] == [holder_key(ERP1)]
+    assert sim.record is not None and sim.record.locks == {"order": order_lock}
+    # The till's own payment lock is not the phone's either.
+    sim.step(ERP1, Release("order", order_lock.token))
+    pay = sim.grant(ERP1, "payment")
+    assert refusal_code(sim.acquire(H5_AS_TILL, "payment")) == "PAYMENT_LOCKED"
+    assert refusal_code(sim.step(H5_AS_TILL, Release("payment", pay.token))) == "NOT_HOLDER"
+    assert refusal_code(sim.step(H5_AS_TILL, Complete(pay.token, 1, 1000, "p"))) == "FORBIDDEN"
+    assert sim.record is not None and sim.record.locks == {"payment": pay}
+
+
 def test_service_completes_with_the_current_token() -> None:
     sim = open_order()
     lock = sim.grant(H5, "payment")
@@ -476,7 +511,7 @@ def test_forced_release_is_lock_forced() -> None:
     out = sim.step(MANAGER, Release("payment", force=True, operator="ann", reason="walked out"))
     assert out.refusal is None
     event = only(out, "lock.forced")
-    assert event.lock == lock and event.by == MANAGER and event.notify == "h1"
+    assert event.lock == lock and event.by == MANAGER and event.notify == holder_key(H5)
     assert out.audit[0].detail["operator"] == "ann"
 
 
@@ -654,7 +689,7 @@ def test_payment_complete_success_and_idempotent_retry() -> None:
     assert paid.payment is not None
     assert (paid.payment.token, paid.payment.amount_cents, paid.payment.payment_ref) == (
         lock.token, 3100, "wx-42")
-    assert paid.payment.by == SERVICE  # the payment service, for the phone
+    assert paid.payment.by == SERVICE
     released = only(out, "lock.released")
     assert released.lock == lock and released.reason == "paid"
     assert out.result["order"].status == "paid"
@@ -690,7 +725,7 @@ def test_h5_lock_expires_exactly_at_its_ttl() -> None:
     sim.now = lock.expires_at
     out = sim.step(None, Tick())
     expired = only(out, "lock.expired")
-    assert expired.lock == lock and expired.notify == "h1" and expired.table_id == "t1"
+    assert expired.lock == lock and expired.notify == holder_key(H5) and expired.table_id == "t1"
     assert out.deadline is None and sim.record is not None and sim.record.locks == {}
     # The lapsed token: LOCK_EXPIRED, then FENCED once someone else takes a payment lock.
     assert refusal_code(sim.step(SERVICE, Complete(lock.token, 1, 1000, "a"))) == "LOCK_EXPIRED"
@@ -724,14 +759,14 @@ def test_erp_ttl_and_renew() -> None:
     sim.now = T0 + 110_000
     expired = only(sim.step(None, Tick()), "lock.expired")
     assert expired.lock is not None and expired.lock.token == lock.token
-    assert expired.notify == "e1"
+    assert expired.notify == holder_key(ERP1)
 
 
 def test_disconnect_grace_releases_erp_locks() -> None:
     sim = open_order()
     lock = sim.grant(ERP1, "order")
     since = T0 + 100
-    sim.offline = {"e1": since}
+    sim.offline = {holder_key(ERP1): since}
     sim.now = since
     assert sim.step(None, Tick()).deadline == since + GRACE
     sim.now = since + GRACE - 1
@@ -748,7 +783,7 @@ def test_disconnect_grace_releases_erp_locks() -> None:
 def test_reconnect_within_grace_keeps_the_locks() -> None:
     sim = open_order()
     lock = sim.grant(MANAGER, "order")
-    sim.offline = {"m1": T0}
+    sim.offline = {holder_key(MANAGER): T0}
     sim.now = T0 + GRACE - 1
     sim.step(None, Tick())
     sim.offline = {}  # back online
@@ -764,7 +799,7 @@ def test_grace_longer_than_the_ttl_expires_at_the_ttl() -> None:
     sim = Sim(config=config)
     sim.publish(ERP1)
     lock = sim.grant(ERP1, "order")
-    sim.offline = {"e1": T0}
+    sim.offline = {holder_key(ERP1): T0}
     sim.now = lock.expires_at
     assert only(sim.step(None, Tick()), "lock.expired").lock == lock
 
@@ -772,7 +807,7 @@ def test_grace_longer_than_the_ttl_expires_at_the_ttl() -> None:
 def test_h5_locks_ignore_presence() -> None:
     sim = open_order()
     lock = sim.grant(H5, "payment")
-    sim.offline = {"h1": T0}
+    sim.offline = {holder_key(H5): T0}
     sim.now = T0 + 1  # with a disconnect grace shorter than the TTL
     sim.config = StoreConfig(disconnect_grace_ms=0)
     out = sim.step(None, Tick())
@@ -899,7 +934,7 @@ def test_contended_goes_to_the_blocking_holder_alone() -> None:
     assert out.refusal.variant == "h5" and out.refusal.can_force is False
     assert out.events == []
     [(to, event)] = out.direct
-    assert to == "e1"
+    assert to == holder_key(ERP1)
     assert (event.event, event.lock, event.by, event.action) == (
         "lock.contended", held, H5, "pay")
     checked = sim.step(H5, Check("pay"))

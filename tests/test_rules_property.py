@@ -28,7 +28,17 @@ from hypothesis.stateful import (
 )
 
 from tablelock import rules
-from tablelock.model import FORCING_ROLES, Lock, LockKind, Order, OrderRecord, StoreConfig, Terminal
+from tablelock.model import (
+    FORCING_ROLES,
+    Lock,
+    LockKind,
+    Order,
+    OrderRecord,
+    StoreConfig,
+    Terminal,
+    holder_key,
+    same_holder,
+)
 from tablelock.rules import (
     Acquire,
     Check,
@@ -46,6 +56,7 @@ from .rules_helpers import (
     ERP1,
     ERP2,
     H5,
+    H5_AS_TILL,
     H5_OTHER_TABLE,
     H5_SAME_TABLE,
     MANAGER,
@@ -56,7 +67,7 @@ from .rules_helpers import (
 )
 
 TABLES = ("t1", "t2")
-TERMINALS = [ERP1, ERP2, MANAGER, H5, H5_SAME_TABLE, H5_OTHER_TABLE]
+TERMINALS = [ERP1, ERP2, MANAGER, H5, H5_SAME_TABLE, H5_OTHER_TABLE, H5_AS_TILL]
 PAYERS = [*TERMINALS, SERVICE]
 KINDS: list[LockKind] = ["order", "payment", "presettle"]
 ACTIONS = ["edit", "add_items", "modify", "pay", "presettle", "accept"]
@@ -80,8 +91,9 @@ refs = st.sampled_from(["p1", "p2"])
 
 def lock_deadline(lock: Lock, config: StoreConfig, offline: dict[str, int]) -> int:
     """When a lock must be gone, from the spec: its TTL, or its ERP holder's grace."""
-    if lock.holder.role != "h5" and lock.holder.terminal_id in offline:
-        return min(lock.expires_at, offline[lock.holder.terminal_id] + config.disconnect_grace_ms)
+    key = holder_key(lock.holder)
+    if lock.holder.role != "h5" and key in offline:
+        return min(lock.expires_at, offline[key] + config.disconnect_grace_ms)
     return lock.expires_at
 
 
@@ -123,7 +135,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     def step(self, oid: str, actor: Terminal | None, command: Command) -> Outcome:
         if actor is not None:
-            self.offline.pop(actor.terminal_id, None)  # a terminal that sends is connected
+            self.offline.pop(holder_key(actor), None)  # a terminal that sends is connected
         before = self.records.get(oid)
         ctx = Context(self.now, self.config, actor, dict(self.offline))
         frozen = msgspec.json.encode(before)
@@ -182,7 +194,11 @@ class CoreMachine(RuleBasedStateMachine):
             assert len(paid) == 1, paid
         elif isinstance(command, Complete) and out.refusal is None:
             assert paid == [command.payment_ref]
-        # Invariant 4: h5 never forces, never outlives its TTL, never touches another table.
+        # Invariant 4: h5 never forces, never outlives its TTL, never touches another table,
+        # never records a payment (not even a refused one: no audit entry).
+        if isinstance(command, Complete) and actor is not None and actor.role == "h5":
+            assert out.refusal is not None and out.refusal.code == "FORBIDDEN"
+            assert not any(a.kind.startswith("payment.") for a in out.audit)
         for event in out.events:
             if event.event == "lock.forced":
                 assert event.by is not None and event.by.role in FORCING_ROLES
@@ -228,7 +244,8 @@ class CoreMachine(RuleBasedStateMachine):
         if out.refusal is not None and out.refusal.code in CONFLICTS:
             assert out.refusal.lock is not None and actor is not None
             [(to, contended)] = out.direct
-            assert to == out.refusal.lock.holder.terminal_id != actor.terminal_id
+            assert to == holder_key(out.refusal.lock.holder)
+            assert not same_holder(out.refusal.lock.holder, actor)
             assert contended.event == "lock.contended" and contended.by == actor
         else:
             assert out.direct == []
@@ -241,7 +258,7 @@ class CoreMachine(RuleBasedStateMachine):
             lock = seen.locks.get(kind) if seen is not None else None
             return lock is not None and lock.token == token and (
                 actor is None or actor.role == "service"
-                or lock.holder.terminal_id == actor.terminal_id)
+                or same_holder(lock.holder, actor))
 
         if isinstance(command, Renew) or (
                 isinstance(command, Release) and command.token is not None and not command.force):
@@ -276,7 +293,7 @@ class CoreMachine(RuleBasedStateMachine):
         """0: none; 1: the actor's latest lock on this order; n: the (n-1)-th latest granted."""
         granted = self.granted.get(oid, [])
         if pick == 1 and actor is not None:
-            granted = [lock for lock in granted if lock.holder.terminal_id == actor.terminal_id]
+            granted = [lock for lock in granted if same_holder(lock.holder, actor)]
             pick = 2
         if pick == 0 or not granted:
             return None
@@ -342,7 +359,7 @@ class CoreMachine(RuleBasedStateMachine):
         ctx = Context(self.now, self.config, actor, dict(self.offline))
         checked = rules.step(before, Check(ACTION_OF_KIND[kind]), ctx)  # type: ignore[arg-type]
         mine = before is not None and kind in before.locks and (
-            before.locks[kind].holder.terminal_id == actor.terminal_id)
+            same_holder(before.locks[kind].holder, actor))
         out = self.step(oid, actor, Acquire(kind, force=force))
         if before is not None and not force and not mine:
             # (Re-acquiring a held lock returns it even where check would name a conflict.)
@@ -411,9 +428,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.take(actor, oid, "payment", False, True)
         rec = self.records.get(oid)
         lock = rec.locks.get("payment") if rec is not None else None
-        if not (pay_now and lock is not None and lock.holder.terminal_id == actor.terminal_id):
+        if not (pay_now and lock is not None and same_holder(lock.holder, actor)):
             return
-        payer = SERVICE if by_service else actor
+        # A phone never records its payment: the payment service does, with its token.
+        payer = SERVICE if by_service or actor.role == "h5" else actor
         self.pay(payer, oid, lock.token, 0, amount_ok, ref)
         if then == "retry":  # the network dropped the reply: same payment_ref, any token
             self.pay(payer, oid, None, 0, amount_ok, ref)
@@ -450,8 +468,8 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(who=st.sampled_from(TERMINALS))
     def presence(self, who: Terminal) -> None:
         """The terminal's last connection closes, or (if it was offline) one comes back."""
-        if self.offline.pop(who.terminal_id, None) is None:
-            self.offline[who.terminal_id] = self.now
+        if self.offline.pop(holder_key(who), None) is None:
+            self.offline[holder_key(who)] = self.now
         self.tick_all()
 
     @rule(ms=st.sampled_from([0, 0, 0, 1, 250, 1_000, 2_999, 3_000, 5_000, 10_000, 60_000]),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tablelock.model import Lock, LockKind, OrderRecord, Terminal, holder_of
+from tablelock.model import Lock, LockKind, OrderRecord, Terminal, holder_key, holder_of
 from tablelock.rules import Acquire, Check, Outcome, Publish
 
 from .rules_helpers import (
@@ -145,7 +145,7 @@ def test_refused_cell(cell: Cell) -> None:
     assert out.record.order == rec.order
     # The blocking holder alone is told who tried what.
     [(to, contended)] = out.direct
-    assert to == ERP2.terminal_id
+    assert to == holder_key(ERP2)
     assert contended.event == "lock.contended"
     assert contended.lock == held_lock(cell.held)
     assert contended.by == cell.actor
@@ -182,7 +182,7 @@ def test_forced_cell(cell: Cell) -> None:
     assert len(forced) == 1
     assert forced[0].lock == revoked
     assert forced[0].by == cell.actor
-    assert forced[0].notify == ERP2.terminal_id  # the revoked holder is told
+    assert forced[0].notify == holder_key(ERP2)  # the revoked holder is told
     assert forced[0].table_id == "t1"
     assert out.direct == []  # a force is not a contention
     if cell.action in KIND_OF_ACTION:
@@ -264,7 +264,7 @@ def test_payment_column_when_a_phone_holds_the_lock(action: str) -> None:
         return
     out = attempt(rec, action, ERP1, force=False)
     assert out.refusal is not None and out.refusal.code == expect[0]
-    assert [to for to, _ in out.direct] == [H5.terminal_id]
+    assert [to for to, _ in out.direct] == [holder_key(H5)]
     forced = attempt(rec, action, ERP1, force=True)
     assert forced.refusal is None
-    assert [e.notify for e in forced.events if e.event == "lock.forced"] == [H5.terminal_id]
+    assert [e.notify for e in forced.events if e.event == "lock.forced"] == [holder_key(H5)]

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 
 from tablelock import schema
+from tablelock.prompts import ERROR_CODES
+from tablelock.protocol import CLOSE_CODES, EVENT_NAMES, RELEASE_REASONS
 
 from .conftest import Store
 
@@ -66,3 +69,21 @@ def test_every_request_has_a_message() -> None:
         name = tag.replace(".", "_")
         assert f"{name}_request" in doc["components"]["messages"]
         assert f"{name}_reply" in doc["components"]["messages"]
+
+
+def test_enumerations_are_listed_and_used() -> None:
+    """A client generated from the document knows every event, reason, code and close code."""
+    schemas = json.loads(DOC_PATH.read_text())["components"]["schemas"]
+    assert schemas["EventName"]["enum"] == list(EVENT_NAMES)
+    assert schemas["ReleaseReason"]["enum"] == list(RELEASE_REASONS)
+    assert set(schemas["ErrorCode"]["enum"]) == ERROR_CODES
+    assert [c["const"] for c in schemas["CloseCode"]["oneOf"]] == sorted(CLOSE_CODES)
+    event = schemas["EventFrame"]["properties"]
+    assert event["event"] == {"$ref": "#/components/schemas/EventName"}
+    assert {"$ref": "#/components/schemas/ReleaseReason"} in event["reason"]["anyOf"]
+    assert schemas["ErrorBody"]["properties"]["code"] == {"$ref": "#/components/schemas/ErrorCode"}
+    check("event", {"type": "event", "event": "lock.released", "ts": 1, "reason": "paid"})
+    with pytest.raises(AssertionError):
+        check("event", {"type": "event", "event": "lock.vanished", "ts": 1})
+    with pytest.raises(AssertionError):
+        check("error", {"id": 1, "ok": False, "error": {"code": "OOPS", "message": ""}})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import posixpath
 import threading
 import time
@@ -352,9 +353,32 @@ async def test_h5_pay_helper_with_an_erp_page_answering_order_fetch(
     assert got["ticks"][0] >= got["ticks"][1] >= got["ticks"][2] > 12_000
     assert got["renews"] is False  # an h5 payment lock is never renewed
 
+    # A phone never records a payment: refused before anything is sent.
+    refused = await page.evaluate(
+        """async () => {
+            window.sent = [];
+            const ws = h5._ws, send = ws.send.bind(ws);
+            ws.send = (data) => { sent.push(JSON.parse(data).type); return send(data); };
+            try { await pay.complete({paymentRef: "wx-0000"}); return null; } catch (e) {
+                return {name: e.name, code: e.code, message: e.message, sent,
+                        typed: e instanceof tablelock.ForbiddenError};
+            }
+        }""")
+    assert refused == {"name": "ForbiddenError", "code": "FORBIDDEN", "typed": True, "sent": [],
+                       "message": "A phone does not record payments: pay through the payment "
+                                  "provider, whose payment service records the payment."}
+    # The phone hands its charge to the provider; the payment service records it.
+    charge = await page.evaluate("pay.charge")
+    assert charge == {"store_id": store.store_id, "order_id": "o1", "token": got["token"],
+                      "version": 2, "amount_cents": 5000}
+    await page.evaluate("() => { window.confirmed = pay.confirmed; }")
+    status, body = await store.http(
+        "POST", "/orders/o1/payment", "service",
+        {k: charge[k] for k in ("token", "version", "amount_cents")} | {"payment_ref": "wx-0001"})
+    assert status == 200 and body["order"]["status"] == "paid", body
     paid = await page.evaluate(
         """async () => {
-            const r = await pay.complete({paymentRef: "wx-0001"});
+            const r = await confirmed;
             const end = await pay.ended;
             return {status: r.order.status, ref: r.payment.payment_ref, reason: end.reason,
                     lost: end.lost, active: pay.active};
@@ -363,6 +387,7 @@ async def test_h5_pay_helper_with_an_erp_page_answering_order_fetch(
                     "active": False}
     event = await screen.event("order.paid")
     assert event["payment"]["amount_cents"] == 5000 and event["order"]["version"] == 2
+    assert event["payment"]["by"]["role"] == "service"
 
     # The ERP does not know the order: "pay at the front desk", and no lock is taken.
     failed = await page.evaluate(
@@ -554,24 +579,39 @@ async def test_h5_lock_lapses_then_the_page_pays_again(store: Store, page: Page)
     await connect_js(page, "h5", store.broker.url, store.token("h5", "phone-1", table="t1"))
     got = await page.evaluate(
         """async () => {
-            const pay = await h5.pay("o1");
+            const pay = window.pay = await h5.pay("o1");
             const ticks = [];
             const stop = pay.countdown((ms) => ticks.push(ms), {intervalMs: 500});
+            let confirmed;
+            try { await pay.confirmed; } catch (e) { confirmed = e; }
             const end = await pay.lost;            // the broker's lock.expired, not a guess
             stop();
-            let late;
-            try { await pay.complete({paymentRef: "wx-late"}); } catch (e) { late = e; }
-            const again = await h5.pay("o1");      // re-fetch, re-lock
-            const paid = await again.complete({paymentRef: "wx-2"});
             return {reason: end.reason, lost: end.lost, first: ticks[0], last: ticks.at(-1),
-                    late: {name: late.name, code: late.code, message: late.message},
-                    newer: again.token > pay.token, status: paid.order.status};
+                    confirmed: {name: confirmed.name, code: confirmed.code,
+                                message: confirmed.message}, charge: pay.charge};
         }""")
     assert got["reason"] == "expired" and got["lost"] is True
     assert 4000 < got["first"] <= 5000 and got["last"] <= 500
-    assert got["late"] == {"name": "LockExpiredError", "code": "LOCK_EXPIRED",
-                           "message": prompt("LOCK_EXPIRED", "en")}
-    assert got["newer"] and got["status"] == "paid"
+    assert got["confirmed"] == {"name": "LockExpiredError", "code": "LOCK_EXPIRED",
+                                "message": prompt("LOCK_EXPIRED", "en")}
+    # The provider's late confirmation: the payment service is refused, for a refund.
+    charge = got["charge"]
+    wire = {k: charge[k] for k in ("token", "version", "amount_cents")}
+    status, body = await store.http("POST", "/orders/o1/payment", "service",
+                                    wire | {"payment_ref": "wx-late"})
+    assert status == 409 and body["error"]["code"] == "LOCK_EXPIRED", body
+    again = await page.evaluate(
+        """async () => {
+            const again = window.again = await h5.pay("o1");      // re-fetch, re-lock
+            window.confirmed = again.confirmed;
+            return {newer: again.token > pay.token, charge: again.charge};
+        }""")
+    assert again["newer"]
+    wire = {k: again["charge"][k] for k in ("token", "version", "amount_cents")}
+    status, body = await store.http("POST", "/orders/o1/payment", "service",
+                                     wire | {"payment_ref": "wx-2"})
+    assert status == 200, body
+    assert await page.evaluate("confirmed.then((r) => r.order.status)") == "paid"
     rejected = await store.audit(kind="payment.rejected")  # for the store to reconcile
     assert [e["detail"]["payment_ref"] for e in rejected] == ["wx-late"]
 
@@ -604,3 +644,85 @@ async def test_since_across_a_broker_restart_is_not_recovered(
     # The order lock the screen saw before is gone, and no event in `missed` says so.
     assert [lock["kind"] for lock in again["snapshot"]["locks"]] == ["payment"]
     assert again["recovered"] is False, again["missed"]
+
+
+async def test_an_unknown_outcome_is_settled_by_reading_the_order(
+        store: Store, page: Page) -> None:
+    """`UNAVAILABLE` with `"outcome": "unknown"` (the broker could not tell whether a write was
+    applied): the SDK reads the order before it reports. The write really reaches the broker;
+    only its reply is replaced on the way back to the page."""
+    screen = await store.connect("erp_secondary", "screen-2")
+    await screen.request("subscribe", channel=f"order:{store.store_id}:o1")
+    lose = {"order.publish", "lock.acquire", "payment.complete"}
+    lost: dict[int, str] = {}
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def upstream(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") in lose:
+                lose.discard(frame["type"])  # once each
+                lost[frame["id"]] = frame["type"]
+            server.send(message)
+
+        def downstream(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("id") in lost:
+                message = json.dumps({"id": frame["id"], "ok": False, "error": {
+                    "code": "UNAVAILABLE", "message": "no answer in time",
+                    "outcome": "unknown"}})
+            ws.send(message)
+
+        ws.on_message(upstream)
+        server.on_message(downstream)
+
+    await page.route_web_socket(store.broker.url, route)
+    await connect_js(page, "erp", store.broker.url, store.token("erp_main", "cashier-js"))
+    got = await page.evaluate(
+        """async () => {
+            const o1 = {order_id: "o1", table_id: "t1", version: 1, amount_cents: 4200,
+                        items: [], status: "open"};
+            const published = await erp.publishOrder(o1, "modify");
+            const lock = await erp.acquire("o1", "payment");
+            const held = lock.held;
+            const paid = await erp.completePayment({orderId: "o1", token: lock.token,
+                version: 1, amountCents: 4200, paymentRef: "pos-1"});
+            return {version: published.version, held, token: lock.token,
+                    status: paid.order.status, ref: paid.payment.payment_ref};
+        }""")
+    assert sorted(lost.values()) == ["lock.acquire", "order.publish", "payment.complete"]
+    assert got["version"] == 1 and got["held"] is True and got["status"] == "paid"
+    assert got["ref"] == "pos-1"
+    acquired = await screen.event("lock.acquired")
+    assert acquired["lock"]["token"] == got["token"]
+    paid = await screen.event("order.paid")
+    assert paid["payment"]["payment_ref"] == "pos-1"
+    completed = await store.audit(kind="payment.completed")
+    assert len(completed) == 1  # asked twice, paid once
+
+    # A write that did not happen is reported as such, with the order as it is.
+    lose.add("order.publish")
+    stale = await page.evaluate(
+        """async () => {
+            const o2 = {order_id: "o1", table_id: "t1", version: 1, amount_cents: 9900,
+                        items: [], status: "open"};
+            try { await erp.publishOrder(o2, "modify"); return null; } catch (e) {
+                return {code: e.code, outcome: e.outcome, status: e.reread.order.status};
+            }
+        }""")
+    assert stale == {"code": "UNAVAILABLE", "outcome": "unknown", "status": "paid"}
+
+    # A release whose reply is lost: the lock is gone, so it was released.
+    await store.publish(screen, order_id="o2")  # an erp_secondary may publish
+    await screen.request("subscribe", channel=f"order:{store.store_id}:o2")
+    lose.add("lock.release")
+    released = await page.evaluate(
+        """async () => {
+            const lock = await erp.acquire("o2", "order");
+            await lock.release();
+            return {held: lock.held, reason: lock.end.reason, handles: erp.handles.size};
+        }""")
+    assert released == {"held": False, "reason": "released", "handles": 0}
+    gone = await screen.event("lock.released", where=lambda e: e["lock"]["order_id"] == "o2")
+    assert gone["reason"] == "released"

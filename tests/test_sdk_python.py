@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -68,6 +69,12 @@ def fetch_from(orders: dict[str, dict[str, Any]]) -> Callable[[dict[str, str]], 
         return next((o for o in orders.values() if o["table_id"] == params.get("table_id")),
                     None)
     return handler
+
+
+def payment_service(client: tl.Client) -> tl.PaymentService:
+    """The platform's payment service of `client`'s store and broker, with a service token."""
+    http = client._conn.url.replace("ws://", "http://").removesuffix("/ws")
+    return tl.PaymentService(http, mint(client.store_id, "service", "payment-service"))
 
 
 def lock_keys(locks: Any) -> list[tuple[str, str, int]]:
@@ -346,8 +353,10 @@ async def renewal_scenario(cashier: tl.Client, phone: tl.Client) -> None:
         # The h5 lock lapses at its TTL (nothing renews it) and its handle says so.
         await asyncio.wait_for(paying.lost.wait(), 8)
         assert paying.lost_reason == "expired"
-        with pytest.raises(tl.LockExpired):
-            await paying.complete_payment("late-pay")
+        with pytest.raises(tl.LockExpired):  # the payment service comes too late
+            await payment_service(phone).complete_payment(
+                phone.store_id, "o2", token=paying.token, version=1, amount_cents=1000,
+                payment_ref="late-pay")
         # The ERP lock outlives its TTL: the handle renews it at a third of it.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(lock.lost.wait(),
@@ -427,6 +436,7 @@ async def test_typed_errors_for_each_refusal(store: Store, sdk: Factory) -> None
         with pytest.raises(tl.PresettleLocked):
             await other.publish_order(order("o1", version=2), "add_items")
 
+    await phone.subscribe_order("o1")
     paying = await phone.acquire("o1", "payment")  # pulls o1 from the cashier's handler
     assert paying.order is not None and paying.order.version == 1
     with pytest.raises(tl.PaymentLocked) as locked:
@@ -442,9 +452,14 @@ async def test_typed_errors_for_each_refusal(store: Store, sdk: Factory) -> None
     with pytest.raises(tl.Fenced):
         await other.complete_payment("o1", token=paying.token - 1, version=1, amount_cents=1000,
                                      payment_ref="pay-x")
+    # The phone's payment is recorded by the payment service, with the phone's lock token.
+    service = payment_service(phone)
     with pytest.raises(tl.AmountMismatch):
-        await paying.complete_payment("pay-y", amount_cents=1)
-    await paying.complete_payment("pay-1")
+        await service.complete_payment(store.store_id, "o1", token=paying.token, version=1,
+                                       amount_cents=1, payment_ref="pay-y")
+    await service.complete_payment(store.store_id, "o1", token=paying.token, version=1,
+                                   amount_cents=1000, payment_ref="pay-1")
+    await asyncio.wait_for(paying.lost.wait(), 5)  # told by the event on its order channel
     assert paying.lost_reason == "paid"
     with pytest.raises(tl.OrderPaid):
         await cashier.acquire("o1", "order")
@@ -556,3 +571,209 @@ def test_sync_facade_from_a_plain_thread(broker: BrokerProcess) -> None:
     assert outcome == {"paid": "paid", "after": "ORDER_PAID",
                        "refused": ("ORDER_LOCKED", True), "lost": (True, "forced"),
                        "h5": (1, False), "stale": False, "closed": True}
+
+
+# --- lock handles used without `with`, and contention ------------------------------------------
+
+async def test_a_lock_taken_without_with(store: Store, sdk: Factory) -> None:
+    cashier = await sdk("erp_main", "cashier-1")
+    other = await sdk("erp_secondary", "cashier-2")
+    await cashier.publish_order(order("o1"), "modify")
+
+    lock = await cashier.lock("o1", "order")  # awaiting the handle acquires it
+    assert lock.held and lock.token is not None
+    with pytest.raises(tl.OrderLocked):
+        await other.acquire("o1", "order")
+    await lock.release()
+    assert not lock.held and (await cashier.get_order("o1")).locks == []
+
+    # A handle neither awaited nor entered holds nothing, and says so rather than pretend.
+    unacquired = cashier.lock("o1", "payment")
+    with pytest.raises(RuntimeError, match="was not acquired"):
+        _ = unacquired.token
+    with pytest.raises(RuntimeError, match="was not acquired"):
+        await unacquired.complete_payment("pay-1")
+    with pytest.raises(RuntimeError, match="was not acquired"):
+        await unacquired.release()
+    with pytest.warns(RuntimeWarning, match="never acquired"):
+        del unacquired
+        gc.collect()
+    assert (await cashier.get_order("o1")).locks == []
+
+
+async def test_the_holder_hears_that_a_competitor_was_refused(store: Store,
+                                                            sdk: Factory) -> None:
+    cashier = await sdk("erp_main", "cashier-1")
+    cashier.serve_order_fetch(fetch_from({"o1": order("o1")}))
+    phone = await sdk("h5", "phone-1", table="t1")
+    await cashier.publish_order(order("o1"), "modify")
+    contended: asyncio.Queue[tl.Contention] = asyncio.Queue()
+
+    async with cashier.lock("o1", "payment") as paying:
+        paying.on_contended(contended.put_nowait)
+        with pytest.raises(tl.PaymentLocked):
+            await phone.acquire("o1", "payment")
+        seen = await asyncio.wait_for(contended.get(), 5)
+        assert seen.by.terminal_id == "phone-1" and seen.by.role == "h5"
+        assert seen.lock.token == paying.token and seen.action
+
+
+# --- a phone never records a payment; the payment service does ----------------------------------
+
+async def test_a_phone_pays_through_the_payment_service(store: Store, sdk: Factory) -> None:
+    cashier = await sdk("erp_main", "cashier-1")
+    cashier.serve_order_fetch(fetch_from({"o1": order("o1", amount_cents=4200)}))
+    await cashier.publish_order(order("o1", amount_cents=4200), "modify")
+    phone = await sdk("h5", "phone-1", table="t1")
+    mirror = await phone.subscribe_order("o1")
+    paying = await phone.acquire("o1", "payment")
+
+    # The SDK does not offer a phone a call that would only be refused.
+    with pytest.raises(tl.Forbidden, match="PaymentService"):
+        await paying.complete_payment("wx-1")
+    with pytest.raises(tl.Forbidden, match="PaymentService"):
+        await phone.complete_payment("o1", token=paying.token, version=1, amount_cents=4200,
+                                     payment_ref="wx-1")
+    assert paying.held and mirror.order is not None and mirror.order.status == "open"
+
+    service = payment_service(phone)
+    with pytest.raises(tl.Forbidden):  # the route wants a service token
+        await tl.PaymentService(service.base_url, store.token("erp_main")).complete_payment(
+            store.store_id, "o1", token=paying.token, version=1, amount_cents=4200,
+            payment_ref="wx-1")
+    with pytest.raises(tl.StaleVersion) as stale:
+        await service.complete_payment(store.store_id, "o1", token=paying.token, version=2,
+                                       amount_cents=4200, payment_ref="wx-0")
+    assert stale.value.code == "STALE_VERSION" and stale.value.message
+    with pytest.raises(tl.NotFound):
+        await service.complete_payment(store.store_id, "nope", token=paying.token, version=1,
+                                       amount_cents=4200, payment_ref="wx-0")
+
+    paid = await service.complete_payment(store.store_id, "o1", token=paying.token,
+                                          version=1, amount_cents=4200, payment_ref="wx-1")
+    assert paid.order.status == "paid" and paid.payment is not None
+    assert paid.payment.payment_ref == "wx-1" and paid.payment.token == paying.token
+    await asyncio.wait_for(paying.lost.wait(), 5)
+    assert paying.lost_reason == "paid" and mirror.order.status == "paid"
+    # A retry of the same payment is the same success; another payment is a second one.
+    again = await asyncio.to_thread(
+        service.complete_payment_blocking, store.store_id, "o1", token=paying.token,
+        version=1, amount_cents=4200, payment_ref="wx-1")
+    assert again.order.status == "paid"
+    with pytest.raises(tl.OrderPaid):
+        await service.complete_payment(store.store_id, "o1", token=paying.token, version=1,
+                                       amount_cents=4200, payment_ref="wx-2")
+    view = await service.get_order(store.store_id, "o1")
+    assert view.order is not None and view.order.status == "paid" and view.locks == []
+
+
+# --- UNAVAILABLE with "outcome": "unknown" -------------------------------------------------------
+
+def answer_next_reply_with_outcome_unknown(client: tl.Client) -> None:
+    """The broker answers the next request with UNAVAILABLE, outcome unknown (PROTOCOL.md 7).
+
+    The request itself reaches the real broker and takes effect there; only its reply is
+    replaced, at the SDK's decoding layer, as when the broker could not learn in time
+    whether its backend applied the write.
+    """
+    conn = client._conn
+    dispatch = conn._dispatch
+
+    def replace_once(frame: dict[str, Any]) -> None:
+        if "ok" in frame and frame.get("type") is None:
+            conn._dispatch = dispatch  # type: ignore[method-assign]
+            frame = {"id": frame["id"], "ok": False, "error": {
+                "code": "UNAVAILABLE", "message": "The outcome is unknown.",
+                "outcome": "unknown"}}
+        dispatch(frame)
+
+    conn._dispatch = replace_once  # type: ignore[method-assign]
+
+
+async def test_an_unknown_outcome_is_reported_after_reading_the_order(
+        store: Store, sdk: Factory) -> None:
+    cashier = await sdk("erp_main", "cashier-1")
+    other = await sdk("erp_secondary", "cashier-2")
+    await cashier.publish_order(order("o1"), "modify")
+
+    # A payment that was in fact recorded: the error carries the order as it now is.
+    async with cashier.lock("o1", "payment") as paying:
+        answer_next_reply_with_outcome_unknown(cashier)
+        with pytest.raises(tl.OutcomeUnknown) as unknown:
+            await paying.complete_payment("till-1")
+    err = unknown.value
+    assert isinstance(err, tl.Unavailable) and err.code == "UNAVAILABLE"
+    assert err.view is not None and err.view.order is not None
+    assert err.view.order.status == "paid" and err.view.locks == []
+    assert paying.lost_reason == "paid"  # the handle learnt it from the view
+
+    # An acquire that was in fact refused: the view shows who holds the lock.
+    await cashier.publish_order(order("o2"), "modify")
+    async with cashier.lock("o2", "order"):
+        answer_next_reply_with_outcome_unknown(other)
+        with pytest.raises(tl.OutcomeUnknown) as unknown:
+            await other.acquire("o2", "order")
+        view = unknown.value.view
+        assert view is not None
+        assert [(lk.kind, lk.holder.terminal_id) for lk in view.locks] == [
+            ("order", "cashier-1")]
+
+    # A publish that was applied: the view shows it.
+    answer_next_reply_with_outcome_unknown(other)
+    with pytest.raises(tl.OutcomeUnknown) as unknown:
+        await other.publish_order(order("o3"), "modify")
+    assert unknown.value.view is not None and unknown.value.view.order is not None
+    assert unknown.value.view.order.version == 1  # the publish had been applied
+    # Outside a write, UNAVAILABLE stays a plain Unavailable.
+    assert type(tl.error_from({"code": "UNAVAILABLE"})) is tl.Unavailable
+
+
+def test_sync_facade_mirrors_events_and_locks_without_with(broker: BrokerProcess) -> None:
+    """The blocking facade has the asyncio client's calls: mirrors, events, contention."""
+    store_id = unique()
+    with tl_sync.connect(broker.url, mint(store_id, "erp_main", "pos-1"), locale="en",
+                         **FAST) as pos, \
+            tl_sync.connect(broker.url, mint(store_id, "erp_secondary", "pos-2"),
+                            locale="en", **FAST) as other:
+        pos.serve_order_fetch(fetch_from({"o1": order("o1")}))
+        pos.publish_order(order("o1"), "modify")
+        watched = pos.subscribe_order("o1")
+        shop = pos.subscribe_store()
+        assert pos.mirror(watched.channel) is not None and pos.mirror("order:x:y") is None
+        assert watched.order is not None and watched.order.version == 1 and not watched.stale
+        assert "o1" in shop.orders and "pos-1" in shop.terminals
+        order_changes, shop_changes, frames = watched.changes(), shop.changes(), pos.events()
+        raw: list[dict[str, Any]] = []
+        seen_raw = threading.Event()
+        stop = pos.on_event(lambda frame: (raw.append(frame), seen_raw.set()))
+
+        # Without `with`, lock() takes the lock at once; release() gives it back.
+        lock = pos.lock("o1", "payment")
+        assert lock.held and lock.token is not None
+        assert order_changes.get(5).event == "lock.acquired"
+        assert seen_raw.wait(5) and raw[0]["event"] == "lock.acquired"
+        assert watched.locks["payment"].token == lock.token
+        next(c for c in shop_changes if c.event == "lock.acquired")  # the store channel's too
+        assert shop.locks_of("o1")["payment"].token == lock.token
+
+        contended: list[tl.Contention] = []
+        heard = threading.Event()
+        lock.on_contended(lambda c: (contended.append(c), heard.set()))
+        try:
+            other.lock("o1", "payment")
+        except tl.PaymentLocked as exc:
+            assert exc.can_force
+        assert heard.wait(5) and contended[0].by.terminal_id == "pos-2"
+        assert next(c for c in frames if c.event == "lock.contended").frame is not None
+
+        lock.release()
+        assert not lock.held
+        assert order_changes.get(5).event == "lock.released" and watched.locks == {}
+        stop()
+        for stream in (frames, order_changes, shop_changes):
+            stream.close()
+        with other.lock("o1", "order") as editing:  # `with` still works, and releases
+            assert editing.held
+        assert not editing.held and other.get_order("o1").locks == []
+        ending = watched.changes()
+    assert [c.event for c in ending][-1] == "stale"  # closing the client ends the stream

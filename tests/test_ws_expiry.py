@@ -48,7 +48,7 @@ async def test_h5_lock_expires_at_its_ttl_on_the_broker_clock(store: Store) -> N
 
 async def test_lapsed_h5_payment_is_rejected_then_paid_again(store: Store) -> None:
     """SCENARIO 4 end to end: lapse, a dish, LOCK_EXPIRED (recorded), re-fetch, re-lock, pay."""
-    await store.config(h5_payment_lock_ttl_ms=TTL_MS)
+    await store.config(h5_payment_lock_ttl_ms=TTL_MS, locale="en")  # the service's refusal
     cashier = await store.erp("cashier")
     screen = await store.connect("erp_secondary", "screen-2")
     phone = await store.connect("h5", "phone", table="t4")
@@ -68,9 +68,10 @@ async def test_lapsed_h5_payment_is_rejected_then_paid_again(store: Store) -> No
                                amount_cents=2600)
     assert dish["ok"], dish
 
-    late = await phone.request("payment.complete", order_id="o4", token=old_token, version=1,
-                               amount_cents=2000, payment_ref="wx-late")
-    assert late["error"]["code"] == "LOCK_EXPIRED"
+    # The payment provider confirms late: the payment service records it with the old token.
+    late = await store.service_pay("o4", token=old_token, version=1, amount_cents=2000,
+                                   payment_ref="wx-late")
+    assert late["status"] == 409 and late["error"]["code"] == "LOCK_EXPIRED"
     assert late["error"]["message"] == LOCK_EXPIRED
     # A release with the lapsed token is a write under that lock, too late.
     release = await phone.request("lock.release", order_id="o4", kind="payment",
@@ -86,8 +87,8 @@ async def test_lapsed_h5_payment_is_rejected_then_paid_again(store: Store) -> No
     again = await phone.request("lock.acquire", order_id="o4", kind="payment")
     assert again["ok"], again
     assert again["lock"]["token"] > old_token and again["lock"]["order_version"] == 2
-    paid = await phone.request("payment.complete", order_id="o4", token=again["lock"]["token"],
-                               version=2, amount_cents=2600, payment_ref="wx-ok")
+    paid = await store.service_pay("o4", token=again["lock"]["token"], version=2,
+                                   amount_cents=2600, payment_ref="wx-ok")
     assert paid["ok"] and paid["order"]["status"] == "paid", paid
 
 
@@ -104,9 +105,8 @@ async def test_h5_lock_survives_the_phone_dropping_its_socket(store: Store) -> N
     await cashier.no_event("lock.released", within=0.6)
     got = await cashier.request("order.get", order_id="o")
     assert [lock["token"] for lock in got["locks"]] == [pay["lock"]["token"]]
-    back = await store.connect("h5", "phone", table="t1")
-    paid = await back.request("payment.complete", order_id="o", token=pay["lock"]["token"],
-                              version=1, amount_cents=1000, payment_ref="back")
+    paid = await store.service_pay("o", token=pay["lock"]["token"], version=1,
+                                   amount_cents=1000, payment_ref="back")
     assert paid["ok"], paid
 
 

@@ -174,8 +174,8 @@ async def test_payment_under_a_pre_bill_is_at_the_presettled_version(store: Stor
     assert pay["lock"]["order_version"] == 1
     got = await cashier.request("order.get", order_id="o")
     assert sorted(lock["kind"] for lock in got["locks"]) == ["payment", "presettle"]
-    paid = await phone.request("payment.complete", order_id="o", token=pay["lock"]["token"],
-                               version=1, amount_cents=3000, payment_ref="p")
+    paid = await store.service_pay("o", token=pay["lock"]["token"], version=1,
+                                   amount_cents=3000, payment_ref="p")
     assert paid["ok"], paid
     released = await cashier.collect(2, "lock.released")
     assert sorted((e["lock"]["kind"], e["reason"]) for e in released) == [

@@ -142,8 +142,8 @@ async def test_counter_edit_blocks_h5_pay_until_placed(store: Store) -> None:
     pay = await phone.request("lock.acquire", order_id="o2", kind="payment")
     assert pay["ok"], pay
     assert pay["lock"]["order_version"] == 3 and pay["order"]["amount_cents"] == 3100
-    paid = await phone.request("payment.complete", order_id="o2", token=pay["lock"]["token"],
-                               version=3, amount_cents=3100, payment_ref="wx-o2")
+    paid = await store.service_pay("o2", token=pay["lock"]["token"], version=3,
+                                   amount_cents=3100, payment_ref="wx-o2")
     assert paid["ok"], paid
     assert paid["order"]["status"] == "paid"
 

@@ -49,8 +49,8 @@ async def test_h5_payment_lock_is_taken_on_the_freshly_pulled_order(store: Store
     assert call["params"] == {"order_id": "o"} and call["rid"]
     got = await erp.request("order.get", order_id="o")
     assert got["order"] == latest
-    paid = await phone.request("payment.complete", order_id="o", token=pay["lock"]["token"],
-                               version=3, amount_cents=1600, payment_ref="fresh")
+    paid = await store.service_pay("o", token=pay["lock"]["token"], version=3,
+                                   amount_cents=1600, payment_ref="fresh")
     assert paid["ok"], paid
 
 

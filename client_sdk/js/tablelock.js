@@ -15,8 +15,13 @@
  *   token, `expiresAt`, `release()`, a `lost` promise, and auto-renewal for
  *   ERP roles.
  * - {@link TablelockClient#pay} is the H5 page's helper: payment lock on the
- *   fresh order, a countdown on the server's clock, `complete()`, release on
+ *   fresh order, a countdown on the server's clock, the `charge` to hand the
+ *   payment provider and `confirmed` (the broker's `order.paid`), release on
  *   `pagehide`, and `ERP_UNAVAILABLE` ("pay at the front desk") as the fallback.
+ *   A phone never records a payment itself: its `payment.complete` is refused
+ *   here, before it is sent; the platform's payment service records it.
+ * - A write answered `UNAVAILABLE` with `"outcome": "unknown"` is settled by
+ *   reading the order (`order.get`) before anything is reported.
  * - Refusals are {@link TablelockError}s (one subclass per error code) whose
  *   `message` is the broker's prompt in the session's locale.
  *
@@ -181,6 +186,9 @@ const PROMPTS = {
   FENCED: ["此订单已被其他机器接管", "This order was taken over by another machine."],
   NOT_HOLDER: ["您未持有该锁", "You do not hold this lock."],
   FORBIDDEN: ["无权执行此操作", "This terminal may not do that."],
+  "FORBIDDEN/h5_payment": ["顾客手机不能记录支付：请通过支付服务商付款，由支付服务确认",
+    "A phone does not record payments: pay through the payment provider, whose payment " +
+    "service records the payment."],
   AUTH_FAILED: ["身份验证失败，请重新登录", "Authentication failed. Please sign in again."],
   BAD_REQUEST: ["请求格式错误", "The request is malformed."],
   UNSUPPORTED_PROTOCOL: ["不支持的协议版本", "This protocol version is not supported."],
@@ -198,7 +206,7 @@ const PROMPTS = {
 /**
  * The screen prompt for `code` (PROTOCOL.md section 7). `variant` picks a qualified text:
  * `"h5"` for `PAYMENT_LOCKED` on a customer's page, `"presettle"` for `ACCEPT_BLOCKED` by a
- * pre-bill. Anything but `"en"` reads zh-CN, as the broker does.
+ * pre-bill, `"h5_payment"` for the `FORBIDDEN` of a phone that would record a payment. Anything but `"en"` reads zh-CN, as the broker does.
  * @param {string} code
  * @param {string} [locale]
  * @param {string} [variant]
@@ -218,7 +226,8 @@ export class TablelockError extends Error {
   /**
    * @param {string} code
    * @param {string} [message]
-   * @param {{canForce?: boolean, lock?: Lock|null, request?: string|null, cause?: unknown}} [options]
+   * @param {{canForce?: boolean, lock?: Lock|null, request?: string|null, cause?: unknown,
+   *   outcome?: string|null}} [options]
    */
   constructor(code, message, options = {}) {
     super(message || code, options.cause === undefined ? undefined : { cause: options.cause });
@@ -231,6 +240,10 @@ export class TablelockError extends Error {
     this.lock = options.lock ?? null;
     /** @type {string|null} the request type that was refused */
     this.request = options.request ?? null;
+    /** @type {string|null} `"unknown"`: an `UNAVAILABLE` write that may have been applied */
+    this.outcome = options.outcome ?? null;
+    /** @type {{order: Order|null, locks: Lock[]}|null} the order as read after such a write */
+    this.reread = null;
   }
 
   /** The H5 page must send the customer to the front desk (`ERP_UNAVAILABLE`). */
@@ -250,13 +263,14 @@ export class TablelockError extends Error {
 
   /**
    * The error for a wire error body `{code, message, can_force, lock}`.
-   * @param {{code: string, message?: string, can_force?: boolean, lock?: Lock|null}} body
+   * @param {{code: string, message?: string, can_force?: boolean, lock?: Lock|null,
+   *   outcome?: string}} body
    * @param {string|null} [request]
    * @returns {TablelockError}
    */
   static fromWire(body, request = null) {
     return makeError(body.code, body.message, {
-      canForce: body.can_force, lock: body.lock ?? null, request,
+      canForce: body.can_force, lock: body.lock ?? null, request, outcome: body.outcome ?? null,
     });
   }
 }
@@ -316,7 +330,8 @@ export const ERROR_CLASSES = Object.freeze({
 /**
  * @param {string} code
  * @param {string|undefined} message
- * @param {{canForce?: boolean, lock?: Lock|null, request?: string|null, cause?: unknown}} [options]
+ * @param {{canForce?: boolean, lock?: Lock|null, request?: string|null, cause?: unknown,
+ *   outcome?: string|null}} [options]
  * @returns {TablelockError}
  */
 function makeError(code, message, options) {
@@ -327,6 +342,11 @@ function makeError(code, message, options) {
 // --- small helpers ----------------------------------------------------------------------
 
 const noop = () => {};
+
+/** A write the broker may or may not have applied: read the order before saying anything. */
+function outcomeUnknown(/** @type {unknown} */ err) {
+  return err instanceof TablelockError && err.code === "UNAVAILABLE" && err.outcome === "unknown";
+}
 
 /** A monotonic "now" in epoch ms (does not jump with the wall clock). */
 function localNow() {
@@ -1071,11 +1091,36 @@ export class TablelockClient extends EventTarget {
    * @returns {Promise<Order>} the stored order
    */
   async publishOrder(order, change = "modify", options = {}) {
-    const reply = await this.request("order.publish", {
-      order, change, token: options.token, force: options.force || undefined,
-      operator: options.operator, reason: options.reason,
-    });
-    return reply.order;
+    try {
+      const reply = await this.request("order.publish", {
+        order, change, token: options.token, force: options.force || undefined,
+        operator: options.operator, reason: options.reason,
+      });
+      return reply.order;
+    } catch (err) {
+      if (!outcomeUnknown(err)) throw err;
+      // The ERP assigns versions: the broker holding this version and amount holds ours.
+      const { order: now } = await this._reread(order.order_id, /** @type {TablelockError} */ (err));
+      if (now && now.version === order.version && now.amount_cents === order.amount_cents) return now;
+      throw err;
+    }
+  }
+
+  /**
+   * After an `UNAVAILABLE` with `"outcome": "unknown"`: read the order as it is now, and keep
+   * it on the error (`reread`). If even that fails, the original error is thrown.
+   * @param {string} orderId @param {TablelockError} err
+   * @returns {Promise<{order: Order|null, locks: Lock[]}>}
+   */
+  async _reread(orderId, err) {
+    let read;
+    try {
+      read = await this.getOrder(orderId);
+    } catch {
+      throw err;
+    }
+    err.reread = { order: read.order ?? null, locks: read.locks ?? [] };
+    return err.reread;
   }
 
   /**
@@ -1091,10 +1136,21 @@ export class TablelockClient extends EventTarget {
    * @returns {Promise<LockHandle>}
    */
   async acquire(orderId, kind = "order", options = {}) {
-    const reply = await this.request("lock.acquire", {
-      order_id: orderId, kind, force: options.force || undefined,
-      operator: options.operator, reason: options.reason,
-    }, { timeoutMs: this._fetchTimeout() });
+    let reply;
+    try {
+      reply = await this.request("lock.acquire", {
+        order_id: orderId, kind, force: options.force || undefined,
+        operator: options.operator, reason: options.reason,
+      }, { timeoutMs: this._fetchTimeout() });
+    } catch (err) {
+      if (!outcomeUnknown(err)) throw err;
+      const now = await this._reread(orderId, /** @type {TablelockError} */ (err));
+      const me = this.terminal;
+      const mine = now.locks.find((l) => l.kind === kind && me !== null &&
+        l.holder.terminal_id === me.terminal_id && l.holder.role === me.role);
+      if (!mine) throw err;
+      reply = { lock: mine, order: now.order };
+    }
     for (const lock of reply.released ?? []) {
       const mine = this._handles.get(lockKey(lock.order_id, lock.kind));
       if (mine && mine.token === lock.token) mine._end("upgraded", null);
@@ -1148,11 +1204,20 @@ export class TablelockClient extends EventTarget {
     const ours = options.token === undefined || options.token === handle?.token;
     const mine = handle && handle.held && ours ? handle : null;
     if (mine) mine._releasing = true;
+    const token = options.token ?? mine?.token ?? undefined;
     try {
-      const reply = await this.request("lock.release", {
-        order_id: orderId, kind, token: options.token, force: options.force || undefined,
-        operator: options.operator, reason: options.reason,
-      });
+      let reply;
+      try {
+        reply = await this.request("lock.release", {
+          order_id: orderId, kind, token: options.token, force: options.force || undefined,
+          operator: options.operator, reason: options.reason,
+        });
+      } catch (err) {
+        if (!outcomeUnknown(err) || token === undefined) throw err;
+        const now = await this._reread(orderId, /** @type {TablelockError} */ (err));
+        if (now.locks.some((l) => l.kind === kind && l.token === token)) throw err;
+        reply = { lock: null };
+      }
       mine?._end("released", null);
       return reply;
     } catch (err) {
@@ -1162,17 +1227,33 @@ export class TablelockClient extends EventTarget {
   }
 
   /**
-   * `payment.complete`: pay under the payment lock's token, at the order's current version and
-   * amount. Retrying with the same `paymentRef` after a network error is safe (idempotent).
+   * `payment.complete` (ERP and manager pages): record a counter payment under the payment
+   * lock's token, at the order's current version and amount. Retrying with the same
+   * `paymentRef` after a network error is safe (idempotent); after an `UNAVAILABLE` with
+   * `"outcome": "unknown"` it reads the order and asks once more with the same ref, so the
+   * answer is the truth. An `h5` client throws a `ForbiddenError` and sends nothing: a phone
+   * pays through the payment provider (see {@link PaymentSession#charge}).
    * @param {{orderId: string, token?: number|null, version: number, amountCents: number,
    *   paymentRef: string}} params
    * @returns {Promise<{order: Order, payment: PaymentRecord}>}
    */
   async completePayment(params) {
-    const reply = await this.request("payment.complete", {
+    if (this.role === "h5") {
+      throw makeError("FORBIDDEN", prompt("FORBIDDEN", this.locale, "h5_payment"),
+        { request: "payment.complete" });
+    }
+    const wire = {
       order_id: params.orderId, token: params.token ?? undefined, version: params.version,
       amount_cents: params.amountCents, payment_ref: params.paymentRef,
-    });
+    };
+    let reply;
+    try {
+      reply = await this.request("payment.complete", wire);
+    } catch (err) {
+      if (!outcomeUnknown(err)) throw err;
+      await this._reread(params.orderId, /** @type {TablelockError} */ (err));
+      reply = await this.request("payment.complete", wire);
+    }
     for (const handle of [...this._handles.values()]) {
       if (handle.orderId === params.orderId) handle._end("paid", null);
     }
@@ -1285,7 +1366,8 @@ export class TablelockClient extends EventTarget {
   /**
    * The H5 page's pay step: take the payment lock (the broker first pulls the fresh order from
    * the ERP) and get a {@link PaymentSession} with the order, a countdown to `expires_at` on
-   * the server's clock, `complete()`, and release on `pagehide`.
+   * the server's clock, the `charge` to hand the payment provider and `confirmed` (phones),
+   * `complete()` (cashiers), and release on `pagehide`.
    *
    * With no order id, the table's order is looked up first (`order.get` by `table_id`, fresh).
    * When the ERP, or (for h5) the broker itself, cannot be reached it throws an
@@ -1802,8 +1884,9 @@ const GONE = {
 
 /**
  * One payment in progress on an H5 page (or at a cashier): the payment lock, the order to
- * pay, a countdown on the broker's clock, and `complete()`. An `EventTarget`: `lost`
- * (`LockEnd`: expired, forced, ...) and `ended` (`LockEnd`).
+ * pay, a countdown on the broker's clock. A phone hands `charge` to the payment provider and
+ * waits for `confirmed`; a cashier records its own payment with `complete()`. An
+ * `EventTarget`: `lost` (`LockEnd`: expired, forced, ...) and `ended` (`LockEnd`).
  */
 export class PaymentSession extends EventTarget {
   /**
@@ -1821,6 +1904,8 @@ export class PaymentSession extends EventTarget {
     this.orderId = handle.orderId;
     /** @type {{order: Order, payment: PaymentRecord}|null} the result, once paid */
     this.result = null;
+    /** @type {Promise<{order: Order, payment: PaymentRecord|null}>|null} */
+    this._confirmed = null;
     this.lost = handle.lost;
     this.ended = handle.ended;
     handle.addEventListener("lost", (e) => this.dispatchEvent(event("lost", /** @type {CustomEvent} */ (e).detail)));
@@ -1845,6 +1930,54 @@ export class PaymentSession extends EventTarget {
   get version() { return this.order ? this.order.version : this.handle.orderVersion ?? 0; }
   /** True while the lock is held. */
   get active() { return this.handle.held; }
+
+  /**
+   * What the payment provider needs so that the platform's payment service can record the
+   * payment under this lock (`POST /v1/stores/{store_id}/orders/{order_id}/payment`).
+   * @returns {{store_id: string, order_id: string, token: number|null, version: number,
+   *   amount_cents: number}}
+   */
+  get charge() {
+    return { store_id: this.handle.storeId, order_id: this.orderId, token: this.token,
+             version: this.version, amount_cents: this.amountCents };
+  }
+
+  /**
+   * Resolves with `{order, payment}` when the broker pushes `order.paid` for this order (the
+   * payment service recorded it); rejects with `LockExpiredError` or `FencedError` when the
+   * lock is lost first and the order, read again, is not paid.
+   * @returns {Promise<{order: Order, payment: PaymentRecord|null}>}
+   */
+  get confirmed() {
+    this._confirmed ??= this._confirm();
+    return this._confirmed;
+  }
+
+  /** @returns {Promise<{order: Order, payment: PaymentRecord|null}>} */
+  async _confirm() {
+    const client = this.client;
+    /** @type {(e: Event) => void} */
+    let listener = noop;
+    const paid = new Promise((resolve) => {
+      listener = (e) => {
+        const frame = /** @type {CustomEvent} */ (e).detail.event;
+        if (frame.order?.order_id === this.orderId) resolve({ order: frame.order, payment: frame.payment ?? null });
+      };
+      client.addEventListener("order.paid", listener);
+    });
+    const lost = this.handle.lost.then(async (end) => {
+      // The lock may end as "missing" because the order was paid while the socket was down.
+      const read = await client.getOrder(this.orderId).catch(() => null);
+      if (read?.order?.status === "paid") return { order: read.order, payment: null };
+      const code = end.reason === "expired" ? "LOCK_EXPIRED" : "FENCED";
+      throw makeError(code, prompt(code, client.locale), { request: "payment.complete" });
+    });
+    try {
+      return /** @type {{order: Order, payment: PaymentRecord|null}} */ (await Promise.race([paid, lost]));
+    } finally {
+      client.removeEventListener("order.paid", listener);
+    }
+  }
 
   /** Milliseconds left to pay, on the broker's clock (corrected by the clock offset). */
   msLeft() {
@@ -1899,8 +2032,8 @@ export class PaymentSession extends EventTarget {
   }
 
   /**
-   * Complete the payment under this lock (`payment.complete` with the lock's token, the order's
-   * version and amount). If the connection drops meanwhile, it waits for the reconnect and
+   * Record the payment under this lock (cashier pages: `payment.complete` with the lock's
+   * token, the order's version and amount; an `h5` session throws `ForbiddenError`). If the connection drops meanwhile, it waits for the reconnect and
    * retries with the same `paymentRef` (the broker answers a retry with the same success).
    * @param {{paymentRef: string, amountCents?: number, version?: number, retries?: number,
    *   reconnectWaitMs?: number}} params

@@ -1,7 +1,7 @@
 // Shared by the dashboard and the terminal pages: tokens, locale, formatting, the table states,
 // dialogs, toasts and the connection indicator. Everything lock-related goes through the SDK.
 import { TablelockClient, prompt } from "/sdk/tablelock.js";
-import { LANGS, MENU, STRINGS } from "./i18n.js";
+import { LANGS, MENU, REASONS, STRINGS } from "./i18n.js";
 
 export const params = new URLSearchParams(location.search);
 
@@ -145,6 +145,53 @@ export function dishName(sku) {
 }
 
 export { MENU, prompt };
+
+/**
+ * A force reason in the page's language when it is one the demo's terminals give (either
+ * language's text, or its key), else as the operator typed it.
+ * @param {string|null|undefined} reason
+ */
+export function reasonText(reason) {
+  if (!reason) return "";
+  const known = REASONS[reason] ?? Object.values(REASONS).find((r) => r.zh === reason || r.en === reason);
+  return known ? known[lang === "en" ? "en" : "zh"] : reason;
+}
+
+/**
+ * What a page says, kept so that it is said again in the other language after a switch:
+ * a broker code (its prompt; `variant` as prompt() takes it), a page text key, or a function
+ * that writes it in the current language.
+ * @typedef {{code: string, variant?: string} | {key: string, vars?: Record<string, unknown>} |
+ *   {fn: () => string} | {text: string}} Said
+ * @param {Said} said
+ */
+export function sayText(said) {
+  if ("code" in said) return prompt(said.code, lang, said.variant ?? "");
+  if ("fn" in said) return said.fn();
+  if ("key" in said) {
+    // A var may itself be a broker code ({code}): its prompt, in the current language.
+    const vars = Object.fromEntries(Object.entries(said.vars ?? {}).map(([name, v]) =>
+      [name, v && typeof v === "object" && "code" in v ? prompt(String(v.code), lang) : v]));
+    return t(said.key, vars);
+  }
+  return said.text;
+}
+
+/**
+ * The Said of an error: its code when the SDK knows its prompt, else its message.
+ * @param {any} err @param {string} [variant]
+ * @returns {Said}
+ */
+export function saidOf(err, variant = "") {
+  const code = err?.code;
+  if (typeof code === "string" && prompt(code, "en") !== code) return { code, variant };
+  return { text: String(err?.message ?? err) };
+}
+
+/** The text of an order status ("open", "paid", "closed"). @param {string|null|undefined} status */
+export function statusLabel(status) {
+  return t(`status.${status ?? "open"}`);
+}
 
 // --- tokens and the connection -----------------------------------------------------------
 
@@ -389,12 +436,16 @@ export function dialog(spec) {
   });
 }
 
+const TOASTS_SHOWN = 3; // the newest ones; older toasts go at once
+
 /**
  * A toast at the bottom (`[data-testid=toast]`, the newest one).
  * @param {string} text
  * @param {"info"|"warn"|"error"|"ok"} [tone]
  */
 export function toast(text, tone = "info", ms = 6000) {
+  // A page may give the stack a place in its layout (the ERP page: above its log), so that
+  // toasts never cover anything; else they float at the bottom.
   let stack = document.querySelector(".toasts");
   if (!stack) {
     stack = document.createElement("div");
@@ -409,6 +460,8 @@ export function toast(text, tone = "info", ms = 6000) {
   el.setAttribute("role", tone === "error" || tone === "warn" ? "alert" : "status");
   el.textContent = text;
   stack.append(el);
+  const shown = [...stack.children].filter((c) => !c.classList.contains("toast-out"));
+  for (const old of shown.slice(0, Math.max(0, shown.length - TOASTS_SHOWN))) old.remove();
   setTimeout(() => {
     el.classList.add("toast-out");
     setTimeout(() => el.remove(), 400);

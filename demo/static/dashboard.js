@@ -2,7 +2,8 @@
 // actions (force release, store config), on a manager terminal of the browser SDK.
 import {
   STATES, ago, applyI18n, baseTables, bindConnection, clock, currentToken, dialog, esc, flash,
-  getLang, kindLabel, money, onLangChange, openClient, params, prompt, roleLabel, setupLangSwitch,
+  getLang, kindLabel, money, onLangChange, openClient, params, prompt, reasonText, roleLabel,
+  setupLangSwitch,
   sortTables, t, tableModel, toast, tokenSource, whoLabel,
 } from "./common.js";
 
@@ -348,7 +349,7 @@ function addEventToFeed(frame, replayed) {
       text = () => {
         const base = t("feed.forced", { by: whoLabel(frame.by), table: tbl, kind: kindLabel(kind), who: who() });
         const why = forceReasons.get(key);
-        return why?.reason ? `${base}${getLang() === "en" ? ": " : "："}${why.reason}` : base;
+        return why?.reason ? `${base}${getLang() === "en" ? ": " : "："}${reasonText(why.reason)}` : base;
       };
       break;
     }
@@ -479,7 +480,7 @@ async function backfillFeed() {
       text = () => t("feed.expired", { who: whoLabel(e.terminal), table: tbl, kind: kindLabel(d.kind) });
     } else if (e.kind === "lock.forced") {
       tone = "forced";
-      text = () => t("feed.audit.forced", { by: d.operator || whoLabel(e.terminal), table: tbl, kind: kindLabel(d.kind), who: whoLabel(d.holder), reason: d.reason ?? "—" });
+      text = () => t("feed.audit.forced", { by: d.operator || whoLabel(e.terminal), table: tbl, kind: kindLabel(d.kind), who: whoLabel(d.holder), reason: reasonText(d.reason) || "—" });
     } else if (e.kind === "payment.completed") {
       tone = "paid";
       text = () => t("feed.audit.completed", { table: tbl, amount: money(d.amount_cents), ref: d.payment_ref });

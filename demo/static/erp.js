@@ -3,14 +3,19 @@
 // accept a scanned order. As erp_main it also keeps the order book and answers order.fetch.
 import {
   MENU, applyI18n, baseTables, bindConnection, clock, dialog, dishName, esc, itemInfo, kindLabel,
-  money, onLangChange, openClient, params, paymentRef, roleLabel, setupLangSwitch, sortTables, t,
-  tableModel, toast, tokenSource, whoLabel,
+  money, onLangChange, openClient, params, paymentRef, reasonText, roleLabel, sayText, saidOf,
+  setupLangSwitch, sortTables, statusLabel, t, tableModel, toast, tokenSource, whoLabel,
 } from "./common.js";
 
 const role = params.get("role") === "erp_main" ? "erp_main" : "erp_secondary";
 const isMain = role === "erp_main";
-const sub = params.get("sub") ?? (isMain ? "erp-main-1" : "erp-page-1");
-const name = params.get("name") ?? (isMain ? "Front desk" : "Cashier 2");
+// Each page is a till of its own (the simulated store's tills are erp-front-desk, erp-cashier-2
+// and erp-bar): a random id, kept by the tab across reloads so that its locks are its own.
+const tabKey = `tablelock-erp-${role}`;
+const suffix = sessionStorage.getItem(tabKey) ?? Math.random().toString(36).slice(2, 6).toUpperCase();
+sessionStorage.setItem(tabKey, suffix);
+const sub = params.get("sub") ?? `erp-page-${suffix.toLowerCase()}`;
+const name = params.get("name") ?? `POS ${suffix}`;
 
 applyI18n();
 setupLangSwitch();
@@ -49,7 +54,7 @@ function remember(order) {
 /** @param {{order_id?: string, table_id?: string}} p */
 function fetchFromBook(p) {
   if (!answerFetch.checked) {
-    log(`order.fetch ${p.order_id ?? p.table_id}: ✗`);
+    log(t("erp.fetch_off", { table: p.table_id ?? tableOf(p.order_id ?? "") }));
     throw Object.assign(new Error("the ERP is offline (demo switch)"), { code: "UNAVAILABLE" });
   }
   let order = p.order_id ? book.get(p.order_id) : null;
@@ -63,12 +68,16 @@ function fetchFromBook(p) {
 
 // --- helpers -----------------------------------------------------------------------------------
 
-/** @param {string} text @param {"info"|"ok"|"error"} [tone] */
-function message(text, tone = "info") {
+/** @type {{said: import("./common.js").Said, tone: string}|null} what the message line says */
+let note = null;
+
+/** The message line; kept as a code or text function, so a language switch says it again. */
+function message(/** @type {import("./common.js").Said|null} */ said, tone = "info") {
+  note = said ? { said, tone } : null;
   const el = $("message");
-  el.textContent = text;
+  el.textContent = said ? sayText(said) : "";
   el.className = `message ${tone === "info" ? "" : tone}`;
-  el.hidden = !text;
+  el.hidden = !said;
 }
 
 /** @param {string} text */
@@ -150,17 +159,20 @@ function renderOrder() {
   }).join("") || `<li class="muted">${esc(t("erp.items.none"))}</li>`;
   const tabs = orders.length > 1 ? `<div class="actions">${orders.map((o) => `<button type="button" class="btn btn-xs" data-pick-order="${esc(o.order_id)}" aria-pressed="${o.order_id === order.order_id}">${esc(o.order_id)}</button>`).join("")}</div>` : "";
   const mode = myHandle(order.order_id, "payment") ? "payment" : myHandle(order.order_id, "order") ? "order" : "";
+  // A phone's payment lock is never forced from the cart: editing waits until it ends.
+  const phonePaying = locks.some((l) => l.kind === "payment" && l.holder.role === "h5");
   panel.innerHTML = `
     <div class="order-head">
       <h2>${esc(selected)} · ${esc(t("erp.order", { order: order.order_id }))}</h2>
-      <span class="muted">${esc(t("erp.version", { version: order.version }))} · ${esc(order.status ?? "open")}</span>
+      <span class="muted">${esc(t("erp.version", { version: order.version }))} · <span data-testid="erp-status">${esc(statusLabel(order.status))}</span></span>
     </div>
     ${tabs}
     <ul class="items" data-testid="erp-items">${items}</ul>
     <div class="order-head"><span>${esc(t("erp.total"))}</span><span class="order-total" data-testid="erp-total">${esc(money(order.amount_cents))}</span></div>
     <div class="lock-chips">${chips}</div>
+    ${phonePaying ? `<p class="muted" data-testid="edit-cart-reason">${esc(t("erp.edit.phone_paying"))}</p>` : ""}
     <div class="actions">
-      <button type="button" class="btn" data-action data-do="edit" data-testid="edit-cart" ${dis} ${mode ? "disabled data-off" : ""}>${esc(t("erp.edit"))}</button>
+      <button type="button" class="btn" data-action data-do="edit" data-testid="edit-cart" ${dis} ${mode || phonePaying ? "disabled data-off" : ""} ${phonePaying ? `title="${esc(t("erp.edit.phone_paying"))}"` : ""}>${esc(t("erp.edit"))}</button>
       <button type="button" class="btn btn-primary" data-action data-do="checkout" data-testid="checkout" ${dis} ${mode === "payment" ? "disabled data-off" : ""}>${esc(t("erp.checkout"))}</button>
       <button type="button" class="btn" data-action data-do="presettle" data-testid="presettle" ${dis} ${myHandle(order.order_id, "presettle") ? "disabled data-off" : ""}>${esc(t("erp.presettle"))}</button>
       <button type="button" class="btn" data-action data-do="accept" data-testid="accept" ${dis}>${esc(t("erp.accept"))}</button>
@@ -272,13 +284,15 @@ function follow(handle) {
   const table = tableOf(handle.orderId);
   handle.lost.then((/** @type {any} */ end) => {
     const kind = kindLabel(handle.kind);
-    let text;
-    if (end.reason === "forced") text = t("erp.lost.forced", { table, kind, by: whoLabel(end.event?.by) });
-    else if (end.reason === "expired") text = t("erp.lost.expired", { table, kind });
-    else text = t("erp.lost.other", { table, kind, reason: end.reason });
-    message(text, "error");
-    toast(text, "warn");
-    log(text);
+    const said = { fn: () => {
+      const kind = kindLabel(handle.kind);
+      if (end.reason === "forced") return t("erp.lost.forced", { table, kind, by: whoLabel(end.event?.by) });
+      if (end.reason === "expired") return t("erp.lost.expired", { table, kind });
+      return t("erp.lost.other", { table, kind, reason: end.reason });
+    } };
+    message(said, "error");
+    toast(sayText(said), "warn");
+    log(sayText(said));
   });
   handle.addEventListener("contended", (/** @type {any} */ e) => {
     const text = t("erp.contended", {
@@ -304,25 +318,26 @@ async function acquire(orderId, kind, title) {
   } catch (err) {
     const e = /** @type {any} */ (err);
     if (!e.canForce) {
-      message(e.message ?? String(e), "error");
-      log(`${title}: ${e.code ?? ""} ${e.message ?? e}`);
+      message(saidOf(e), "error");
+      log(`${title}: ${e.message ?? e}`);
       return null;
     }
-    log(`${title}: ${e.code}`);
+    log(`${title}: ${e.message}`);
     const ok = await dialog({
       title, message: e.message, danger: true,
       confirm: kind === "payment" ? t("dialog.continue") : t("dialog.force"),
     });
     if (!ok) return null;
     try {
-      const handle = await client.acquire(orderId, kind, { force: true, operator: name, reason: `${title} (${e.code})` });
+      const reason = reasonText(kind === "payment" ? "till_checkout" : "till_force");
+      const handle = await client.acquire(orderId, kind, { force: true, operator: name, reason });
       follow(handle);
       for (const lock of handle.forced) {
         log(t("feed.forced", { by: name, table: tableOf(lock.order_id), kind: kindLabel(lock.kind), who: whoLabel(lock.holder) }));
       }
       return handle;
     } catch (err2) {
-      message(/** @type {any} */ (err2).message ?? String(err2), "error");
+      message(saidOf(err2), "error");
       return null;
     }
   }
@@ -336,7 +351,7 @@ document.addEventListener("click", async (ev) => {
   if (tableBtn && tableBtn.classList.contains("erp-table")) {
     selected = /** @type {string} */ (tableBtn.getAttribute("data-table"));
     selectedOrder = null;
-    message("");
+    message(null);
     params.set("table", selected);
     history.replaceState(null, "", `${location.pathname}?${params}${location.hash}`);
     render();
@@ -373,7 +388,7 @@ document.addEventListener("click", async (ev) => {
 /** @param {string} what */
 async function act(what) {
   const { order } = current();
-  message("");
+  message(null);
   if (what === "new") return newOrder();
   if (!order) return;
   const id = order.order_id;
@@ -398,9 +413,9 @@ async function act(what) {
   } else if (what === "presettle") {
     const handle = await acquire(id, "presettle", `${t("erp.presettle")} · ${selected}`);
     if (handle) {
-      const text = t("erp.prebilled", { amount: money(handle.order?.amount_cents ?? order.amount_cents), version: handle.orderVersion });
-      message(text, "ok");
-      log(text);
+      const vars = { amount: money(handle.order?.amount_cents ?? order.amount_cents), version: handle.orderVersion };
+      message({ key: "erp.prebilled", vars }, "ok");
+      log(t("erp.prebilled", vars));
     }
   } else if (what === "cancel-presettle") {
     await myHandle(id, "presettle")?.release();
@@ -412,10 +427,10 @@ async function act(what) {
         log(`${t("erp.accept")} · ${selected}: ✓`);
       } else {
         toast(/** @type {string} */ (r.message), "warn");
-        log(`${t("erp.accept")} · ${selected}: ${r.code}`);
+        log(`${t("erp.accept")} · ${selected}: ${r.message}`);
       }
     } catch (err) {
-      message(/** @type {any} */ (err).message, "error");
+      message(saidOf(err), "error");
     }
   }
 }
@@ -440,7 +455,7 @@ async function newOrder() {
     toast(text, "ok");
     log(text);
   } catch (err) {
-    message(/** @type {any} */ (err).message, "error");
+    message(saidOf(err), "error");
   }
 }
 
@@ -456,12 +471,12 @@ async function placeOrder(order) {
     remember(stored);
     cart = null;
     await handle.release();
-    const text = t("erp.placed", { version: stored.version, amount: money(stored.amount_cents) });
-    message(text, "ok");
-    log(`${selected}: ${text}`);
+    const vars = { version: stored.version, amount: money(stored.amount_cents) };
+    message({ key: "erp.placed", vars }, "ok");
+    log(`${selected}: ${t("erp.placed", vars)}`);
   } catch (err) {
-    message(/** @type {any} */ (err).message, "error");
-    log(`${t("erp.place")}: ${/** @type {any} */ (err).code}`);
+    message(saidOf(err), "error");
+    log(`${t("erp.place")}: ${/** @type {any} */ (err).message}`);
   }
 }
 
@@ -477,13 +492,13 @@ async function collect(order) {
       amountCents: toPay.amount_cents, paymentRef: ref,
     });
     remember(result.order);
-    const text = t("erp.paid", { table: order.table_id, amount: money(toPay.amount_cents), ref });
-    message(text, "ok");
-    toast(text, "ok");
-    log(text);
+    const vars = { table: order.table_id, amount: money(toPay.amount_cents), ref };
+    message({ key: "erp.paid", vars }, "ok");
+    toast(t("erp.paid", vars), "ok");
+    log(t("erp.paid", vars));
   } catch (err) {
-    message(/** @type {any} */ (err).message, "error");
-    log(`${t("erp.collect", { amount: money(toPay.amount_cents) })}: ${/** @type {any} */ (err).code}`);
+    message(saidOf(err), "error");
+    log(`${t("erp.collect", { amount: money(toPay.amount_cents) })}: ${/** @type {any} */ (err).message}`);
   }
 }
 
@@ -514,6 +529,7 @@ async function start() {
 bindConnection(client, render);
 client.addEventListener("open", renderWho);
 onLangChange(() => {
+  if (note) message(note.said, note.tone);
   renderWho();
   render();
 });
@@ -521,5 +537,5 @@ render();
 renderWho();
 start().catch((err) => {
   console.error(err);
-  message(String(err?.message ?? err), "error");
+  message(saidOf(err), "error");
 });

@@ -1,6 +1,9 @@
 // The pages' own texts, zh-CN and en. The broker's prompts (PROTOCOL.md section 7) come with its
 // error messages, or from the SDK's prompt(); they are not repeated here.
 
+import MENU_LIST from "./menu.json" with { type: "json" };
+import REASON_TABLE from "./reasons.json" with { type: "json" };
+
 export const LANGS = ["zh-CN", "en"];
 
 /** @type {Record<string, Record<string, string>>} */
@@ -12,8 +15,8 @@ export const STRINGS = {
     "conn.live": "实时",
     "conn.stale": "连接中断，正在重连…",
     "conn.failed": "无法连接",
-    "conn.banner": "与锁服务的连接已断开：下面是最后已知的状态，操作已暂停，恢复后自动刷新。",
-    "conn.fatal": "无法登录锁服务：{message}",
+    "conn.banner": "连接已断开：下面是最后已知的状态，操作已暂停，恢复后自动刷新。",
+    "conn.fatal": "无法登录：{message}",
 
     "role.erp_main": "主收银",
     "role.erp_secondary": "副收银",
@@ -147,8 +150,11 @@ export const STRINGS = {
     "erp.lost.expired": "您在 {table} 的{kind}已到期。",
     "erp.lost.other": "您在 {table} 的{kind}已失效（{reason}）。",
     "erp.contended": "{by}想在 {table} {action}，被您的{kind}拦下",
-    "erp.answer_fetch": "为顾客端提供最新订单（order.fetch）",
-    "erp.answered": "已向锁服务提供 {table} 的订单",
+    "erp.answer_fetch": "向顾客手机提供最新账单",
+    "erp.fetch_off": "未向顾客手机提供 {table} 的账单（已关闭）",
+    "erp.edit.phone_paying": "顾客正在手机上支付，暂不能改单",
+    "erp.identity": "{name}（{role}）",
+    "erp.answered": "已把 {table} 的最新账单发给顾客手机",
     "erp.you_hold": "您持有",
     "erp.action.edit": "改单",
     "erp.action.add_items": "加菜",
@@ -163,9 +169,9 @@ export const STRINGS = {
     "h5.stale_order": "未能从收银系统获取最新订单，显示的是已知的订单。",
     "h5.order": "我的订单",
     "h5.total": "合计",
-    "h5.status.open": "未支付",
-    "h5.status.paid": "已支付",
-    "h5.status.closed": "已关闭",
+    "status.open": "未支付",
+    "status.paid": "已支付",
+    "status.closed": "已关闭",
     "h5.add": "加菜",
     "h5.add.sent": "已通知服务员为您加上：{dish}",
     "h5.pay": "去支付 {amount}",
@@ -178,7 +184,15 @@ export const STRINGS = {
     "h5.paid.ref": "支付单号 {ref}",
     "h5.frontdesk": "请到前台结账",
     "h5.locked.order": "收银台正在修改订单",
-    "h5.locked.payment": "订单正在支付中",
+    "h5.locked.payment": "订单正在其他地方支付，请稍候",
+    "h5.locked.left": "（剩{n}秒）",
+    "h5.paying": "支付中 · 剩{n}秒",
+    "h5.provider.wait": "正在等待支付服务商确认…",
+    "h5.provider.refused": "支付未被记录：{reason}。款项将原路退回。",
+    "h5.provider.unknown": "暂未收到支付结果，请联系服务员。",
+    "h5.paid.counter": "已在前台结账",
+    "h5.paid.other": "已由同桌其他手机支付",
+    "h5.paid.elsewhere": "本单已支付",
     "h5.locked.presettle": "订单已预结",
     "h5.back": "返回订单",
   },
@@ -189,8 +203,8 @@ export const STRINGS = {
     "conn.live": "Live",
     "conn.stale": "Disconnected, reconnecting…",
     "conn.failed": "Cannot connect",
-    "conn.banner": "The connection to the lock service is down: this is the last known state, actions are paused, and it refreshes by itself when it is back.",
-    "conn.fatal": "Could not sign in to the lock service: {message}",
+    "conn.banner": "Offline: this is the last known state. Actions are paused, and the screen refreshes by itself when the connection is back.",
+    "conn.fatal": "Could not sign in: {message}",
 
     "role.erp_main": "main cashier",
     "role.erp_secondary": "cashier",
@@ -324,8 +338,11 @@ export const STRINGS = {
     "erp.lost.expired": "Your {kind} on {table} expired.",
     "erp.lost.other": "Your {kind} on {table} ended ({reason}).",
     "erp.contended": "{by} tried to {action} {table}; your {kind} blocked it",
-    "erp.answer_fetch": "Serve the latest orders to phones (order.fetch)",
-    "erp.answered": "Gave the lock service the order of {table}",
+    "erp.answer_fetch": "Send the latest bill to customers' phones",
+    "erp.fetch_off": "Did not send {table}'s bill to the phone (switched off)",
+    "erp.edit.phone_paying": "A customer is paying on their phone: the cart cannot be edited now",
+    "erp.identity": "{name} ({role})",
+    "erp.answered": "Sent {table}'s latest bill to the customer's phone",
     "erp.you_hold": "you hold",
     "erp.action.edit": "edit",
     "erp.action.add_items": "add dishes to",
@@ -340,9 +357,9 @@ export const STRINGS = {
     "h5.stale_order": "Could not get the latest order from the till; showing the last known one.",
     "h5.order": "Your order",
     "h5.total": "Total",
-    "h5.status.open": "unpaid",
-    "h5.status.paid": "paid",
-    "h5.status.closed": "closed",
+    "status.open": "unpaid",
+    "status.paid": "paid",
+    "status.closed": "closed",
     "h5.add": "Add",
     "h5.add.sent": "Asked the staff to add: {dish}",
     "h5.pay": "Pay {amount}",
@@ -355,20 +372,22 @@ export const STRINGS = {
     "h5.paid.ref": "Payment ref {ref}",
     "h5.frontdesk": "Please pay at the front desk",
     "h5.locked.order": "The counter is changing the order",
-    "h5.locked.payment": "The order is being paid",
+    "h5.locked.payment": "This order is being paid elsewhere; please wait",
+    "h5.locked.left": " ({n}s left)",
+    "h5.paying": "Paying · {n}s left",
+    "h5.provider.wait": "Waiting for the payment provider to confirm…",
+    "h5.provider.refused": "The payment was not recorded: {reason} It will be refunded.",
+    "h5.provider.unknown": "No answer about the payment yet. Please ask the staff.",
+    "h5.paid.counter": "Paid at the counter",
+    "h5.paid.other": "Paid on another phone at this table",
+    "h5.paid.elsewhere": "This order has been paid",
     "h5.locked.presettle": "The bill has been printed",
     "h5.back": "Back to the order",
   },
 };
 
-/** The demo menu: sku -> [zh-CN, en, price in cents]. */
-export const MENU = {
-  kungpao: ["宫保鸡丁", "Kung Pao chicken", 3800],
-  mapo: ["麻婆豆腐", "Mapo tofu", 2800],
-  duck: ["北京烤鸭", "Peking duck", 12800],
-  xlb: ["小笼包", "Soup dumplings", 2600],
-  greens: ["清炒时蔬", "Stir-fried greens", 2200],
-  soup: ["酸辣汤", "Hot and sour soup", 1800],
-  rice: ["米饭", "Rice", 300],
-  beer: ["青岛啤酒", "Tsingtao beer", 1200],
-};
+/** The demo menu (menu.json, the simulation's too): sku -> [zh-CN, en, price in cents]. */
+export const MENU = Object.fromEntries(MENU_LIST.map((d) => [d.sku, [d.zh, d.en, d.price_cents]]));
+
+/** Force reasons the demo's terminals give (reasons.json), in both languages. */
+export const REASONS = REASON_TABLE;

@@ -24,12 +24,16 @@ def make_backend(settings: Settings) -> Backend:
     if settings.backend == "memory":
         from .backends.memory import MemoryBackend
 
-        return MemoryBackend(settings.history_size, settings.audit_size)
+        return MemoryBackend(settings.history_size, settings.audit_size,
+                             settings.h5_presence_linger_ms, settings.max_unhandled_per_terminal)
     if settings.backend.startswith(("redis://", "rediss://", "redis+sentinel://",
                                     "redis+cluster://", "unix://")):
         from .backends.redis import RedisBackend
 
-        return RedisBackend(settings.backend, settings.history_size, settings.audit_size)
+        return RedisBackend(settings.backend, settings.history_size, settings.audit_size,
+                            max_unclaimed_seqs=settings.max_unknown_order_seqs,
+                            h5_presence_linger_ms=settings.h5_presence_linger_ms,
+                            max_unhandled_per_terminal=settings.max_unhandled_per_terminal)
     raise ValueError(f"unknown backend {settings.backend!r}: use memory or a redis:// URL")
 
 
@@ -38,9 +42,10 @@ def create_app(settings: Settings,
     """The broker; `background` jobs (the demo's simulated store) run while it serves."""
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,
-              settings.rate_burst)
+              settings.rate_burst, settings.contended_window_ms)
+    hub.on_channel_idle = backend.channel_idle
     metrics.watch_queues(hub.queue_depths)
-    relay = Relay(hub, backend)
+    relay = Relay(hub, backend, settings.fetch_rate_per_s, settings.fetch_burst)
     tokens = Tokens(settings.secrets)
     gateway = Gateway(backend, hub, relay, tokens, settings)
 

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from typing import get_args
 
 import jwt
+import msgspec
 
 from .model import Role, Terminal
+from .protocol import Identifier
 
 ROLES = frozenset(get_args(Role))
 _REQUIRED_CLAIMS = ["sub", "store", "role", "exp"]
@@ -74,9 +76,21 @@ def terminal_of(claims: dict[str, object]) -> Terminal:
         raise AuthError("an h5 token must name its table")
     if table is not None and not isinstance(table, str):
         raise AuthError("table must be a string")
+    for claim, value in (("sub", sub), ("store", store), ("table", table)):
+        if value is not None and not _is_identifier(value):
+            raise AuthError(f"{claim} must be an id (printable, at most its bound in length)")
     if name is not None and not isinstance(name, str):
         raise AuthError("name must be a string")
     return Terminal(sub, role, name or sub, store, table)  # type: ignore[arg-type]
+
+
+def _is_identifier(value: str) -> bool:
+    """The claims that become ids on the wire obey the ids' own bounds (protocol.Identifier)."""
+    try:
+        msgspec.convert(value, Identifier)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 _TTL = re.compile(r"^(\d+)([smhd]?)$")

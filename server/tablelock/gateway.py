@@ -19,7 +19,7 @@ from . import metrics
 from .auth import AuthError, Tokens
 from .backends.base import Backend, Numbered, Unavailable
 from .hub import Connection, Hub
-from .model import FORCING_ROLES, Lock, Order, Terminal
+from .model import ERP_ROLES, FORCING_ROLES, Lock, Order, Terminal
 from .prompts import prompt
 from .protocol import (
     PROTOCOL_VERSION,
@@ -39,6 +39,7 @@ from .protocol import (
     OrderGet,
     OrderPublish,
     OrderResult,
+    OrderSnapshot,
     PaymentComplete,
     PaymentResult,
     Ping,
@@ -58,7 +59,7 @@ from .protocol import (
     encode,
     parse_channel,
 )
-from .relay import Relay
+from .relay import PullLimited, Relay
 from .rules import (
     Acquire,
     Check,
@@ -171,6 +172,7 @@ class Gateway:
             async with asyncio.timeout(self.settings.hello_timeout_s):
                 message = await receive()
         except TimeoutError:
+            _hello_refused("no_hello")
             conn.close(CLOSE_NO_HELLO, "no hello")
             return False
         if message["type"] != "websocket.receive":
@@ -178,16 +180,19 @@ class Gateway:
         try:
             hello = decode(_payload(message))
         except BadFrame as bad:
+            _hello_refused("bad_request", detail=bad.detail)
             conn.send(error_frame(bad.request_id, "BAD_REQUEST", conn.locale, detail=bad.detail))
             conn.close(CLOSE_NO_HELLO, "the first frame must be hello")
             return False
         locale = getattr(hello, "locale", None) or conn.locale
         if not isinstance(hello, Hello):
+            _hello_refused("bad_request", detail="the first frame must be hello")
             conn.send(error_frame(getattr(hello, "id", None), "BAD_REQUEST", locale,
                                   detail="the first frame must be hello"))
             conn.close(CLOSE_NO_HELLO, "the first frame must be hello")
             return False
         if hello.protocol != PROTOCOL_VERSION:
+            _hello_refused("unsupported_protocol", detail=f"protocol {hello.protocol}")
             conn.send(error_frame(hello.id, "UNSUPPORTED_PROTOCOL", locale,
                                   detail=f"this broker speaks protocol {PROTOCOL_VERSION}"))
             conn.close(CLOSE_UNSUPPORTED_PROTOCOL, "unsupported protocol")
@@ -197,11 +202,21 @@ class Gateway:
             if hello.store_id is not None and hello.store_id != terminal.store_id:
                 raise AuthError("store_id differs from the token's store")
         except AuthError as exc:
+            _hello_refused("auth_failed", detail=str(exc))
             conn.send(error_frame(hello.id, "AUTH_FAILED", locale, detail=str(exc)))
             conn.close(CLOSE_AUTH_FAILED, "auth failed")
             return False
+        if hello.order_authority and terminal.role not in ERP_ROLES:
+            # Whoever answers order.fetch writes the orders the store pays against: only
+            # an ERP terminal may (a phone that said so answered pulls with forged bills).
+            _hello_refused("forbidden", terminal, "order_authority is for ERP terminals")
+            conn.send(error_frame(hello.id, "FORBIDDEN", locale,
+                                  detail="order_authority is for ERP terminals"))
+            conn.close(CLOSE_AUTH_FAILED, "order_authority refused")
+            return False
         full = self._full(terminal)
         if full:
+            _hello_refused("limit_reached", terminal, full)
             conn.send(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full))
             conn.close(CLOSE_POLICY, "connection limit")
             return False
@@ -220,9 +235,9 @@ class Gateway:
                                      StoreInfo(terminal.store_id, config),
                                      self.settings.heartbeat_ms, await self.backend.now(), lost)
         except Unavailable as exc:
-            log.warning("hello refused: backend unavailable (%s)", exc,
-                        extra={"store": terminal.store_id, "terminal": terminal.terminal_id})
-            conn.send(error_frame(hello.id, "UNAVAILABLE", conn.locale))
+            _hello_refused("unavailable", terminal, str(exc))
+            # The store's locale could not be read: the hello's own, else the default.
+            conn.send(error_frame(hello.id, "UNAVAILABLE", locale))
             conn.close(1013, "backend unavailable")
             return False
         conn.send(ok_frame(hello.id, result))
@@ -413,7 +428,10 @@ class Gateway:
 
     async def _fetch(self, terminal: Terminal, params: dict[str, str]) -> Order | None:
         config = await self.backend.get_config(terminal.store_id)
-        return await self.relay.fetch(terminal.store_id, params, config.erp_fetch_timeout_ms)
+        try:
+            return await self.relay.fetch(terminal, params, config.erp_fetch_timeout_ms)
+        except PullLimited:
+            raise Refused("RATE_LIMITED", "too many order pulls from the ERP") from None
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -431,10 +449,6 @@ class Gateway:
             raise Refused("FORBIDDEN", "a channel of another store")
         if order_id is None and terminal.role not in FORCING_ROLES:
             raise Refused("FORBIDDEN", "the store channel is for ERP and manager terminals")
-        if order_id is not None and terminal.role == "h5":
-            rec = await self.backend.read(store_id, order_id)
-            if rec is not None and rec.order.table_id != terminal.table_id:
-                raise Refused("FORBIDDEN", "an order of another table")
         if (request.channel not in conn.session.subs
                 and self.hub.subscription_count(conn) >= self.settings.max_subscriptions):
             raise Refused("LIMIT_REACHED", "too many subscriptions on this connection")
@@ -442,11 +456,20 @@ class Gateway:
         seq = 0
         try:
             seq, snapshot = await self.backend.snapshot(request.channel)
+            # An h5's scope is checked on the very record the snapshot shows, not on an
+            # earlier read that the order could have moved away from (or come into) since.
+            if (conn.table_id is not None and isinstance(snapshot, OrderSnapshot)
+                    and snapshot.order is not None and snapshot.order.table_id != conn.table_id):
+                raise Refused("FORBIDDEN", "an order of another table")
             result = SubscribeResult(request.channel, seq, snapshot)
             if request.since is not None:
                 missed = await self.backend.history(request.channel, request.since)
                 result.recovered = missed is not None
-                result.missed = [msgspec.Raw(m.frame) for m in missed or () if m.seq <= seq]
+                # Each event carries its order's table at the time: an h5 is not shown what
+                # happened while the order belonged to another table.
+                result.missed = [msgspec.Raw(m.frame) for m in missed or ()
+                                 if m.seq <= seq and (conn.table_id is None
+                                                        or m.table_id in (None, conn.table_id))]
             self._ok(conn, request, result)
         except BaseException:
             self.hub.unsubscribe(conn, request.channel)
@@ -546,6 +569,15 @@ class Gateway:
                            request.payment_ref)
         out = await self._apply(conn, request.order_id, command)
         self._answer(conn, request, out, lambda r: PaymentResult(**r))
+
+
+def _hello_refused(reason: str, terminal: Terminal | None = None, detail: str = "") -> None:
+    """Count and log a refused hello: why, and who when the token was good; never the token."""
+    metrics.HELLO_REFUSED.labels(reason).inc()
+    extra = {"reason": reason}
+    if terminal is not None:
+        extra.update(store=terminal.store_id, terminal=terminal.terminal_id, role=terminal.role)
+    log.info("hello refused%s", f": {detail}" if detail else "", extra=extra)
 
 
 def _count(request: Request, code: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import secrets
 import time
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import metrics
-from .model import Terminal
+from .model import Terminal, holder_key
 from .wire import direct_writer, text_frame
 
 CLOSE_SLOW_CONSUMER = 4010
@@ -171,21 +172,63 @@ class Connection:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
+class Coalescer:
+    """At most one notice per key in each window, with a bounded memory of what was sent.
+
+    Why state here rather than in the order's record: the notice repeats because a request
+    was refused, and a refusal must not write the record (a phone's refusals would contend
+    with the ERP's writes); and who was told what, when, is delivery, which the hub owns
+    like the rate limit. Keys are kept in the order they were last sent: the oldest are at
+    the front, and go once their window has passed or when the bound is reached (at worst,
+    a notice is then repeated once early)."""
+
+    __slots__ = ("_sent", "max_keys", "window_s")
+
+    def __init__(self, window_s: float, max_keys: int) -> None:
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._sent: dict[tuple[str, str, str], float] = {}
+
+    def admit(self, key: tuple[str, str, str], now: float) -> bool:
+        sent = self._sent
+        last = sent.get(key)
+        if last is not None and now - last < self.window_s:
+            return False
+        sent.pop(key, None)
+        sent[key] = now
+        for oldest, at in list(itertools.islice(sent.items(), 2)):  # amortised: two per call
+            if now - at >= self.window_s or len(sent) > self.max_keys:
+                del sent[oldest]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+
+def _ignore(channel: str) -> None:
+    pass
+
+
 class Hub:
     def __init__(self, max_queue_messages: int = 2_000, max_queue_bytes: int = 4 * 1024 * 1024,
-                 rate_per_s: float = 300.0, rate_burst: float = 600.0) -> None:
+                 rate_per_s: float = 300.0, rate_burst: float = 600.0,
+                 contended_window_ms: int = 2_000, max_coalesced: int = 100_000) -> None:
         self.max_queue_messages = max_queue_messages
         self.max_queue_bytes = max_queue_bytes
         self.rate_per_s = rate_per_s
         self.rate_burst = rate_burst
         self.connections: set[Connection] = set()
         self._subscribers: dict[str, set[Connection]] = {}
-        # A list, not a set: a terminal has one connection or two (64 bytes against 216).
+        # (store, holder_key) -> connections. A list, not a set: a terminal has one connection
+        # or two (64 bytes against 216).
         self._terminals: dict[tuple[str, str], list[Connection]] = {}
         self._authorities: dict[str, list[Connection]] = {}
         self._sessions: dict[str, Session] = {}
         self._per_store: dict[str, int] = {}
         self._fanouts = 0
+        self._notices = Coalescer(contended_window_ms / 1000, max_coalesced)
+        # Told when the last local subscriber of a channel leaves (Backend.channel_idle).
+        self.on_channel_idle: Callable[[str], None] = _ignore
 
     def connection(self, send: AsgiSend) -> Connection:
         conn = Connection(self, send, self.max_queue_messages, self.max_queue_bytes)
@@ -199,7 +242,7 @@ class Hub:
         """Bind an authenticated connection to a new session, or resume a detached one."""
         session = self._sessions.get(resume) if resume else None
         resumed = (session is not None and session.conn is None
-                   and session.terminal.terminal_id == terminal.terminal_id
+                   and holder_key(session.terminal) == holder_key(terminal)
                    and session.terminal.store_id == terminal.store_id)
         if session is None or not resumed:
             session = Session(secrets.token_urlsafe(12), terminal)
@@ -212,7 +255,7 @@ class Hub:
         conn.session = session
         conn.terminal = terminal
         conn.table_id = terminal.table_id if terminal.role == "h5" else None
-        self._terminals.setdefault((terminal.store_id, terminal.terminal_id), []).append(conn)
+        self._terminals.setdefault((terminal.store_id, holder_key(terminal)), []).append(conn)
         self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
         for channel in session.subs:
             self._subscribers.setdefault(channel, set()).add(conn)
@@ -236,7 +279,8 @@ class Hub:
                 subs.discard(conn)
                 if not subs:
                     del self._subscribers[channel]
-        key = (terminal.store_id, terminal.terminal_id)
+                    self.on_channel_idle(channel)
+        key = (terminal.store_id, holder_key(terminal))
         conns = self._terminals.get(key)
         if conns is not None and conn in conns:
             conns.remove(conn)
@@ -257,7 +301,7 @@ class Hub:
                                          session.session_id, None)
 
     def online_connections(self, terminal: Terminal) -> int:
-        return len(self._terminals.get((terminal.store_id, terminal.terminal_id), ()))
+        return len(self._terminals.get((terminal.store_id, holder_key(terminal)), ()))
 
     def store_connections(self, store_id: str) -> int:
         return self._per_store.get(store_id, 0)
@@ -303,6 +347,7 @@ class Hub:
             subs.discard(conn)
             if not subs:
                 del self._subscribers[channel]
+                self.on_channel_idle(channel)
 
     async def expire_tokens(self, every_s: float = 1.0) -> None:
         """Close connections whose token ended (4003), within a second: one pass over the
@@ -361,10 +406,16 @@ class Hub:
             if conn.table_id is None or table_id is None or table_id == conn.table_id:
                 conn.send(text, framed)
 
-    def direct(self, store_id: str, terminal_id: str, text: bytes,
-               unless_on: tuple[str, ...]) -> None:
-        conns = self._terminals.get((store_id, terminal_id))
+    def direct(self, store_id: str, holder: str, text: bytes,
+               unless_on: tuple[str, ...], coalesce: str = "") -> None:
+        """To each connection of the terminal `holder` (its holder_key) on none of `unless_on`."""
+        conns = self._terminals.get((store_id, holder))
         if not conns:
+            return
+        # A requester repeating a refused request tells the holder nothing new: one
+        # `lock.contended` per holder, lock and requester in each window.
+        if coalesce and not self._notices.admit((store_id, holder, coalesce),
+                                                time.monotonic()):
             return
         for conn in conns:
             session = conn.session

@@ -70,6 +70,8 @@ REDIS_EVENTS = Counter("tablelock_redis_events_total",
 SLOW_CONSUMERS = Counter("tablelock_slow_consumers_total",
                          "Connections closed (4010) because their send queue passed its bound")
 RATE_LIMITED = Counter("tablelock_rate_limited_total", "Requests refused RATE_LIMITED")
+HELLO_REFUSED = Counter("tablelock_hello_refused_total",
+                        "Connections refused at hello (or for want of one), by reason", ["reason"])
 EXPIRY_LAG = Histogram("tablelock_expiry_lag_seconds",
                        "How late a lock.expired was published after its deadline",
                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))

@@ -22,6 +22,8 @@ LOCK_KINDS: tuple[LockKind, ...] = ("order", "payment", "presettle")
 # Roles that may repeat a refused request with force: true (PROTOCOL.md section 2).
 FORCING_ROLES = frozenset({"erp_main", "erp_secondary", "manager"})
 ERP_ROLES = frozenset({"erp_main", "erp_secondary"})
+# The largest integer JavaScript reads exactly: the bound of every integer a client sends.
+MAX_SAFE_INT = 2**53 - 1
 
 
 class Terminal(msgspec.Struct, frozen=True, gc=False):
@@ -107,7 +109,7 @@ class OrderRecord(msgspec.Struct, gc=False):
 class Event(msgspec.Struct, omit_defaults=True, gc=False):
     """One state change, before it is numbered on a channel.
 
-    `notify` names the revoked holder of a `lock.forced` or `lock.expired`, who
+    `notify` names (by holder_key) the revoked holder of a `lock.forced` or `lock.expired`, who
     gets a direct copy on connections not subscribed to the order.
     `table_id` lets the hub show an order's events only to its own table's h5.
     """
@@ -138,3 +140,22 @@ class AuditEntry(msgspec.Struct, gc=False):
 
 def holder_of(terminal: Terminal) -> Holder:
     return Holder(terminal.terminal_id, terminal.role, terminal.name)
+
+
+def holder_key(who: Terminal | Holder) -> str:
+    """Who a terminal is, for every "is this the same holder" question: role and sub.
+
+    A token's `sub` alone is not an identity: the platform mints h5 tokens for phones and
+    ERP tokens for tills from different places, and nothing stops a phone's `sub` from
+    equalling a till's. Keyed by `sub` alone, such a phone was the till (it took over the
+    till's order lock as `upgraded`). Refusing the collision instead would need the broker
+    to know every terminal ever issued, which it does not. So holders, presence, the
+    disconnect grace and direct delivery are keyed by role and sub, while `terminal_id`
+    on the wire stays the token's `sub`. A role never contains ':', so the key is
+    unambiguous whatever the sub.
+    """
+    return f"{who.role}:{who.terminal_id}"
+
+
+def same_holder(lock_holder: Holder, who: Terminal | Holder) -> bool:
+    return lock_holder.role == who.role and lock_holder.terminal_id == who.terminal_id

@@ -70,6 +70,8 @@ _PROMPTS: Final[dict[tuple[str, Variant], tuple[str, str]]] = {
 }
 
 ERROR_CODES: Final[frozenset[str]] = frozenset(code for code, _ in _PROMPTS)
+# Every prompt by (code, variant), for the docs (tablelock.docgen).
+PROMPTS: Final = _PROMPTS
 
 
 def prompt(code: str, locale: str, variant: Variant = "") -> str:

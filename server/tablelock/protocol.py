@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Meta
 
 from .model import (
+    MAX_SAFE_INT,
     Action,
     Event,
     Locale,
@@ -29,6 +30,24 @@ PROTOCOL_VERSION = 1
 SUBPROTOCOL = "tablelock.v1"
 MAX_FRAME_BYTES = 64 * 1024
 
+# --- input bounds: one set for the WebSocket and HTTP (http.PaymentBody, path ids) -----------
+
+MAX_ID_CHARS = 128
+MAX_PAYMENT_REF_CHARS = 128
+# Printable: a control character in an id (a newline, say) split the channel list a Redis
+# event carries, and a holder got the same lock.forced both as a channel event and directly.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
+# order_id, table_id, store_id (and a token's sub, store and table: auth.terminal_of).
+Identifier = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=PRINTABLE)]
+# amount_cents, version, token: integers JavaScript reads exactly.
+SafeInt = Annotated[int, Meta(ge=0, le=MAX_SAFE_INT)]
+PaymentRef = Annotated[str, Meta(min_length=1, max_length=MAX_PAYMENT_REF_CHARS)]
+Token = SafeInt
+# `order:<store>:<order>` at the longest.
+Channel = Annotated[str, Meta(min_length=1, max_length=len("order::") + 2 * MAX_ID_CHARS,
+                              pattern=PRINTABLE)]
+
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
 RequestId = int | Annotated[str, Meta(max_length=128)]
 Text = Annotated[str, Meta(max_length=512)]
@@ -41,7 +60,7 @@ class ClientInfo(msgspec.Struct):
 
 class Request(msgspec.Struct, tag_field="type", kw_only=True, gc=False):
     id: RequestId
-    store_id: Name | None = None
+    store_id: Identifier | None = None
 
 
 class Hello(Request, tag="hello"):
@@ -67,36 +86,34 @@ class TokenRefresh(Request, tag="token.refresh"):
 
 
 class Subscribe(Request, tag="subscribe"):
-    channel: Annotated[str, Meta(min_length=1, max_length=300)]
+    channel: Channel
+    # Not bounded: a seq no channel has reached answers `recovered: false` (PROTOCOL.md s. 5).
     since: Annotated[int, Meta(ge=0)] | None = None
 
 
 class Unsubscribe(Request, tag="unsubscribe"):
-    channel: Annotated[str, Meta(min_length=1, max_length=300)]
+    channel: Channel
 
 
 class OrderGet(Request, tag="order.get"):
-    order_id: Name | None = None
-    table_id: Name | None = None
+    order_id: Identifier | None = None
+    table_id: Identifier | None = None
     fresh: bool = False
 
 
 class WireOrder(msgspec.Struct, gc=False):
     """An order as an ERP sends it; validated, then kept as a model.Order."""
 
-    order_id: Name
-    table_id: Name
-    version: Annotated[int, Meta(ge=0, lt=2**53)]
-    amount_cents: Annotated[int, Meta(ge=0, lt=2**53)]
+    order_id: Identifier
+    table_id: Identifier
+    version: SafeInt
+    amount_cents: SafeInt
     items: list[Any] = []
     status: Literal["open", "paid", "closed"] = "open"
 
     def to_order(self) -> Order:
         return Order(self.order_id, self.table_id, self.version, self.amount_cents,
                      self.items, self.status)
-
-
-Token = Annotated[int, Meta(ge=0, lt=2**53)]
 
 
 class OrderPublish(Request, tag="order.publish"):
@@ -109,12 +126,12 @@ class OrderPublish(Request, tag="order.publish"):
 
 
 class CheckRequest(Request, tag="check"):
-    order_id: Name
+    order_id: Identifier
     action: Action
 
 
 class LockAcquire(Request, tag="lock.acquire"):
-    order_id: Name
+    order_id: Identifier
     kind: LockKind
     force: bool = False
     operator: Text | None = None
@@ -122,13 +139,13 @@ class LockAcquire(Request, tag="lock.acquire"):
 
 
 class LockRenew(Request, tag="lock.renew"):
-    order_id: Name
+    order_id: Identifier
     kind: LockKind
     token: Token
 
 
 class LockRelease(Request, tag="lock.release"):
-    order_id: Name
+    order_id: Identifier
     kind: LockKind
     token: Token | None = None
     force: bool = False
@@ -137,10 +154,10 @@ class LockRelease(Request, tag="lock.release"):
 
 
 class PaymentComplete(Request, tag="payment.complete"):
-    order_id: Name
-    version: Annotated[int, Meta(ge=0, lt=2**53)]
-    amount_cents: Annotated[int, Meta(ge=0, lt=2**53)]
-    payment_ref: Name
+    order_id: Identifier
+    version: SafeInt
+    amount_cents: SafeInt
+    payment_ref: PaymentRef
     # Required while strong_link is on; the core answers FENCED without it.
     token: Token | None = None
 
@@ -325,6 +342,31 @@ RESULT_OF_REQUEST: dict[str, type[msgspec.Struct]] = {
 
 # --- events ------------------------------------------------------------------------
 
+# Every event the broker publishes (docs/protocol.md section 6), and every `reason` a
+# `lock.released` carries. tests/test_docs.py fails when the code emits one not listed here.
+EVENT_NAMES: tuple[str, ...] = (
+    "lock.acquired", "lock.released", "lock.expired", "lock.forced", "lock.contended",
+    "order.updated", "order.paid", "terminal.online", "terminal.offline", "config.updated",
+)
+RELEASE_REASONS: tuple[str, ...] = ("released", "upgraded", "paid", "holder_disconnected")
+
+# Every WebSocket close code the broker sends, and what the client should do.
+CLOSE_CODES: dict[int, str] = {
+    1009: "a frame larger than 64 KiB: do not resend it",
+    1012: "the broker is restarting, or events were lost: reconnect (with `resume`) and "
+          "subscribe again with `since`",
+    1013: "the backend could not be reached during `hello`: reconnect after a backoff",
+    4001: "no `hello` within 10 s, or a first frame that is not a valid `hello`",
+    4002: "unsupported protocol version",
+    4003: "authentication failed, the token expired unrefreshed, or a `hello` claimed "
+          "`order_authority` for a role that may not have it",
+    4008: "policy: the connection broke a bound (request rate, control frames, connections "
+          "per process, store or terminal, connections that have not said `hello`)",
+    4010: "slow consumer: the connection's send queue passed its bound; reconnect and "
+          "recover",
+}
+
+
 class EventFrame(msgspec.Struct, omit_defaults=True, gc=False):
     """An event as it goes on the wire: numbered on a channel, or direct."""
 
@@ -393,11 +435,11 @@ def store_channel(store_id: str) -> str:
 def parse_channel(channel: str) -> tuple[str, str | None] | None:
     """(store_id, order_id or None for the store channel), or None if malformed."""
     kind, _, rest = channel.partition(":")
-    if kind == "store" and rest and ":" not in rest:
+    if kind == "store" and rest and ":" not in rest and len(rest) <= MAX_ID_CHARS:
         return rest, None
     if kind == "order":
         store_id, _, order_id = rest.partition(":")
-        if store_id and order_id:
+        if 0 < len(store_id) <= MAX_ID_CHARS and 0 < len(order_id) <= MAX_ID_CHARS:
             return store_id, order_id
     return None
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
+import time
 from collections.abc import Awaitable
 
 import msgspec
 
+from . import metrics
 from .backends.base import Backend, Unavailable
 from .hub import Connection, Hub
-from .model import Order
+from .model import Order, Terminal
 from .protocol import RpcCall, RpcResult, WireOrder, encode
 
 log = logging.getLogger("tablelock.relay")
@@ -40,16 +43,73 @@ class BrokerMessage(msgspec.Struct, omit_defaults=True):
 _broker_decoder = msgspec.json.Decoder(BrokerMessage)
 
 
+class PullLimited(Exception):
+    """The terminal has used up its budget of order pulls: the ERP is not asked."""
+
+
+class PullBudget:
+    """A token bucket of order pulls per terminal (store, terminal id), so that a phone
+    asking for random order ids cannot turn each request into a question to the ERP.
+    Full buckets say nothing a missing one doesn't: they are dropped when the map grows."""
+
+    def __init__(self, rate_per_s: float, burst: int, max_terminals: int = 10_000) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_terminals = max_terminals
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, stamp)
+
+    def take(self, terminal: Terminal, now: float) -> bool:
+        key = (terminal.store_id, terminal.terminal_id)
+        tokens, stamp = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - stamp) * self.rate_per_s)
+        if tokens < 1:
+            return False
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > self.max_terminals:
+            self._forget_full(now)
+        return True
+
+    def _forget_full(self, now: float) -> None:
+        full_after = self.burst / self.rate_per_s if self.rate_per_s > 0 else math.inf
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+
+
 class Relay:
-    def __init__(self, hub: Hub, backend: Backend) -> None:
+    def __init__(self, hub: Hub, backend: Backend, fetch_rate_per_s: float = 1.0,
+                 fetch_burst: int = 20) -> None:
         self._hub = hub
         self._backend = backend
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[Connection | None, asyncio.Future[RpcResult | None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._budget = PullBudget(fetch_rate_per_s, fetch_burst)
+        # (store, params) -> the pull under way: whoever asks the same meanwhile shares it
+        self._inflight: dict[tuple[str, tuple[tuple[str, str], ...]],
+                             asyncio.Future[Order | None]] = {}
         backend.on_broker_message = self._on_broker_message
 
-    async def fetch(self, store_id: str, params: dict[str, str], timeout_ms: int) -> Order | None:
+    async def fetch(self, requester: Terminal, params: dict[str, str],
+                    timeout_ms: int) -> Order | None:
+        """The ERP's latest order for `params`, pulled on behalf of `requester`: a pull of
+        the same order already under way is shared (and costs no budget); otherwise one of
+        the requester's budget is spent, and PullLimited says when it is spent out."""
+        key = (requester.store_id, tuple(sorted(params.items())))
+        pull = self._inflight.get(key)
+        if pull is None:
+            if not self._budget.take(requester, time.monotonic()):
+                metrics.RATE_LIMITED.inc()
+                raise PullLimited
+            pull = self._inflight[key] = asyncio.ensure_future(
+                self._pull(requester.store_id, params, timeout_ms))
+            pull.add_done_callback(lambda done: self._forget(key, done))
+        return await asyncio.shield(pull)
+
+    def _forget(self, key: tuple[str, tuple[tuple[str, str], ...]],
+                pull: asyncio.Future[Order | None]) -> None:
+        if self._inflight.get(key) is pull:
+            del self._inflight[key]
+
+    async def _pull(self, store_id: str, params: dict[str, str], timeout_ms: int) -> Order | None:
         try:
             target = await self._backend.authority(store_id)
             if target is None or target == self._backend.broker_id:

@@ -34,7 +34,9 @@ from .model import (
     Payment,
     StoreConfig,
     Terminal,
+    holder_key,
     holder_of,
+    same_holder,
 )
 
 # --- the lock table ---------------------------------------------------------
@@ -84,6 +86,9 @@ ACTIONS_OF_ROLE: Final[dict[str, frozenset[str]]] = {
     "h5": frozenset({"add_items", "pay"}),
     "service": frozenset(),
 }
+# Who may record a payment (payment.complete): a holder at the counter, or the platform's
+# payment service; never a customer's phone (PROTOCOL.md section 2).
+PAYING_ROLES: Final = frozenset({"erp_main", "erp_secondary", "manager", "service"})
 
 
 # --- commands -----------------------------------------------------------------
@@ -162,7 +167,7 @@ class Context:
     now: int
     config: StoreConfig
     actor: Terminal | None = None
-    # terminal_id -> when its last connection closed, for terminals now offline.
+    # holder_key -> when its last connection closed, for terminals now offline.
     offline: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -182,7 +187,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     refusal: Refusal | None = None
     events: list[Event] = field(default_factory=list)
-    direct: list[tuple[str, Event]] = field(default_factory=list)  # (terminal_id, event)
+    direct: list[tuple[str, Event]] = field(default_factory=list)  # (holder_key, event)
     audit: list[AuditEntry] = field(default_factory=list)
     deadline: int | None = None
     need_fetch: bool = False
@@ -214,7 +219,7 @@ def _copy(rec: OrderRecord) -> OrderRecord:
 def lock_deadline(lock: Lock, ctx: Context) -> tuple[int, str]:
     """When `lock` ends on its own, and why: its TTL, or its holder's grace."""
     if lock.holder.role != "h5":
-        since = ctx.offline.get(lock.holder.terminal_id)
+        since = ctx.offline.get(holder_key(lock.holder))
         if since is not None and since + ctx.config.disconnect_grace_ms <= lock.expires_at:
             return since + ctx.config.disconnect_grace_ms, "holder_disconnected"
     return lock.expires_at, "expired"
@@ -236,7 +241,7 @@ def _expire(rec: OrderRecord, ctx: Context, out: Outcome) -> None:
         out.changed = True
         if why == "expired":
             rec.lapsed[kind] = lock.token
-            _emit(out, rec, ctx, "lock.expired", lock=lock, notify=lock.holder.terminal_id)
+            _emit(out, rec, ctx, "lock.expired", lock=lock, notify=holder_key(lock.holder))
             _audit(out, ctx, "lock.expired", rec, lock.holder, kind=kind, token=lock.token)
         else:
             _emit(out, rec, ctx, "lock.released", lock=lock, reason=why)
@@ -283,7 +288,7 @@ def _blocking(rec: OrderRecord, action: str, actor: Terminal) -> list[tuple[Lock
     found = []
     for kind in BLOCKING_ORDER:
         lock = rec.locks.get(kind)
-        if lock is None or lock.holder.terminal_id == actor.terminal_id:
+        if lock is None or same_holder(lock.holder, actor):
             continue
         cell = row[kind]
         if cell is not None:
@@ -301,6 +306,15 @@ def conflict_refusal(lock: Lock, cell: Cell, actor: Terminal) -> Refusal:
     return Refusal(cell.code, variant, can_force, lock)
 
 
+def coalescing_key(event: Event) -> str:
+    """What makes two direct notices the same news for their terminal: a `lock.contended`
+    is the same while the lock and the requester are ('' for notices never coalesced).
+    How often the same news may reach a holder is the hub's business (Hub.direct)."""
+    if event.event != "lock.contended" or event.lock is None or event.by is None:
+        return ""
+    return f"{event.lock.order_id}\n{event.lock.kind}\n{event.by.terminal_id}"
+
+
 def _resolve_conflicts(rec: OrderRecord, action: str, force: bool, ctx: Context, out: Outcome,
                        operator: str | None, reason: str | None) -> list[Lock] | None:
     """Refuse (returns None) or, when forced, revoke the blocking locks (returns them)."""
@@ -313,13 +327,13 @@ def _resolve_conflicts(rec: OrderRecord, action: str, force: bool, ctx: Context,
     if not force or not cell.can_force:
         out.refusal = conflict_refusal(lock, cell, actor)
         contended = Event("lock.contended", ctx.now, lock=lock, by=actor, action=action)
-        out.direct.append((lock.holder.terminal_id, contended))
+        out.direct.append((holder_key(lock.holder), contended))
         return None
     revoked = []
     for lock, _ in blocking:
         del rec.locks[lock.kind]
         revoked.append(lock)
-        _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=lock.holder.terminal_id)
+        _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=holder_key(lock.holder))
         _audit(out, ctx, "lock.forced", rec, actor, kind=lock.kind, token=lock.token,
                holder=lock.holder, operator=operator, reason=reason)
     out.changed = True
@@ -330,7 +344,7 @@ def _token_refusal(rec: OrderRecord, kind: str, token: int, actor: Terminal | No
     """Check a token written under a lock of `kind`. None: it is the actor's current one."""
     lock = rec.locks.get(kind)
     if lock is not None and lock.token == token:
-        if actor is None or actor.role == "service" or lock.holder.terminal_id == actor.terminal_id:
+        if actor is None or actor.role == "service" or same_holder(lock.holder, actor):
             return None
         return "NOT_HOLDER"
     if rec.lapsed.get(kind) == token:
@@ -396,7 +410,7 @@ def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) 
         out.result = {"enforced": False, "lock": None, "order": rec.order}
         return None
     own = rec.locks.get(cmd.kind)
-    if own is not None and own.holder.terminal_id == actor.terminal_id:
+    if own is not None and same_holder(own.holder, actor):
         if not is_h5:  # re-acquire renews ERP locks, silently
             own = msgspec.structs.replace(own, expires_at=ctx.now + ctx.config.erp_lock_ttl_ms)
             rec.locks[cmd.kind] = own
@@ -416,7 +430,7 @@ def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) 
     released = []
     if cmd.kind == "payment":
         mine = rec.locks.get("order")
-        if mine is not None and mine.holder.terminal_id == actor.terminal_id:
+        if mine is not None and same_holder(mine.holder, actor):
             del rec.locks["order"]
             released.append(mine)
             _emit(out, rec, ctx, "lock.released", lock=mine, reason="upgraded")
@@ -499,19 +513,19 @@ def _release(rec: OrderRecord | None, cmd: Release, ctx: Context, out: Outcome) 
             code = _token_refusal(rec, cmd.kind, cmd.token, actor)
             if code is not None:
                 return _refuse(out, code)
-        elif lock is None or lock.holder.terminal_id != actor.terminal_id:
+        elif lock is None or not same_holder(lock.holder, actor):
             return _refuse(out, "NOT_HOLDER")
     elif lock is None:
         return _refuse(out, "NOT_HOLDER")
     assert lock is not None
     del rec.locks[cmd.kind]
     out.changed = True
-    if lock.holder.terminal_id == actor.terminal_id:
+    if same_holder(lock.holder, actor):
         _emit(out, rec, ctx, "lock.released", lock=lock, reason="released")
         _audit(out, ctx, "lock.released", rec, actor, kind=cmd.kind, token=lock.token,
                reason="released")
     else:
-        _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=lock.holder.terminal_id)
+        _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=holder_key(lock.holder))
         _audit(out, ctx, "lock.forced", rec, actor, kind=cmd.kind, token=lock.token,
                holder=lock.holder, operator=cmd.operator, reason=cmd.reason)
     out.result = {"lock": lock}
@@ -550,14 +564,16 @@ def _publish_token_refusal(rec: OrderRecord, token: int, actor: Terminal) -> str
     """A publish may carry the token of any lock the actor holds on the order."""
     for lock in rec.locks.values():
         if lock.token == token:
-            return None if lock.holder.terminal_id == actor.terminal_id else "NOT_HOLDER"
+            return None if same_holder(lock.holder, actor) else "NOT_HOLDER"
     return "LOCK_EXPIRED" if token in rec.lapsed.values() else "FENCED"
 
 
 def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
-    if actor is not None and actor.role == "h5":
-        return _refuse(out, "FORBIDDEN")  # a phone never records a payment
+    if actor is not None and actor.role not in PAYING_ROLES:
+        # A phone never records a payment (the payment service does, with the phone's
+        # token): refused before anything is read, so it leaves no audit entry either.
+        return _refuse(out, "FORBIDDEN")
     if rec is None:
         return _refuse(out, "NOT_FOUND")
     if rec.payment is not None and rec.payment.payment_ref == cmd.payment_ref:
@@ -568,8 +584,7 @@ def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome
         _refuse(out, code)
         _audit(out, ctx, "payment.rejected", rec, actor, payment_ref=cmd.payment_ref, code=code,
                amount_cents=cmd.amount_cents, version=cmd.version, token=cmd.token)
-        out.changed = True
-        return None
+        return None  # only the audit entry is written: the record stays as it was
     payment = Payment(cmd.token, cmd.amount_cents, cmd.payment_ref, actor)
     order = msgspec.structs.replace(rec.order, status="paid")
     rec.order = order

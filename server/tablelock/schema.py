@@ -17,7 +17,11 @@ from typing import Any
 import msgspec
 
 from . import __version__
+from .prompts import PROMPTS
 from .protocol import (
+    CLOSE_CODES,
+    EVENT_NAMES,
+    RELEASE_REASONS,
     RESULT_OF_REQUEST,
     ClientMessage,
     ErrorReply,
@@ -46,10 +50,12 @@ def build() -> dict[str, Any]:
                           {"type": "null"}]
     subscribe.pop("type", None)
     subscribe.pop("items", None)
+    _add_enumerations(components)
 
     messages: dict[str, Any] = {}
     for req in requests:
         tag = req.__struct_config__.tag
+        assert isinstance(tag, str)
         messages[_msg_name(tag, "request")] = {
             "name": tag, "title": f"{tag} request", "payload": {"$ref": REF + req.__name__}}
         result = RESULT_OF_REQUEST.get(tag)
@@ -93,6 +99,28 @@ def build() -> dict[str, Any]:
         },
         "components": {"messages": messages, "schemas": components},
     }
+
+
+def _add_enumerations(components: dict[str, Any]) -> None:
+    """Name the closed sets the wire types hold as plain strings: event names, release
+    reasons, error codes; and the close codes, which no frame carries."""
+    error_codes = list(dict.fromkeys(code for code, _ in PROMPTS))
+    components["EventName"] = {"type": "string", "enum": list(EVENT_NAMES)}
+    components["ReleaseReason"] = {
+        "type": "string", "enum": list(RELEASE_REASONS),
+        "description": "why a lock.released event ended the lock"}
+    components["ErrorCode"] = {"type": "string", "enum": error_codes}
+    components["CloseCode"] = {
+        "type": "integer", "description": "WebSocket close codes the broker sends",
+        "oneOf": [{"const": code, "description": text}
+                  for code, text in sorted(CLOSE_CODES.items())]}
+    event = components["EventFrame"]["properties"]
+    event["event"] = {"$ref": REF + "EventName"}
+    event["reason"] = {"anyOf": [{"$ref": REF + "ReleaseReason"}, {"type": "null"}],
+                       "default": None}
+    components["ErrorBody"]["properties"]["code"] = {"$ref": REF + "ErrorCode"}
+    components["CheckResult"]["properties"]["code"] = {
+        "anyOf": [{"$ref": REF + "ErrorCode"}, {"type": "null"}], "default": None}
 
 
 def _msg_name(tag: str, suffix: str) -> str:

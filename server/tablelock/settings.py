@@ -22,6 +22,18 @@ class Settings:
     # Requests per second per connection, sustained and in a burst; a busy ERP does ~100.
     rate_per_s: float = 300.0
     rate_burst: float = 600.0
+    # Amplification and growth bounds (docs/security.md): a holder hears of the same
+    # requester refused on the same lock at most once per window; a terminal triggers at
+    # most `fetch_burst` order pulls from the ERP at once, refilled at `fetch_rate_per_s`;
+    # a phone that reconnects within the linger is not said offline and online again; a
+    # terminal keeps at most `max_unhandled_per_terminal` payment rejections unhandled.
+    contended_window_ms: int = 2_000
+    fetch_rate_per_s: float = 1.0
+    fetch_burst: int = 20
+    h5_presence_linger_ms: int = 3_000
+    max_unhandled_per_terminal: int = 100
+    # Redis: seqs given to subscribers of orders not seen yet, kept per store (10 min at most).
+    max_unknown_order_seqs: int = 10_000
     max_connections: int = 50_000
     max_connections_per_store: int = 5_000
     max_connections_per_terminal: int = 16

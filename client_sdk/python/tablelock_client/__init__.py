@@ -5,6 +5,7 @@
         ...  # lock.token fences every write; lock.lost fires if it is taken away
 
 `tablelock_client.sync.connect` is the same for programs that are not asyncio.
+`PaymentService` records a phone's payment over HTTP, as the platform's payment service.
 """
 
 from .client import Client, FetchHandler, connect
@@ -24,6 +25,7 @@ from .errors import (
     NotHolder,
     OrderLocked,
     OrderPaid,
+    OutcomeUnknown,
     PaymentLocked,
     PresettleLocked,
     RateLimited,
@@ -37,6 +39,7 @@ from .locks import LockHandle
 from .mirror import Change, ChangeStream, Mirror, OrderMirror, StoreMirror
 from .model import (
     CheckResult,
+    Contention,
     Holder,
     Lock,
     Order,
@@ -46,6 +49,7 @@ from .model import (
     StoreConfig,
     Terminal,
 )
+from .service import PaymentService
 
 __all__ = [
     "ERRORS",
@@ -57,6 +61,7 @@ __all__ = [
     "ChangeStream",
     "CheckResult",
     "Client",
+    "Contention",
     "Disconnected",
     "ErpUnavailable",
     "Fenced",
@@ -74,9 +79,11 @@ __all__ = [
     "OrderMirror",
     "OrderPaid",
     "OrderView",
+    "OutcomeUnknown",
     "Payment",
     "PaymentLocked",
     "PaymentResult",
+    "PaymentService",
     "PresettleLocked",
     "RateLimited",
     "StaleVersion",

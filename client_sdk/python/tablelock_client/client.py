@@ -12,11 +12,12 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .connection import VERSION, Connection, Frame, TokenSource, now_ms
-from .errors import Disconnected, NotFound, TablelockError
+from .errors import Disconnected, Forbidden, NotFound, OutcomeUnknown, TablelockError
 from .locks import LockHandle
-from .mirror import Change, ChangeStream, Mirror, OrderMirror, StoreMirror
+from .mirror import Change, ChangeSink, ChangeStream, Mirror, OrderMirror, StoreMirror
 from .model import (
     CheckResult,
+    Contention,
     Lock,
     Order,
     OrderView,
@@ -33,6 +34,11 @@ OrderLike = Order | Mapping[str, Any]
 # handler(params) -> the order, or None for "no such order"; params is {order_id} or {table_id}
 FetchHandler = Callable[[dict[str, str]], OrderLike | Awaitable[OrderLike | None] | None]
 M = TypeVar("M", bound=Mirror)
+
+PHONE_NEVER_PAYS = (
+    "A phone never records a payment: it holds the payment lock while the customer pays "
+    "through the payment provider, and the platform's payment service records the payment "
+    "with this lock's token (tablelock_client.PaymentService, role service).")
 
 
 async def connect(url: str, token: TokenSource, *, locale: str | None = None,
@@ -85,7 +91,7 @@ class Client:
         self._unreleased: list[Lock] = []
         self._fetch_handler: FetchHandler | None = None
         self._event_callbacks: list[Callable[[Frame], None]] = []
-        self._event_streams: set[ChangeStream] = set()
+        self._event_streams: set[ChangeSink] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- state ------------------------------------------------------------------------------
@@ -246,7 +252,7 @@ class Client:
         for handles in list(self._handles.values()):
             for handle in handles:
                 by_order.setdefault(handle.order_id, []).append(handle)
-        for order_id, handles in by_order.items():
+        for order_id, held in by_order.items():
             try:
                 view = await self.get_order(order_id)
             except NotFound:
@@ -258,7 +264,7 @@ class Client:
                 continue
             current = {(lock.kind, lock.token) for lock in view.locks}
             paid = view.order is not None and view.order.status == "paid"
-            for handle in handles:
+            for handle in held:
                 if (handle.kind, handle.token) not in current:
                     handle._mark_lost("paid" if paid else "gone")
 
@@ -314,6 +320,9 @@ class Client:
 
     def _lock_event(self, frame: Frame) -> None:
         name = frame.get("event")
+        if name == "lock.contended":
+            self._lock_contended(frame)
+            return
         if name == "lock.forced":
             reason = "forced"
         elif name == "lock.expired":
@@ -325,6 +334,16 @@ class Client:
         lock = frame.get("lock") or {}
         if isinstance(lock.get("token"), int):
             self._lock_ended(str(lock.get("order_id")), lock["token"], reason)
+
+    def _lock_contended(self, frame: Frame) -> None:
+        try:
+            contention = convert(frame, Contention)
+        except ValueError:
+            log.warning("unreadable lock.contended: %.200r", frame)
+            return
+        for handle in list(self._handles.get((contention.lock.order_id,
+                                              contention.lock.token), ())):
+            handle._contended(contention)
 
     def _lock_ended(self, order_id: str, token: int, reason: str) -> None:
         key = (order_id, token)
@@ -405,7 +424,25 @@ class Client:
     async def _request(self, type_: str, **params: Any) -> Frame:
         if self.closed:
             raise Disconnected("the client is closed")
-        return await self._conn.request(type_, params)
+        try:
+            return await self._conn.request(type_, params)
+        except OutcomeUnknown as unknown:
+            # The write may have been applied: read what the broker holds before reporting.
+            order = params.get("order")
+            order_id = params.get("order_id") or (order.get("order_id")
+                                                  if isinstance(order, dict) else None)
+            if order_id:
+                unknown.view = await self._reread(str(order_id))
+            raise
+
+    async def _reread(self, order_id: str) -> OrderView | None:
+        try:
+            return await self.get_order(order_id)
+        except NotFound:
+            return OrderView(None, [])
+        except TablelockError as exc:
+            log.warning("re-reading %s after an unknown outcome: %s", order_id, exc)
+            return None
 
     async def ping(self) -> int:
         """The broker's time (ms since the epoch); also refreshes the clock offset."""
@@ -527,17 +564,32 @@ class Client:
 
     async def complete_payment(self, order_id: str, *, token: int | None, version: int,
                                amount_cents: int, payment_ref: str) -> PaymentResult:
-        """`payment.complete`; retrying with the same `payment_ref` returns the same success."""
-        reply = await self._request("payment.complete", order_id=order_id, token=token,
-                                    version=version, amount_cents=amount_cents,
-                                    payment_ref=payment_ref)
-        result = convert({"order": reply["order"], "payment": reply.get("payment")},
-                         PaymentResult)
-        # Paying ends every lock of the order (reason `paid`), ours included.
-        for (oid, token_), _ in list(self._handles.items()):
+        """`payment.complete`; retrying with the same `payment_ref` returns the same success.
+
+        An ERP or manager holder records its own counter payment here. An `h5`
+        session gets Forbidden at once, without asking the broker: a phone's
+        payment is recorded by the payment service (`PaymentService`).
+        """
+        if self.terminal.role == "h5":
+            raise Forbidden(PHONE_NEVER_PAYS)
+        try:
+            reply = await self._request("payment.complete", order_id=order_id, token=token,
+                                        version=version, amount_cents=amount_cents,
+                                        payment_ref=payment_ref)
+        except OutcomeUnknown as unknown:
+            view = unknown.view
+            if view is not None and view.order is not None and view.order.status == "paid":
+                self._order_paid(order_id)
+            raise
+        self._order_paid(order_id)
+        return convert({"order": reply["order"], "payment": reply.get("payment")},
+                       PaymentResult)
+
+    def _order_paid(self, order_id: str) -> None:
+        """Paying ends every lock of the order (reason `paid`), ours included."""
+        for (oid, token), _ in list(self._handles.items()):
             if oid == order_id:
-                self._lock_ended(oid, token_, "paid")
-        return result
+                self._lock_ended(oid, token, "paid")
 
     # --- helpers ----------------------------------------------------------------------------------
 

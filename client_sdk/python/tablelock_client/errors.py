@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from .model import Holder, Lock
+from .model import Holder, Lock, OrderView
 
 
 class TablelockError(Exception):
@@ -105,6 +105,22 @@ class Unavailable(TablelockError):
     code = "UNAVAILABLE"
 
 
+class OutcomeUnknown(Unavailable):
+    """`UNAVAILABLE` with `"outcome": "unknown"`: a write may or may not have been applied.
+
+    The broker sent the write to its backend and could not learn, within 5 s,
+    whether it took effect. The SDK has already re-read the order (`order.get`)
+    before raising: `view` is what the broker holds now (None if that read
+    failed too). Decide from it, never from the request: e.g. an order that is
+    now `paid`, or a lock of `kind` held by this terminal.
+    """
+
+    def __init__(self, message: str = "", *, view: OrderView | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.view = view
+
+
 class Disconnected(Unavailable):
     """The broker cannot be reached right now (raised locally, never sent by the broker).
 
@@ -128,7 +144,8 @@ def error_from(body: Mapping[str, Any] | None) -> TablelockError:
     code = str(body.get("code") or "ERROR")
     raw_lock = body.get("lock")
     lock = msgspec.convert(raw_lock, Lock) if raw_lock else None
-    cls = ERRORS.get(code)
+    unknown = code == "UNAVAILABLE" and body.get("outcome") == "unknown"
+    cls = OutcomeUnknown if unknown else ERRORS.get(code)
     kwargs: dict[str, Any] = {"can_force": bool(body.get("can_force")), "lock": lock}
     if cls is None:
         return TablelockError(str(body.get("message") or code), code=code, **kwargs)

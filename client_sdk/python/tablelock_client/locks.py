@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import Disconnected, TablelockError
-from .model import Lock, Order, PaymentResult, convert
+from .model import Contention, Lock, Order, PaymentResult, convert
 
 if TYPE_CHECKING:
     from .client import Client
@@ -27,14 +28,19 @@ GONE: dict[str, str] = {
 
 
 class LockHandle:
-    """One lock, taken with `async with client.lock(order_id, kind) as lock:`.
+    """One lock, taken with `async with client.lock(order_id, kind) as lock:`
+    or `lock = await client.lock(order_id, kind)` (then `await lock.release()`).
 
+    A handle that is neither entered nor awaited holds nothing: using it
+    raises RuntimeError, and dropping it warns (like an un-awaited coroutine).
     Entering acquires (raising the typed refusal, e.g. PaymentLocked with
     `can_force`); ERP locks are renewed at a third of their TTL; leaving
     releases with the lock's token. `lost` is set when the lock ends other
     than by this handle's release: `lost_reason` is `forced`, `expired`,
     `released`, `upgraded`, `paid`, `holder_disconnected`, `disconnected`
     (the connection stayed down past the grace), `gone` or `closed`.
+    `on_contended` tells when someone was refused because of this lock (a
+    customer trying to pay while the cashier holds it, say).
     """
 
     def __init__(self, client: Client, order_id: str, kind: str, *, force: bool = False,
@@ -53,17 +59,36 @@ class LockHandle:
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
         self._state = "new"  # new -> held -> released | lost
+        self._tried = False  # acquire was called (a refusal leaves the state "new")
         self._renewer: asyncio.Task[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._callbacks: list[Callable[[LockHandle], None]] = []
+        self._contended_callbacks: list[Callable[[Contention], None]] = []
 
     def __repr__(self) -> str:
-        return (f"<LockHandle {self.order_id}/{self.kind} token={self.token} "
-                f"state={self._state}>")
+        token = self.lock.token if self.lock is not None else None
+        return f"<LockHandle {self.order_id}/{self.kind} token={token} state={self._state}>"
+
+    def __del__(self) -> None:
+        if not getattr(self, "_tried", True):
+            warnings.warn(f"the lock {self.order_id}/{self.kind} was never acquired: use "
+                          "`async with client.lock(...)` or `await client.lock(...)`",
+                          RuntimeWarning, stacklevel=2)
+
+    def _require_acquired(self) -> None:
+        if self._state == "new":
+            raise RuntimeError(f"the lock {self.order_id}/{self.kind} was not acquired: use "
+                               "`async with client.lock(...) as lock` or "
+                               "`lock = await client.lock(...)`")
 
     @property
     def token(self) -> int | None:
-        """The fencing token: every write made under this lock carries it."""
+        """The fencing token: every write made under this lock carries it.
+
+        None when the broker enforces nothing (`strong_link` off); RuntimeError
+        on a handle that was never acquired.
+        """
+        self._require_acquired()
         return self.lock.token if self.lock is not None else None
 
     @property
@@ -83,6 +108,17 @@ class LockHandle:
         else:
             self._callbacks.append(callback)
 
+    def on_contended(self, callback: Callable[[Contention], None]) -> Callable[[], None]:
+        """Call `callback(contention)` whenever someone is refused because of this lock.
+
+        The broker sends `lock.contended` to the holder alone (coalesced per
+        requester), so that a cashier sees a customer trying to pay. Returns a
+        function that stops the calls.
+        """
+        self._contended_callbacks.append(callback)
+        return lambda: (self._contended_callbacks.remove(callback)
+                        if callback in self._contended_callbacks else None)
+
     # --- acquire and release ---------------------------------------------------------------
 
     async def acquire(self) -> LockHandle:
@@ -90,6 +126,7 @@ class LockHandle:
             return self
         if self._state != "new":
             raise RuntimeError("a lock handle is used once: call client.lock() again")
+        self._tried = True
         reply = await self._client._request(
             "lock.acquire", order_id=self.order_id, kind=self.kind,
             force=True if self.force else None, operator=self.operator, reason=self.reason)
@@ -110,6 +147,7 @@ class LockHandle:
 
     async def release(self) -> None:
         """Release the lock with its token. Idempotent; a lock already gone is not an error."""
+        self._require_acquired()
         if self._state != "held":
             return
         self._finish("released")
@@ -127,6 +165,7 @@ class LockHandle:
 
     async def renew(self) -> Lock | None:
         """Renew now (the handle does this by itself for ERP locks)."""
+        self._require_acquired()
         if self.lock is None:
             return None
         lock = await self._client.renew(self.order_id, self.kind, self.lock.token)
@@ -138,7 +177,12 @@ class LockHandle:
 
     async def complete_payment(self, payment_ref: str, *, version: int | None = None,
                                amount_cents: int | None = None) -> PaymentResult:
-        """`payment.complete` under this lock, at the order's version and amount by default."""
+        """`payment.complete` under this lock, at the order's version and amount by default.
+
+        For an ERP or manager holder. A phone (`h5`) gets Forbidden: the payment
+        service records its payment (`PaymentService`).
+        """
+        self._require_acquired()
         if self.order is None and (version is None or amount_cents is None):
             raise ValueError("version and amount_cents are needed: the order is not known")
         return await self._client.complete_payment(
@@ -181,6 +225,13 @@ class LockHandle:
                 callback(self)
             except Exception:
                 log.exception("lost callback failed")
+
+    def _contended(self, contention: Contention) -> None:
+        for callback in list(self._contended_callbacks):
+            try:
+                callback(contention)
+            except Exception:
+                log.exception("contended callback failed")
 
     def _connection_down(self) -> None:
         """Start the clock: past the grace (ERP) or the TTL (h5) the lock is gone."""

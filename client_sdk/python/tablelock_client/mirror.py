@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .model import Lock, Order, StoreConfig, Terminal, convert
 
@@ -37,10 +37,16 @@ class Change:
     frame: Mapping[str, Any] | None = None
 
 
+class ChangeSink(Protocol):
+    """Where a mirror (or the client) puts its changes; None means "no more"."""
+
+    def _put(self, change: Change | None) -> None: ...
+
+
 class ChangeStream:
     """An async iterator of a mirror's changes, from the moment it was created."""
 
-    def __init__(self, streams: set[ChangeStream]) -> None:
+    def __init__(self, streams: set[ChangeSink]) -> None:
         self._queue: asyncio.Queue[Change | None] = asyncio.Queue()
         self._streams = streams
         streams.add(self)
@@ -76,7 +82,7 @@ class Mirror:
         self._buffer: list[Frame] = []
         self._fresh = asyncio.Event()
         self._callbacks: list[Callable[[Change], None]] = []
-        self._streams: set[ChangeStream] = set()
+        self._streams: set[ChangeSink] = set()
 
     # --- for applications ---------------------------------------------------------------
 

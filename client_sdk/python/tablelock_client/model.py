@@ -6,7 +6,7 @@ Unknown fields are ignored on decode, so a newer broker that adds fields
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
@@ -81,6 +81,14 @@ class PaymentResult(msgspec.Struct):
     payment: Payment | None = None
 
 
+class Contention(msgspec.Struct, frozen=True):
+    """`lock.contended`: `by` was refused `action` because of `lock`, which we hold."""
+
+    lock: Lock
+    by: Terminal
+    action: str = ""
+
+
 class CheckResult(msgspec.Struct):
     """`check`: whether `action` would be allowed now, and if not, why."""
 
@@ -102,7 +110,10 @@ class CheckResult(msgspec.Struct):
                            "lock": msgspec.to_builtins(self.lock) if self.lock else None})
 
 
-def convert(value: Any, type_: type[Any]) -> Any:
+T = TypeVar("T")
+
+
+def convert(value: Any, type_: type[T]) -> T:
     """Decode a piece of a JSON frame into one of the structs above."""
     return msgspec.convert(value, type_)
 

@@ -8,17 +8,27 @@ reconnects and `order.fetch` answers go on in the background meanwhile.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .client import Client, FetchHandler, OrderLike
 from .client import connect as _aconnect
-from .connection import TokenSource
+from .connection import Frame, TokenSource
 from .locks import LockHandle
-from .mirror import Mirror
-from .model import CheckResult, Lock, Order, OrderView, PaymentResult, StoreConfig, Terminal
+from .mirror import Change, ChangeSink, Mirror, OrderMirror, StoreMirror
+from .model import (
+    CheckResult,
+    Contention,
+    Lock,
+    Order,
+    OrderView,
+    PaymentResult,
+    StoreConfig,
+    Terminal,
+)
 
 T = TypeVar("T")
 
@@ -74,6 +84,17 @@ class SyncClient:
                                "use the asyncio client there")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def _stop_on_loop(self, stop: Callable[[], None]) -> None:
+        """Call a callback's stop function on the loop, without waiting (callbacks may)."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(stop)
+
+    def _on_loop(self, action: Callable[[], T]) -> T:
+        """Run `action` on the client's loop, where the mirrors and handles live."""
+        async def run() -> T:
+            return action()
+        return self._call(run())
+
     @property
     def terminal(self) -> Terminal:
         return self.client.terminal
@@ -89,6 +110,10 @@ class SyncClient:
     @property
     def stale(self) -> bool:
         return self.client.stale
+
+    def wait_fresh(self, timeout: float | None = None) -> None:
+        """Block until connected and every mirror is live again."""
+        self._call(self.client.wait_fresh(timeout))
 
     def close(self) -> None:
         """Release held locks, close, and stop the background thread."""
@@ -148,23 +173,163 @@ class SyncClient:
         return self._call(self.client.release(order_id, kind, token, force=force,
                                               operator=operator, reason=reason))
 
-    def subscribe(self, channel: str) -> Mirror:
-        """The channel's mirror; read its attributes, they are updated in the background."""
-        return self._call(self.client.subscribe(channel))
+    def subscribe(self, channel: str) -> SyncOrderMirror | SyncStoreMirror:
+        """The channel's live mirror (the same one if already subscribed)."""
+        return self._wrap(self._call(self.client.subscribe(channel)))
+
+    def subscribe_order(self, order_id: str) -> SyncOrderMirror:
+        return SyncOrderMirror(self, self._call(self.client.subscribe_order(order_id)))
+
+    def subscribe_store(self) -> SyncStoreMirror:
+        return SyncStoreMirror(self, self._call(self.client.subscribe_store()))
+
+    def mirror(self, channel: str) -> SyncOrderMirror | SyncStoreMirror | None:
+        """The mirror of a subscribed channel, or None."""
+        mirror = self._on_loop(lambda: self.client.mirror(channel))
+        return self._wrap(mirror) if mirror is not None else None
+
+    def _wrap(self, mirror: Mirror) -> SyncOrderMirror | SyncStoreMirror:
+        if isinstance(mirror, StoreMirror):
+            return SyncStoreMirror(self, mirror)
+        assert isinstance(mirror, OrderMirror)
+        return SyncOrderMirror(self, mirror)
 
     def unsubscribe(self, channel: str) -> None:
         self._call(self.client.unsubscribe(channel))
 
+    def on_event(self, callback: Callable[[Frame], None]) -> Callable[[], None]:
+        """Call `callback(frame)` for every raw event frame, on the client's thread.
+
+        Keep it short (hand work to your own thread): it runs where the socket
+        is read. Returns a function that stops the calls.
+        """
+        stop = self._on_loop(lambda: self.client.on_event(callback))
+        return lambda: self._stop_on_loop(stop)
+
+    def events(self) -> BlockingChangeStream:
+        """`for change in client.events():` every raw event frame, as a Change."""
+        return BlockingChangeStream(self, self.client._event_streams)
+
     def lock(self, order_id: str, kind: str, *, force: bool = False,
              operator: str | None = None, reason: str | None = None) -> SyncLock:
-        """`with client.lock(order_id, "payment") as lock:` acquires, renews, releases."""
+        """Take the lock now (raising the typed refusal) and return its handle.
+
+        `with client.lock(order_id, "payment") as lock:` releases it on leaving;
+        `lock = client.lock(...)` holds it until `lock.release()`. ERP locks are
+        renewed in the background meanwhile.
+        """
         return SyncLock(self, self.client.lock(order_id, kind, force=force, operator=operator,
-                                               reason=reason))
+                                               reason=reason)).acquire()
 
     def acquire(self, order_id: str, kind: str, *, force: bool = False,
                 operator: str | None = None, reason: str | None = None) -> SyncLock:
-        return self.lock(order_id, kind, force=force, operator=operator,
-                         reason=reason).acquire()
+        """The same as `lock()`."""
+        return self.lock(order_id, kind, force=force, operator=operator, reason=reason)
+
+
+class BlockingChangeStream:
+    """`for change in stream:` on any thread; it ends when the mirror or the client closes."""
+
+    def __init__(self, owner: SyncClient, sinks: set[ChangeSink]) -> None:
+        self._owner = owner
+        self._sinks = sinks
+        self._queue: queue.SimpleQueue[Change | None] = queue.SimpleQueue()
+        owner._on_loop(lambda: sinks.add(self))
+
+    def _put(self, change: Change | None) -> None:
+        self._queue.put(change)
+
+    def get(self, timeout: float | None = None) -> Change:
+        """The next change; TimeoutError if none comes within `timeout` s."""
+        try:
+            change = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no change within {timeout} s") from None
+        if change is None:
+            self._queue.put(None)  # the stream stays ended
+            raise StopIteration
+        return change
+
+    def __iter__(self) -> BlockingChangeStream:
+        return self
+
+    def __next__(self) -> Change:
+        return self.get()
+
+    def close(self) -> None:
+        self._owner._loop.call_soon_threadsafe(self._sinks.discard, self)
+
+
+class SyncMirror:
+    """A live mirror for threads. Reads are copies taken on the client's loop, so each is
+    consistent; the mirror itself is updated there in the background."""
+
+    def __init__(self, owner: SyncClient, mirror: Mirror) -> None:
+        self._owner = owner
+        self.mirror = mirror  # the asyncio mirror underneath
+        self.channel = mirror.channel
+
+    @property
+    def seq(self) -> int:
+        return self.mirror.seq
+
+    @property
+    def stale(self) -> bool:
+        return self.mirror.stale
+
+    def on_change(self, callback: Callable[[Change], None]) -> Callable[[], None]:
+        """Call `callback(change)` on every change, on the client's thread; returns a stop."""
+        stop = self._owner._on_loop(lambda: self.mirror.on_change(callback))
+        return lambda: self._owner._stop_on_loop(stop)
+
+    def changes(self) -> BlockingChangeStream:
+        """`for change in mirror.changes():` every change from now on."""
+        return BlockingChangeStream(self._owner, self.mirror._streams)
+
+    def wait_fresh(self, timeout: float | None = None) -> None:
+        self._owner._call(self.mirror.wait_fresh(timeout))
+
+
+class SyncOrderMirror(SyncMirror):
+    """`order:<store>:<order>`: the order (None until the ERP publishes it) and its locks."""
+
+    mirror: OrderMirror
+
+    @property
+    def order(self) -> Order | None:
+        return self.mirror.order
+
+    @property
+    def locks(self) -> dict[str, Lock]:
+        """kind -> lock."""
+        return self._owner._on_loop(lambda: dict(self.mirror.locks))
+
+
+class SyncStoreMirror(SyncMirror):
+    """`store:<store>`: every open order, their locks, the online terminals and the config."""
+
+    mirror: StoreMirror
+
+    @property
+    def orders(self) -> dict[str, Order]:
+        return self._owner._on_loop(lambda: dict(self.mirror.orders))
+
+    @property
+    def locks(self) -> dict[tuple[str, str], Lock]:
+        """(order_id, kind) -> lock."""
+        return self._owner._on_loop(lambda: dict(self.mirror.locks))
+
+    @property
+    def terminals(self) -> dict[str, Terminal]:
+        return self._owner._on_loop(lambda: dict(self.mirror.terminals))
+
+    @property
+    def config(self) -> StoreConfig | None:
+        return self.mirror.config
+
+    def locks_of(self, order_id: str) -> dict[str, Lock]:
+        """The locks of one order, by kind."""
+        return self._owner._on_loop(lambda: self.mirror.locks_of(order_id))
 
 
 class SyncLock:
@@ -174,6 +339,7 @@ class SyncLock:
         self._owner = owner
         self.handle = handle
         self.lost = threading.Event()
+        self._watching = False
 
     @property
     def token(self) -> int | None:
@@ -196,11 +362,20 @@ class SyncLock:
         return self.handle.lost_reason
 
     def acquire(self) -> SyncLock:
+        """Take the lock if not held yet (`client.lock()` already did)."""
         async def take() -> None:
             await self.handle.acquire()
-            self.handle.add_lost_callback(lambda _: self.lost.set())
+            if not self._watching:
+                self._watching = True
+                self.handle.add_lost_callback(lambda _: self.lost.set())
         self._owner._call(take())
         return self
+
+    def on_contended(self, callback: Callable[[Contention], None]) -> Callable[[], None]:
+        """Call `callback(contention)`, on the client's thread, whenever someone is refused
+        because of this lock; returns a function that stops the calls."""
+        stop = self._owner._on_loop(lambda: self.handle.on_contended(callback))
+        return lambda: self._owner._stop_on_loop(stop)
 
     def release(self) -> None:
         self._owner._call(self.handle.release())
@@ -211,7 +386,7 @@ class SyncLock:
             payment_ref, version=version, amount_cents=amount_cents))
 
     def __enter__(self) -> SyncLock:
-        return self.acquire()
+        return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

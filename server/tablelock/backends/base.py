@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
+import msgspec
+
 from .. import metrics
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..rules import Command, Outcome, ReleaseAll, patch_config
@@ -47,9 +49,11 @@ class EventSink(Protocol):
         """Fan a numbered frame out; `table_id` hides an order's events from other tables' h5."""
         ...
 
-    def direct(self, store_id: str, terminal_id: str, frame: bytes,
-               unless_on: tuple[str, ...]) -> None:
-        """Send to each connection of the terminal subscribed to none of `unless_on`."""
+    def direct(self, store_id: str, holder: str, frame: bytes,
+               unless_on: tuple[str, ...], coalesce: str = "") -> None:
+        """Send to each connection of the terminal `holder` (model.holder_key) subscribed to
+        none of `unless_on`; `coalesce` (rules.coalescing_key) names repeated news the sink
+        may drop."""
         ...
 
     def has_subscribers(self, channel: str) -> bool: ...
@@ -151,6 +155,9 @@ class Backend(abc.ABC):
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         """(seq, snapshot) of a channel, consistent with each other."""
 
+    def channel_idle(self, channel: str) -> None:  # noqa: B027 - optional hook
+        """The last local subscriber of `channel` left: what only it kept may go."""
+
     @abc.abstractmethod
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         """The events after `since`, or None when the history no longer reaches back."""
@@ -191,6 +198,22 @@ class Backend(abc.ABC):
             for order_id in await self.order_ids(store_id):
                 await self.apply(store_id, order_id, ReleaseAll(), None)
         return new
+
+
+def unhandled_for(entry: AuditEntry) -> str:
+    """The terminal ('role|terminal_id') an entry stays unhandled for, or '' for an entry
+    that is never marked handled. Each terminal keeps a bounded number unhandled."""
+    if entry.handled is not False:
+        return ""
+    who = entry.terminal
+    return f"{who.role}|{who.terminal_id}" if who is not None else "|"
+
+
+def untracked(entry: AuditEntry) -> AuditEntry:
+    """What is logged instead of an unhandled entry past its terminal's bound: an ordinary
+    entry (the audit log's own bound evicts it), saying it was not kept to be handled."""
+    return msgspec.structs.replace(entry, handled=None,
+                                   detail={**entry.detail, "untracked": True})
 
 
 def best_for_table(records: Iterable[OrderRecord], table_id: str) -> OrderRecord | None:

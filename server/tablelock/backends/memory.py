@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
+from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -28,8 +28,16 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, step
-from .base import Backend, Numbered, best_for_table, first_seq, observe
+from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
+from .base import (
+    Backend,
+    Numbered,
+    best_for_table,
+    first_seq,
+    observe,
+    unhandled_for,
+    untracked,
+)
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 _NONE: frozenset[str] = frozenset()
@@ -128,11 +136,12 @@ class StoreAudit:
     Entries are kept encoded: bytes cost the garbage collector nothing, and the log is
     read far less often than it is written."""
 
-    __slots__ = ("entries", "unhandled")
+    __slots__ = ("entries", "unhandled", "unhandled_by")
 
     def __init__(self, size: int) -> None:
         self.entries: deque[bytes] = deque(maxlen=size)
         self.unhandled: dict[str, bytes] = {}
+        self.unhandled_by: dict[str, int] = {}  # terminal (base.unhandled_for) -> how many
 
 
 _audit_encoder = msgspec.json.Encoder()
@@ -140,18 +149,26 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 
 
 class MemoryBackend(Backend):
-    def __init__(self, history_size: int = 512, audit_size: int = 10_000) -> None:
+    def __init__(self, history_size: int = 512, audit_size: int = 10_000,
+                 h5_presence_linger_ms: int = 3_000, max_unhandled_per_terminal: int = 100,
+                 ) -> None:
         self.clock = MonotonicClock()
+        self._linger_s = h5_presence_linger_ms / 1000
+        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._max_unhandled = max_unhandled_per_terminal
         self._history_size = history_size
         self._audit_size = audit_size
         self._records: dict[OrderKey, OrderRecord] = {}
         self._orders_of_store: dict[str, set[str]] = {}
+        # (store, table) -> its orders: order.get by table_id reads a table's, not a store's
+        self._orders_of_table: dict[tuple[str, str], set[str]] = {}
         self._deadlines = Deadlines(self.clock, self._wake)
         self._channels: dict[str, Channel] = {}
         self._configs: dict[str, StoreConfig] = {}
+        # Terminals by store and holder_key (role and sub: model.holder_key says why).
         self._online: dict[str, dict[str, tuple[Terminal, int]]] = {}
         self._offline: dict[str, dict[str, int]] = {}
-        self._holdings: dict[tuple[str, str], set[str]] = {}  # (store, terminal) -> orders
+        self._holdings: dict[tuple[str, str], set[str]] = {}  # (store, holder) -> orders
         self._audit: dict[str, StoreAudit] = {}
         self._audit_seq = 0
         self._default_config = StoreConfig()
@@ -192,18 +209,29 @@ class MemoryBackend(Backend):
         else:
             self._records[key] = after
             self._orders_of_store.setdefault(store_id, set()).add(order_id)
-        old = {lock.holder.terminal_id for lock in before.locks.values()} if before else _NONE
-        new = {lock.holder.terminal_id for lock in after.locks.values()} if after else _NONE
+        old_table = before.order.table_id if before is not None else None
+        new_table = after.order.table_id if after is not None else None
+        if old_table != new_table:  # the table index follows the record
+            if old_table is not None:
+                orders = self._orders_of_table.get((store_id, old_table))
+                if orders is not None:
+                    orders.discard(order_id)
+                    if not orders:
+                        del self._orders_of_table[(store_id, old_table)]
+            if new_table is not None:
+                self._orders_of_table.setdefault((store_id, new_table), set()).add(order_id)
+        old = {holder_key(lock.holder) for lock in before.locks.values()} if before else _NONE
+        new = {holder_key(lock.holder) for lock in after.locks.values()} if after else _NONE
         if old == new:
             return
-        for terminal_id in old - new:
-            held = self._holdings.get((store_id, terminal_id))
+        for holder in old - new:
+            held = self._holdings.get((store_id, holder))
             if held is not None:
                 held.discard(order_id)
                 if not held:
-                    del self._holdings[(store_id, terminal_id)]
-        for terminal_id in new - old:
-            self._holdings.setdefault((store_id, terminal_id), set()).add(order_id)
+                    del self._holdings[(store_id, holder)]
+        for holder in new - old:
+            self._holdings.setdefault((store_id, holder), set()).add(order_id)
 
     def _publish(self, store_id: str, order_id: str, out: Outcome) -> None:
         if out.events:
@@ -215,8 +243,9 @@ class MemoryBackend(Backend):
                 if event.notify is not None:
                     self.sink.direct(store_id, event.notify, direct_frame(event),
                                      channels)
-        for terminal_id, event in out.direct:
-            self.sink.direct(store_id, terminal_id, direct_frame(event), ())
+        for holder, event in out.direct:
+            self.sink.direct(store_id, holder, direct_frame(event), (),
+                             coalescing_key(event))
         if out.audit:
             self._append_audit(store_id, out.audit)
 
@@ -261,7 +290,7 @@ class MemoryBackend(Backend):
         return self._records.get((store_id, order_id))
 
     async def find_order(self, store_id: str, table_id: str) -> str | None:
-        order_ids = self._orders_of_store.get(store_id, ())
+        order_ids = self._orders_of_table.get((store_id, table_id), ())
         best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
         return best.order_id if best else None
 
@@ -284,6 +313,13 @@ class MemoryBackend(Backend):
             snap = StoreSnapshot(orders, locks, terminals)
         return self._channel(channel).seq, snap
 
+    def channel_idle(self, channel: str) -> None:
+        """An order channel numbers nothing until its order exists: one subscribed to for an
+        order never seen goes with its last subscriber (a new one starts from the clock)."""
+        parsed = parse_channel(channel)
+        if parsed is not None and parsed[1] is not None and (parsed not in self._records):
+            self._channels.pop(channel, None)
+
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)
         if found is None:
@@ -303,12 +339,16 @@ class MemoryBackend(Backend):
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         online = self._online.setdefault(terminal.store_id, {})
-        entry = online.get(terminal.terminal_id)
-        if entry is not None:
-            online[terminal.terminal_id] = (entry[0], entry[1] + 1)
+        key = holder_key(terminal)
+        entry = online.get(key)
+        if entry is not None:  # another connection, or a phone back within its linger
+            online[key] = (entry[0], entry[1] + 1)
+            lingering = self._lingering.pop((terminal.store_id, key), None)
+            if lingering is not None:
+                lingering.cancel()
             return
-        online[terminal.terminal_id] = (terminal, 1)
-        was_offline = self._offline.get(terminal.store_id, {}).pop(terminal.terminal_id, None)
+        online[key] = (terminal, 1)
+        was_offline = self._offline.get(terminal.store_id, {}).pop(key, None)
         self._number(store_channel(terminal.store_id),
                      event_body(Event("terminal.online", self.clock.now(), terminal=terminal)))
         if was_offline is not None:
@@ -316,22 +356,43 @@ class MemoryBackend(Backend):
 
     async def terminal_down(self, terminal: Terminal) -> None:
         online = self._online.get(terminal.store_id, {})
-        entry = online.get(terminal.terminal_id)
+        key = holder_key(terminal)
+        entry = online.get(key)
         if entry is None:
             return
         if entry[1] > 1:
-            online[terminal.terminal_id] = (entry[0], entry[1] - 1)
+            online[key] = (entry[0], entry[1] - 1)
             return
-        del online[terminal.terminal_id]
+        if terminal.role == "h5" and self._linger_s > 0:
+            # A phone's page reloads and its network comes and goes: it is said offline
+            # only once it stayed away for the linger, so that a phone reconnecting in a
+            # loop cannot flush the store channel's history with presence.
+            online[key] = (entry[0], 0)
+            self._lingering[(terminal.store_id, key)] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_ended, terminal)
+            return
+        self._went_offline(terminal)
+
+    def _linger_ended(self, terminal: Terminal) -> None:
+        key = holder_key(terminal)
+        self._lingering.pop((terminal.store_id, key), None)
+        entry = self._online.get(terminal.store_id, {}).get(key)
+        if entry is not None and entry[1] == 0:
+            self._went_offline(terminal)
+
+    def _went_offline(self, terminal: Terminal) -> None:
+        online = self._online.get(terminal.store_id, {})
+        key = holder_key(terminal)
+        entry = online.pop(key)
         now = self.clock.now()
         if terminal.role != "h5":  # an h5 lock ends only at its TTL
-            self._offline.setdefault(terminal.store_id, {})[terminal.terminal_id] = now
+            self._offline.setdefault(terminal.store_id, {})[key] = now
         self._number(store_channel(terminal.store_id),
                      event_body(Event("terminal.offline", now, terminal=entry[0])))
         self._retick(terminal.store_id, self._held_by(terminal))
 
     def _held_by(self, terminal: Terminal) -> set[str]:
-        return set(self._holdings.get((terminal.store_id, terminal.terminal_id), ()))
+        return set(self._holdings.get((terminal.store_id, holder_key(terminal)), ()))
 
     async def online_terminals(self, store_id: str) -> list[Terminal]:
         return [t for t, _ in self._online.get(store_id, {}).values()]
@@ -344,11 +405,15 @@ class MemoryBackend(Backend):
             log = self._audit[store_id] = StoreAudit(self._audit_size)
         for entry in entries:
             self._audit_seq += 1
+            pin = unhandled_for(entry)
+            if pin and log.unhandled_by.get(pin, 0) >= self._max_unhandled:
+                entry, pin = untracked(entry), ""
             entry.id = str(self._audit_seq)
             raw = _audit_encoder.encode(entry)
             log.entries.append(raw)
-            if entry.handled is False:
+            if pin:
                 log.unhandled[entry.id] = raw
+                log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
 
     def _entries(self, log: StoreAudit) -> list[AuditEntry]:
         """Every kept entry, newest first; evicted but unhandled ones stay listed."""
@@ -373,6 +438,13 @@ class MemoryBackend(Backend):
         log = self._audit.get(store_id)
         if log is None:
             return False
-        if log.unhandled.pop(entry_id, None) is not None:
+        raw = log.unhandled.pop(entry_id, None)
+        if raw is not None:
+            pin = unhandled_for(_audit_decoder.decode(raw))
+            left = log.unhandled_by.get(pin, 1) - 1
+            if left > 0:
+                log.unhandled_by[pin] = left
+            else:
+                log.unhandled_by.pop(pin, None)
             return True
         return any(entry.id == entry_id for entry in self._entries(log))

@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import metrics
-from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
+from ..model import MAX_SAFE_INT, AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -48,14 +48,24 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, step
+from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
 from . import redis_lua
-from .base import Backend, Numbered, Unavailable, best_for_table, observe
+from .base import (
+    Backend,
+    Numbered,
+    Unavailable,
+    best_for_table,
+    observe,
+    unhandled_for,
+    untracked,
+)
 
 log = logging.getLogger("tablelock.redis")
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 16
+# How long the seq given to a subscriber of an order not seen yet is kept for the order.
+UNCLAIMED_SEQ_MS = 600_000
 CALL_TIMEOUT_S = 0.9  # a lock request is answered UNAVAILABLE within 1 s, never left hanging
 
 _record_decoder = msgspec.msgpack.Decoder(OrderRecord)
@@ -65,7 +75,8 @@ _config_decoder = msgspec.json.Decoder(StoreConfig)
 _audit_decoder = msgspec.json.Decoder(AuditEntry)
 PubEntry = tuple[int, str, str, str, str, str, str]  # kind, channel, seq, frame, ...
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
-_STREAM_ID = re.compile(r"^\d+-\d+$")
+# Each part of a stream id is below 2^64: 19 digits always are, and ours are milliseconds.
+_STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")
 
 
 class Keys:
@@ -73,7 +84,7 @@ class Keys:
 
     __slots__ = ("audit", "auths", "conns", "due", "hist_store", "orders", "prefix", "pubsub",
                  "seqs", "state", "store_channel", "store_channel_json", "store_id", "terms",
-                 "unhandled")
+                 "unclaimed_seqs", "unhandled", "unhandled_count")
 
     def __init__(self, prefix: str, store_id: str) -> None:
         tag = f"{prefix}{{store:{store_id}}}"
@@ -81,11 +92,13 @@ class Keys:
         self.prefix = tag
         self.state = f"{tag}:state"
         self.seqs = f"{tag}:seq"
+        self.unclaimed_seqs = f"{tag}:seq-unclaimed"
         self.due = f"{tag}:due"
         self.orders = f"{tag}:orders"
         self.hist_store = f"{tag}:h:store"
         self.audit = f"{tag}:audit"
         self.unhandled = f"{tag}:unhandled"
+        self.unhandled_count = f"{tag}:unhandled-count"
         self.terms = f"{tag}:terms"
         self.conns = f"{tag}:conns"
         self.auths = f"{tag}:auths"
@@ -95,6 +108,10 @@ class Keys:
 
     def record(self, order_id: str) -> str:
         return f"{self.prefix}:o:{order_id}"
+
+    def table(self, table_id: str) -> str:
+        """The ids of the orders of a table (the index behind order.get by table_id)."""
+        return f"{self.prefix}:t:{table_id}"
 
     def hist_order(self, order_id: str) -> str:
         return f"{self.prefix}:h:o:{order_id}"
@@ -157,8 +174,15 @@ def connect(url: str) -> tuple[Any, bool]:
 class RedisBackend(Backend):
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
-                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0) -> None:
+                 heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
+                 max_unclaimed_seqs: int = 10_000, h5_presence_linger_ms: int = 3_000,
+                 max_unhandled_per_terminal: int = 100) -> None:
         self.url = url
+        self._linger_s = h5_presence_linger_ms / 1000
+        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._linger_tasks: set[asyncio.Task[None]] = set()
+        self._max_unhandled = max_unhandled_per_terminal
+        self._max_unclaimed_seqs = max_unclaimed_seqs
         self.broker_id = secrets.token_hex(6)
         self._prefix = prefix
         self._history_size = history_size
@@ -171,12 +195,13 @@ class RedisBackend(Backend):
         self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
-                                      "SNAPSHOT_ORDER")}
+                                      "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS")}
         self._keys: dict[str, Keys] = {}
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
         self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
         self._stores_heard: dict[str, int] = {}  # store -> local connections (pub/sub interest)
+        # Presence by (store, holder_key): role and sub (model.holder_key says why).
         self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
         self._unsaid: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
@@ -274,7 +299,7 @@ class RedisBackend(Backend):
             rec_rev, record = cached
             now = self._now()
             out = step(record, command, Context(now, state.config, actor, state.offline))
-            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, out)
+            reply = await self._commit(keys, order_id, rec_rev, state.rev, now, record, out)
             if reply[0] == 1:
                 self._learn_time(int(reply[1]))
                 if out.changed:
@@ -299,26 +324,32 @@ class RedisBackend(Backend):
             self._records.clear()
 
     async def _commit(self, keys: Keys, order_id: str, rec_rev: str, state_rev: str, now: int,
-                      out: Outcome) -> list[Any]:
+                      before: OrderRecord | None, out: Outcome) -> list[Any]:
         op = ("set" if out.record is not None else "del") if out.changed else "keep"
         channel = order_channel(keys.store_id, order_id)
+        old_table = before.order.table_id if before is not None else ""
+        new_table = out.record.order.table_id if out.record is not None else ""
         args: list[Any] = [
             rec_rev, state_rev, now, self._tolerance_ms, op,
             _record_encoder.encode(out.record) if op == "set" else b"",
             "" if out.deadline is None else out.deadline, order_id,
             keys.store_id, channel, encode(channel), keys.store_channel,
             keys.store_channel_json, keys.pubsub, self._history_size, self._audit_size,
-            len(out.events), len(out.direct), len(out.audit),
+            len(out.events), len(out.direct), len(out.audit), self._max_unhandled,
+            old_table, new_table,
         ]
         for event in out.events:
             args += [event_body(event), event.table_id or "", event.notify or "",
                      direct_frame(event) if event.notify else b""]
-        for terminal_id, event in out.direct:
-            args += [terminal_id, direct_frame(event)]
+        for holder, event in out.direct:
+            args += [holder, direct_frame(event), coalescing_key(event)]
         for entry in out.audit:
-            args += [encode(entry), "1" if entry.handled is False else "0"]
+            pin = unhandled_for(entry)
+            args += [encode(entry), pin, encode(untracked(entry)) if pin else b""]
         key_list = [keys.record(order_id), keys.state, keys.seqs, keys.due, keys.orders,
-                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled]
+                    keys.hist_order(order_id), keys.hist_store, keys.audit, keys.unhandled,
+                    keys.unhandled_count, keys.table(old_table or new_table),
+                    keys.table(new_table or old_table)]
         if not self._cluster:
             key_list.append(self.due_stores)
         result: list[Any] = await self._scripts["COMMIT"](keys=key_list, args=args)
@@ -358,15 +389,11 @@ class RedisBackend(Backend):
         raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
         return _record_decoder.decode(raw) if raw else None
 
-    async def _records_of(self, store_id: str) -> list[OrderRecord]:
-        keys = self.keys(store_id)
-        _, raws, _ = await self._guard(self._scripts["SNAPSHOT_STORE"](
-            keys=[keys.orders, keys.terms, keys.seqs],
-            args=[keys.store_channel, keys.prefix + ":o:"]))
-        return [_record_decoder.decode(raw) for raw in raws]
-
     async def find_order(self, store_id: str, table_id: str) -> str | None:
-        best = best_for_table(await self._records_of(store_id), table_id)
+        keys = self.keys(store_id)
+        raws = await self._guard(self._scripts["TABLE_RECORDS"](
+            keys=[keys.table(table_id)], args=[keys.prefix + ":o:"]))
+        best = best_for_table(map(_record_decoder.decode, raws), table_id)
         return best.order_id if best else None
 
     async def snapshot(self, channel: str) -> tuple[int, Any]:
@@ -377,7 +404,9 @@ class RedisBackend(Backend):
         if order_id is not None:
             await self.apply(store_id, order_id, Tick(), None)  # expiry first
             seq, raw = await self._guard(self._scripts["SNAPSHOT_ORDER"](
-                keys=[keys.record(order_id), keys.seqs], args=[channel]))
+                keys=[keys.record(order_id), keys.seqs, keys.unclaimed_seqs],
+                args=[channel, order_id, order_channel(store_id, ""), keys.prefix + ":o:",
+                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs]))
             rec = _record_decoder.decode(raw) if raw else None
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
@@ -398,6 +427,8 @@ class RedisBackend(Backend):
         return int(seq), snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
+        if since >= MAX_SAFE_INT:
+            return None  # no seq of ours gets there (and Redis could not read it as a stream id)
         parsed = parse_channel(channel)
         assert parsed is not None
         keys = self.keys(parsed[0])
@@ -424,25 +455,50 @@ class RedisBackend(Backend):
     # --- presence ---------------------------------------------------------------------------
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
-        key = (terminal.store_id, terminal.terminal_id)
+        key = (terminal.store_id, holder_key(terminal))
+        lingering = self._lingering.pop(key, None)
+        if lingering is not None:  # a phone back within its linger: Redis never saw it go
+            lingering.cancel()
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
         await self._hear_store(terminal.store_id, +1)
         await self._sync_presence(key, terminal)
 
     async def terminal_down(self, terminal: Terminal) -> None:
-        key = (terminal.store_id, terminal.terminal_id)
+        key = (terminal.store_id, holder_key(terminal))
         entry = self._local.get(key)
         if entry is None:
             return
         if entry[1] > 1:
             self._local[key] = (entry[0], entry[1] - 1, entry[2])
+        elif terminal.role == "h5" and self._linger_s > 0:
+            # As in the memory backend: a phone is said gone only after the linger, so that
+            # one reconnecting in a loop cannot flush the store channel's history.
+            self._local[key] = (entry[0], 0, entry[2])
+            self._lingering[key] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_ended, key, terminal)
+            await self._hear_store(terminal.store_id, -1)
+            return
         else:
             del self._local[key]
         try:
             await self._sync_presence(key, terminal)
         finally:
             await self._hear_store(terminal.store_id, -1)
+
+    def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
+        self._lingering.pop(key, None)
+        entry = self._local.get(key)
+        if entry is None or entry[1] > 0:
+            return
+        del self._local[key]
+        task = asyncio.get_running_loop().create_task(self._say_gone(key, terminal))
+        self._linger_tasks.add(task)
+        task.add_done_callback(self._linger_tasks.discard)
+
+    async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
+        with contextlib.suppress(Unavailable):  # said again once Redis is back (_unsaid)
+            await self._sync_presence(key, terminal)
 
     async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
         """Tell Redis how many connections this broker has for the terminal *now*. One at a
@@ -468,7 +524,7 @@ class RedisBackend(Backend):
         keys = self.keys(terminal.store_id)
         before, after = await self._guard(self._scripts["PRESENCE"](
             keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store],
-            args=[terminal.terminal_id, broker_id or self.broker_id, count, encode(terminal),
+            args=[holder_key(terminal), broker_id or self.broker_id, count, encode(terminal),
                   terminal.role, "1" if authority else "0", keys.store_channel,
                   keys.store_channel_json, keys.pubsub, self._history_size,
                   "" if since is None else since]))
@@ -558,7 +614,7 @@ class RedisBackend(Backend):
         result = []
         for entry_id, entry in found.items():
             entry.id = entry_id
-            if entry.kind == "payment.rejected":
+            if entry.handled is not None:  # one kept to be handled (see untracked)
                 entry.handled = entry_id not in open_ids
             if not kind or entry.kind == kind:
                 result.append(entry)
@@ -567,7 +623,8 @@ class RedisBackend(Backend):
 
     async def mark_handled(self, store_id: str, entry_id: str) -> bool:
         keys = self.keys(store_id)
-        if await self._guard(self._redis.hdel(keys.unhandled, entry_id)):
+        if await self._guard(self._scripts["MARK_HANDLED"](
+                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
             return True
         if not _STREAM_ID.match(entry_id):
             return False
@@ -610,7 +667,7 @@ class RedisBackend(Backend):
                 await self.on_broker_message(data)
             return
         store_id = channel[len(self._prefix) + 7:-4]  # tl:{store:<id>}:ev
-        for kind, name, seq_text, frame, table_id, terminal_id, unless in _pub_decoder.decode(data):
+        for kind, name, seq_text, frame, table_id, holder, unless in _pub_decoder.decode(data):
             seq = int(seq_text)
             if kind == 2:  # our own probe: the subscription is live
                 probe = self._probes.pop(name, None)
@@ -628,9 +685,9 @@ class RedisBackend(Backend):
                 if '"event":"config.updated"' in frame:
                     self._states.pop(store_id, None)
                 self.sink.publish(name, seq, frame.encode(), table_id or None)
-            else:
-                self.sink.direct(store_id, terminal_id, frame.encode(),
-                                 tuple(unless.split("\n")) if unless else ())
+            else:  # a direct notice: `name` carries its coalescing key
+                self.sink.direct(store_id, holder, frame.encode(),
+                                 tuple(unless.split("\n")) if unless else (), name)
 
     async def _recover(self, channel: str, since: int) -> None:
         """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""
@@ -727,13 +784,13 @@ class RedisBackend(Backend):
         for store in await self._guard(self._redis.smembers(stores_key)):
             store_id = _text(store)
             keys = self.keys(store_id)
-            terminal_ids = await self._guard(self._scripts["DEAD_FIELDS"](
+            holders = await self._guard(self._scripts["DEAD_FIELDS"](
                 keys=[keys.conns], args=[broker_id]))
-            for terminal_id in terminal_ids:
-                raw = await self._guard(self._redis.hget(keys.terms, terminal_id))
+            for holder in holders:
+                raw = await self._guard(self._redis.hget(keys.terms, holder))
+                role, _, sub = _text(holder).partition(":")
                 terminal = (_terminal_decoder.decode(raw) if raw else
-                            Terminal(_text(terminal_id), "erp_secondary", _text(terminal_id),
-                                     store_id))
+                            Terminal(sub, role, sub, store_id))  # type: ignore[arg-type]
                 await self._announce(terminal, 0, False, broker_id=broker_id, since=last_seen)
         await self._guard(self._redis.delete(stores_key))
         await self._guard(self._redis.zrem(self.brokers, broker_id))

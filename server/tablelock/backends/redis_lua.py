@@ -46,13 +46,18 @@ end
 """
 
 # KEYS: 1 record, 2 store state, 3 seqs, 4 deadlines, 5 order ids, 6 order history,
-#       7 store history, 8 audit, 9 unhandled audit, [10 global due-stores, not in Cluster]
+#       7 store history, 8 audit, 9 unhandled audit, 10 unhandled count per terminal,
+#       11 the order ids of the table the record had, 12 those of the table it has now,
+#       [13 global due-stores, not in Cluster]
 # ARGV: 1 record rev seen, 2 state rev seen, 3 now stepped at, 4 tolerance ms,
 #       5 record op (keep|set|del), 6 record bytes, 7 deadline or '', 8 order id, 9 store id,
 #       10 order channel, 11 its JSON, 12 store channel, 13 its JSON, 14 pub/sub channel,
 #       15 history maxlen, 16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
-#       then per event (body, table_id, notify, direct body), per direct (terminal, body),
-#       per audit entry (json, unhandled 0|1)
+#       20 unhandled entries kept per terminal, 21 table the record had ('' none),
+#       22 table it has now ('' none),
+#       then per event (body, table_id, notify, direct body), per direct (terminal, body,
+#       coalescing key), per audit entry (json, terminal to keep it unhandled for or '',
+#       json to log instead when that terminal has its fill of unhandled entries)
 COMMIT = _EMIT + """
 local rec_rev = redis.call('HGET', KEYS[1], 'rev') or '0'
 local state_rev = redis.call('HGET', KEYS[2], 'rev') or '0'
@@ -72,17 +77,22 @@ if op == 'set' then
 elseif op == 'del' then
   redis.call('DEL', KEYS[1], KEYS[6])
   redis.call('SREM', KEYS[5], order_id)
+  redis.call('HDEL', KEYS[3], ARGV[10])  -- its numbering goes with the order
+end
+if op ~= 'keep' and ARGV[21] ~= ARGV[22] then  -- the table index follows the record
+  if ARGV[21] ~= '' then redis.call('SREM', KEYS[11], order_id) end
+  if ARGV[22] ~= '' then redis.call('SADD', KEYS[12], order_id) end
 end
 local deadline = ARGV[7]
 if deadline == '' or op == 'del' then
   redis.call('ZREM', KEYS[4], order_id)
 else
   redis.call('ZADD', KEYS[4], deadline, order_id)
-  if KEYS[10] then redis.call('ZADD', KEYS[10], 'LT', deadline, ARGV[9]) end
+  if KEYS[13] then redis.call('ZADD', KEYS[13], 'LT', deadline, ARGV[9]) end
 end
 local out = {}
 local maxlen = ARGV[15]
-local i = 20
+local i = 23
 for _ = 1, tonumber(ARGV[17]) do
   local body, table_id, notify, direct = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   emit(out, KEYS[3], KEYS[6], ARGV[10], ARGV[11], body, table_id, maxlen)
@@ -93,13 +103,20 @@ for _ = 1, tonumber(ARGV[17]) do
   i = i + 4
 end
 for _ = 1, tonumber(ARGV[18]) do
-  out[#out + 1] = {1, '', '0', ARGV[i + 1], '', ARGV[i], ''}
-  i = i + 2
+  out[#out + 1] = {1, ARGV[i + 2], '0', ARGV[i + 1], '', ARGV[i], ''}
+  i = i + 3
 end
 for _ = 1, tonumber(ARGV[19]) do
-  local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[16], '*', 'e', ARGV[i])
-  if ARGV[i + 1] == '1' then redis.call('HSET', KEYS[9], id, ARGV[i]) end
-  i = i + 2
+  local entry, pin = ARGV[i], ARGV[i + 1]
+  if pin ~= '' and tonumber(redis.call('HGET', KEYS[10], pin) or '0') >= tonumber(ARGV[20]) then
+    entry, pin = ARGV[i + 2], ''
+  end
+  local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[16], '*', 'e', entry)
+  if pin ~= '' then
+    redis.call('HSET', KEYS[9], id, entry)
+    redis.call('HINCRBY', KEYS[10], pin, 1)
+  end
+  i = i + 3
 end
 if #out > 0 then redis.call('PUBLISH', ARGV[14], cjson.encode(out)) end
 return {1, real, redis.call('HGET', KEYS[1], 'rev') or '0'}
@@ -132,7 +149,7 @@ return 1
 # an ERP's offline time goes into the store state, which the rules read for the grace.
 # KEYS: 1 state, 2 online terminals, 3 connections per terminal|broker, 4 authorities,
 #       5 seqs, 6 store history
-# ARGV: 1 terminal id, 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
+# ARGV: 1 holder key (role:sub), 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
 #       6 authority 0|1, 7 store channel, 8 its JSON, 9 pub/sub, 10 maxlen,
 #       11 offline since ('' for now)
 PRESENCE = _EMIT + """
@@ -185,6 +202,30 @@ if #out > 0 then redis.call('PUBLISH', ARGV[9], cjson.encode(out)) end
 return {before, after}
 """
 
+# Mark an unhandled entry handled: it leaves the unhandled set, and its terminal's count.
+# KEYS: 1 unhandled audit, 2 unhandled count per terminal   ARGV: 1 entry id
+MARK_HANDLED = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local who = cjson.decode(raw).terminal
+local pin = '|'
+if type(who) == 'table' then pin = who.role .. '|' .. who.terminal_id end
+if redis.call('HINCRBY', KEYS[2], pin, -1) <= 0 then redis.call('HDEL', KEYS[2], pin) end
+return 1
+"""
+
+# The records of one table's orders (the table index), for order.get by table_id.
+# KEYS: 1 the table's order ids   ARGV: 1 record key prefix
+TABLE_RECORDS = """
+local records = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local rec = redis.call('HGET', ARGV[1] .. id, 'rec')
+  if rec then records[#records + 1] = rec end
+end
+return records
+"""
+
 # The connections a dead broker held in one store: the terminals it held, each with role.
 # KEYS: 1 connections per terminal|broker   ARGV: 1 broker id
 DEAD_FIELDS = """
@@ -211,7 +252,30 @@ end
 return {seq_of(KEYS[3], ARGV[1]), records, redis.call('HVALS', KEYS[2])}
 """
 
-# KEYS: 1 record, 2 seqs   ARGV: 1 order channel
+# A subscriber of an order not seen yet is given a seq that the order's first event will
+# follow; that seq field is written down as unclaimed, and goes (with its index entry) once
+# it is older than ARGV[5] ms or past the ARGV[6] newest, unless its order came meanwhile.
+# KEYS: 1 record, 2 seqs, 3 unclaimed seqs (order id -> when)
+# ARGV: 1 order channel, 2 order id, 3 order channel prefix, 4 record key prefix,
+#       5 unclaimed lifetime ms, 6 unclaimed bound
 SNAPSHOT_ORDER = _EMIT + """
-return {seq_of(KEYS[2], ARGV[1]), redis.call('HGET', KEYS[1], 'rec') or false}
+local rec = redis.call('HGET', KEYS[1], 'rec') or false
+local seq = redis.call('HGET', KEYS[2], ARGV[1])
+local now = now_ms()
+if not seq then
+  seq = seq_of(KEYS[2], ARGV[1])
+  if not rec then redis.call('ZADD', KEYS[3], now, ARGV[2]) end
+end
+local left = redis.call('ZCARD', KEYS[3])
+local oldest = redis.call('ZRANGE', KEYS[3], 0, 7, 'WITHSCORES')
+for j = 1, #oldest, 2 do
+  if tonumber(oldest[j + 1]) > now - tonumber(ARGV[5]) and left <= tonumber(ARGV[6]) then break end
+  local id = oldest[j]
+  if redis.call('EXISTS', ARGV[4] .. id) == 0 then
+    redis.call('HDEL', KEYS[2], ARGV[3] .. id)
+  end
+  redis.call('ZREM', KEYS[3], id)
+  left = left - 1
+end
+return {seq, rec}
 """
