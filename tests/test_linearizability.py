@@ -322,7 +322,7 @@ def test_histories_made_by_the_rules_are_linearizable() -> None:
 def test_a_corrupted_rules_history_is_caught() -> None:
     """Answer a grant with a token under one granted before it was asked: always caught."""
     tried = caught = 0
-    for seed in range(20):
+    for seed in range(10):
         history = rules_history(seed)
         grants = [i for i, o in enumerate(history)
                   if isinstance(o.output, Granted) and isinstance(o.input, Acquire)]
@@ -337,4 +337,4 @@ def test_a_corrupted_rules_history_is_caught() -> None:
                                 Granted(first.output.token - 1, victim.output.forced))
         tried += 1
         caught += not check(history).ok
-    assert tried >= 10 and caught == tried
+    assert tried >= 5 and caught == tried
