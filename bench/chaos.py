@@ -37,7 +37,8 @@ complete; logs are kept in a temporary directory on failure):
   (f) the history of every payment-lock request (lock.acquire, lock.release of the
       payment lock, payment.complete, order.get, order.publish: client, times sent
       and answered, request, reply; no reply or `outcome: unknown` is indeterminate)
-      is linearizable per order against the model of bench/linearizability.py.
+      is linearizable per order against the model of bench/linearizability.py (the
+      history stays in the logs as history.jsonl: `python -m bench.linearizability`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ histories that have a valid order, and rejects hand-made bad ones."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from bench.history import History
 from bench.linearizability import (
@@ -23,6 +24,7 @@ from bench.linearizability import (
     Seen,
     check,
     from_json,
+    main,
     to_json,
 )
 from tablelock import rules
@@ -238,6 +240,19 @@ def test_wire_requests_and_replies_become_operations() -> None:
     result = history.check(min_lifetime=4.5)
     assert not result.ok  # store s2's order lock cannot be refused: nobody holds its payment
     assert [p.order_id for p in result.failures] == ["s2/o1"]
+
+
+def test_a_saved_history_is_checked_from_the_command_line(tmp_path: Path) -> None:
+    history = History()
+    history.operations += [op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+                           op("b", 2, None, Acquire(ORDER, force=True), None)]
+    good = tmp_path / "good.jsonl"
+    history.save(good)
+    assert main([str(good)]) == 0
+    history.operations.append(op("c", 3, 4, Acquire(ORDER), Granted(4, ())))
+    bad = tmp_path / "bad.jsonl"
+    history.save(bad)
+    assert main([str(bad), "--min-lifetime", "4.5"]) == 1
 
 
 # --- against the real rules: histories made by rules.step are linearizable -------------
