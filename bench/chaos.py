@@ -85,8 +85,9 @@ MEMORY_GROWTH_LIMIT = 0.25
 # The harness's clock against the server's, for (f): a lock lives at least its shortest
 # TTL or grace after its request left, less this.
 CLOCK_SLACK_S = 0.5
-# (f) gives up on an order after this many configurations of its search (then it fails).
-LINEARIZABILITY_BUDGET = 2_000_000
+# (f) gives up on an order after this many configurations of its search (then it fails):
+# about a minute of search, for a history with a dozen unanswered requests on one order.
+LINEARIZABILITY_BUDGET = 500_000
 UNKNOWN = -1  # a lock kind whose holder the analysis cannot know (before coverage, after a hole)
 Frame = dict[str, Any]
 

@@ -16,8 +16,9 @@ list and starts over from the head; when it reaches a return whose call is not
 yet linearized, it backtracks the last choice. Lowe's memoisation keeps every
 (set of linearized operations, model state) pair already tried, so no
 configuration is explored twice. An operation without a reply returns after
-everything else, so it may take effect anywhere after its call, or, since the
-model lets it, not at all.
+everything else, so it may take effect anywhere after its call; or not at all:
+once every answered operation is placed, the unplaced rest count as never applied
+(so the search never has to try "applied as a no-op" at every position).
 
 The model is nondeterministic (a lock may lapse on its own; an unanswered
 request may or may not have applied; the token of an unanswered grant is
@@ -204,8 +205,7 @@ class PaymentLockModel:
         found: set[LockState] = set()
         for start in starts:
             if op.indeterminate:
-                found.add(start)  # it never reached the lock
-                found.update(_effects(start, op))
+                found.update(_effects(start, op))  # (never applied: it is left unplaced)
             else:
                 assert op.output is not None
                 found.update(_answered(start, op, op.output))
@@ -482,6 +482,11 @@ def check_partition(order_id: str, ops: list[Operation], model: PaymentLockModel
                     continue
             entry = entry.next
         else:
+            if ops[entry.id].indeterminate:
+                # Every answered operation is placed (their returns all come earlier): the
+                # unanswered ones still unplaced never took effect.
+                return PartitionResult(order_id, True, len(ops), [ops[i] for i in longest],
+                                       len(seen))
             if not stack:  # this return's call cannot come first in any order: not linearizable
                 return PartitionResult(order_id, False, len(ops), [ops[i] for i in longest],
                                        len(seen))

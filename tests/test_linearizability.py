@@ -93,6 +93,17 @@ def test_an_unanswered_request_may_not_have_taken_effect() -> None:
     )
 
 
+def test_many_unanswered_requests_are_searched_through() -> None:
+    """Nine unanswered acquires, any of which may hold the lock: a read that finds none
+    fits; a second holder after it does not, whatever they did (an exhaustive search)."""
+    lost = [op(f"c{i}", i / 10, None, Acquire(ORDER, force=i % 2 == 0), None) for i in range(9)]
+    fine = [*lost, op("r", 5, 6, Read(ORDER), Seen(None, "open")),
+            op("y", 7, 8, Acquire(ORDER), Granted(1, ()))]
+    assert check(fine).ok
+    result = check([*fine, op("x", 9, 10, Acquire(ORDER), Granted(2, ()))])
+    assert not result.ok and result.failures[0].configurations > 1_000
+
+
 def test_unavailable_changed_nothing_and_partitions_are_separate() -> None:
     assert linearizable(
         op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
@@ -337,7 +348,7 @@ def test_histories_made_by_the_rules_are_linearizable() -> None:
 def test_a_corrupted_rules_history_is_caught() -> None:
     """Answer a grant with a token under one granted before it was asked: always caught."""
     tried = caught = 0
-    for seed in range(10):
+    for seed in range(30):
         history = rules_history(seed)
         grants = [i for i, o in enumerate(history)
                   if isinstance(o.output, Granted) and isinstance(o.input, Acquire)]
@@ -352,4 +363,4 @@ def test_a_corrupted_rules_history_is_caught() -> None:
                                 Granted(first.output.token - 1, victim.output.forced))
         tried += 1
         caught += not check(history).ok
-    assert tried >= 5 and caught == tried
+    assert tried >= 15 and caught == tried
