@@ -33,7 +33,12 @@ complete; logs are kept in a temporary directory on failure):
   (d) memory per connection flat: RSS / connections at the broker's usual number of
       connections, median of the last third of its samples within 25% of the first
       third, after warm-up (broker A lives through the whole run);
-  (e) events arrive once, in seq order, identical on every connection.
+  (e) events arrive once, in seq order, identical on every connection;
+  (f) the history of every payment-lock request (lock.acquire, lock.release of the
+      payment lock, payment.complete, order.get, order.publish: client, times sent
+      and answered, request, reply; no reply or `outcome: unknown` is indeterminate)
+      is linearizable per order against the model of bench/linearizability.py (the
+      history stays in the logs as history.jsonl: `python -m bench.linearizability`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ from websockets.typing import Subprotocol
 
 from tablelock.auth import Tokens
 
+from .history import History
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "chaos-run-secret-0123456789abcdef0123"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -75,6 +82,12 @@ H5_TTL_MS = 5_000
 STORE_CONFIG = {"h5_payment_lock_ttl_ms": H5_TTL_MS, "erp_lock_ttl_ms": 10_000,
                 "disconnect_grace_ms": 5_000, "erp_fetch_timeout_ms": 2_000}
 MEMORY_GROWTH_LIMIT = 0.25
+# The harness's clock against the server's, for (f): a lock lives at least its shortest
+# TTL or grace after its request left, less this.
+CLOCK_SLACK_S = 0.5
+# (f) gives up on an order after this many configurations of its search (then it fails):
+# about a minute of search, for a history with a dozen unanswered requests on one order.
+LINEARIZABILITY_BUDGET = 500_000
 UNKNOWN = -1  # a lock kind whose holder the analysis cannot know (before coverage, after a hole)
 Frame = dict[str, Any]
 
@@ -562,7 +575,9 @@ class Run:
             ("presence", "(c) online terminals in snapshots = those connected"),
             ("memory", "(d) memory per connection flat"),
             ("delivery", "(e) events once, in seq order, identical everywhere"),
+            ("linearizable", "(f) payment-lock history linearizable, order by order"),
         ]}
+        self.history = History()  # every payment-lock request, for (f)
         self.tmp = Path(tempfile.mkdtemp(prefix="tablelock-chaos-"))
         self.redis = RedisProc(self.tmp / "redis", self.tmp)
         self.brokers = [BrokerProc("A", self.redis.url, self.tmp),
@@ -846,7 +861,10 @@ class Term:
         if link is None or not link.ready:
             self.run.stats.requests[(type_, "OFFLINE")] += 1
             return None
+        sent = time.monotonic()  # (not elapsed(): its origin moves once setup is done)
         reply = await self._call(link, type_, params, timeout)
+        self.run.history.record(self.store.store_id, self.sub, type_, params, sent,
+                                time.monotonic(), reply)
         code = "LOST" if reply is None else "OK" if reply.get("ok") else reply["error"]["code"]
         self.run.stats.requests[(type_, code)] += 1
         return reply
@@ -1055,6 +1073,7 @@ class Term:
         broker = self.run.brokers[link.broker if link is not None else self.home]
         body = {"token": p.token, "version": p.version, "amount_cents": p.amount,
                 "payment_ref": p.ref}
+        sent = time.monotonic()
         try:
             status, answer = await http(
                 "POST", broker.port, f"/v1/stores/{p.store_id}/orders/{p.order_id}/payment",
@@ -1064,6 +1083,9 @@ class Term:
         reply: Frame | None = None
         if isinstance(answer, dict) and status != 503:
             reply = {"ok": status == 200, **answer}
+        self.run.history.record(p.store_id, "payment-service", "payment.complete",
+                                {"order_id": p.order_id, "token": p.token,
+                                 "payment_ref": p.ref}, sent, time.monotonic(), reply)
         code = "LOST" if reply is None else "OK" if reply["ok"] else reply["error"]["code"]
         self.run.stats.requests[("payment.service", code)] += 1
         return reply
@@ -1761,6 +1783,31 @@ def check_memory(run: Run) -> str:
 
 # --- the report ---------------------------------------------------------------------------------
 
+def check_linearizable(run: Run) -> None:
+    """(f): every payment-lock request and its reply fit one order of the requests per order
+    that respects real time and the lock rules (bench/linearizability.py)."""
+    check = run.checks["linearizable"]
+    started = time.monotonic()
+    shortest_ms = min(H5_TTL_MS, STORE_CONFIG["erp_lock_ttl_ms"],
+                      STORE_CONFIG["disconnect_grace_ms"])
+    ops = run.history.operations
+    result = run.history.check(shortest_ms / 1000 - CLOCK_SLACK_S, LINEARIZABILITY_BUDGET)
+    run.history.save(run.tmp / "history.jsonl")
+    for part in result.failures:
+        last = part.longest[-1] if part.longest else None
+        check.fail(f"{part.order_id}: no linearization of its {part.operations} requests; "
+                   f"the longest valid prefix ends with {last}")
+    for part in result.unknown:
+        check.fail(f"{part.order_id}: the search gave up after {part.configurations} "
+                   f"configurations ({part.operations} requests)")
+    unanswered = sum(op.indeterminate for op in ops)
+    searched = sum(p.configurations for p in result.partitions)
+    biggest = max((p.operations for p in result.partitions), default=0)
+    check.detail = (f"{len(ops)} requests ({unanswered} without a definite answer) on "
+                    f"{len(result.partitions)} orders (largest {biggest}), {searched} "
+                    f"configurations searched in {time.monotonic() - started:.1f}s")
+
+
 def report(run: Run, totals: dict[str, int], views: tuple[int, int], pay_detail: str,
            mem_detail: str) -> bool:
     s = run.stats
@@ -1838,7 +1885,8 @@ def report(run: Run, totals: dict[str, int], views: tuple[int, int], pay_detail:
     for key, check in run.checks.items():
         verdict = "SKIP" if check.skipped else "PASS" if check.count == 0 else "FAIL"
         ok = ok and verdict != "FAIL"
-        detail = details[key] + (f"; {check.count} violations" if check.count else "")
+        detail = details.get(key, check.detail) + (
+            f"; {check.count} violations" if check.count else "")
         print(f"{verdict}  {check.name}")
         print(f"      {detail}")
         for example in check.examples:
@@ -1867,6 +1915,7 @@ async def main_async(run: Run) -> bool:
     totals = analyse_streams(run)
     totals["holder_disconnected"] = check_grace(run)
     pay_detail = await check_payments(run)
+    check_linearizable(run)
     run.stopping = True
     mem_detail = check_memory(run)
     return report(run, totals, views, pay_detail, mem_detail)
