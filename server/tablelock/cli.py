@@ -13,6 +13,7 @@ import uvicorn
 
 from .auth import Tokens, parse_ttl
 from .gateway import Gateway
+from .rules import ROLES
 from .settings import Settings
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p_token = commands.add_parser("token", help="mint a terminal token")
     p_token.add_argument("--store", required=True)
     p_token.add_argument("--role", required=True,
-                         choices=["erp_main", "erp_secondary", "h5", "manager", "service"])
+                         choices=sorted(ROLES))
     p_token.add_argument("--sub", required=True, help="terminal id")
     p_token.add_argument("--table", help="table id (h5 only)")
     p_token.add_argument("--name", help="display name")

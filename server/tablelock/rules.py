@@ -131,6 +131,15 @@ FIRST_AUTHORITY: Final[Role] = "erp_main"
 # The prompt variant (prompts.py) a table-scoped terminal reads for PAYMENT_LOCKED.
 PHONE_PROMPT: Final = "h5"
 
+# Who may use each store-administration endpoint over HTTP (the `/v1` API): the store's
+# config, the payment service's recording of a payment, the audit log.
+AdminTask = Literal["config", "payment", "audit"]
+ADMIN_ROLES: Final[dict[AdminTask, tuple[Role, ...]]] = {
+    "config": ("manager", "service"),
+    "payment": ("service",),
+    "audit": ("manager",),
+}
+
 
 def capability(role: Role) -> Capability:
     return CAPABILITIES[role]
@@ -170,8 +179,19 @@ def lock_ttl_ms(role: Role, config: StoreConfig) -> int:
     return ttl
 
 
+def is_first_authority(role: str) -> bool:
+    """Whether `role` answers order pulls before any other, without saying order_authority."""
+    return role == FIRST_AUTHORITY
+
+
 def has_grace(role: Role) -> bool:
     return CAPABILITIES[role].disconnect_grace
+
+
+def presence_lingers(role: Role) -> bool:
+    """Whether a terminal of `role` is said offline only after the broker's linger: a phone,
+    whose page reloads and whose network comes and goes."""
+    return CAPABILITIES[role].table_scoped
 
 
 def _token_is_credential(actor: Terminal) -> bool:

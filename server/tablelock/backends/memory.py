@@ -28,7 +28,16 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
+from ..rules import (
+    Command,
+    Context,
+    Outcome,
+    Tick,
+    coalescing_key,
+    has_grace,
+    presence_lingers,
+    step,
+)
 from .base import (
     Backend,
     Numbered,
@@ -363,7 +372,7 @@ class MemoryBackend(Backend):
         if entry[1] > 1:
             online[key] = (entry[0], entry[1] - 1)
             return
-        if terminal.role == "h5" and self._linger_s > 0:
+        if presence_lingers(terminal.role) and self._linger_s > 0:
             # A phone's page reloads and its network comes and goes: it is said offline
             # only once it stayed away for the linger, so that a phone reconnecting in a
             # loop cannot flush the store channel's history with presence.
@@ -385,7 +394,7 @@ class MemoryBackend(Backend):
         key = holder_key(terminal)
         entry = online.pop(key)
         now = self.clock.now()
-        if terminal.role != "h5":  # an h5 lock ends only at its TTL
+        if has_grace(terminal.role):  # other locks end only at their TTL
             self._offline.setdefault(terminal.store_id, {})[key] = now
         self._number(store_channel(terminal.store_id),
                      event_body(Event("terminal.offline", now, terminal=entry[0])))

@@ -48,7 +48,17 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
+from ..rules import (
+    Command,
+    Context,
+    Outcome,
+    Tick,
+    coalescing_key,
+    has_grace,
+    is_first_authority,
+    presence_lingers,
+    step,
+)
 from . import redis_lua
 from .base import (
     Backend,
@@ -471,7 +481,7 @@ class RedisBackend(Backend):
             return
         if entry[1] > 1:
             self._local[key] = (entry[0], entry[1] - 1, entry[2])
-        elif terminal.role == "h5" and self._linger_s > 0:
+        elif presence_lingers(terminal.role) and self._linger_s > 0:
             # As in the memory backend: a phone is said gone only after the linger, so that
             # one reconnecting in a loop cannot flush the store channel's history.
             self._local[key] = (entry[0], 0, entry[2])
@@ -527,8 +537,8 @@ class RedisBackend(Backend):
             args=[holder_key(terminal), broker_id or self.broker_id, count, encode(terminal),
                   terminal.role, "1" if authority else "0", keys.store_channel,
                   keys.store_channel_json, keys.pubsub, self._history_size,
-                  "" if since is None else since]))
-        if terminal.role != "h5" and (before == 0) != (after == 0):
+                  "" if since is None else since, "1" if has_grace(terminal.role) else "0"]))
+        if has_grace(terminal.role) and (before == 0) != (after == 0):
             self._states.pop(terminal.store_id, None)
             await self._retick_store(terminal.store_id)
 
@@ -548,7 +558,7 @@ class RedisBackend(Backend):
         best: tuple[bool, bool, str] | None = None
         for name, role in fields.items():
             broker = _text(name).rsplit("|", 1)[-1]
-            rank = (_text(role) == "erp_main", broker == self.broker_id, broker)
+            rank = (is_first_authority(_text(role)), broker == self.broker_id, broker)
             if best is None or rank > best:
                 best = rank
         return best[2] if best else None
