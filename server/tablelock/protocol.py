@@ -213,7 +213,7 @@ def _read_id(frame: str | bytes) -> int | str | None:
         if found is None:
             return None
         try:
-            return msgspec.json.decode(found.group(1), type=RequestId)  # type: ignore[no-any-return]
+            return msgspec.json.decode(found.group(1), type=RequestId)
         except msgspec.DecodeError:
             return None
 
