@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
@@ -38,7 +39,7 @@ def make_backend(settings: Settings) -> Backend:
 
 
 def create_app(settings: Settings,
-               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> Broker:
+               background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()) -> Broker:
     """The broker; `background` jobs (the demo's simulated store) run while it serves."""
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,

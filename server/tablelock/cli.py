@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import secrets
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -56,7 +57,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def run_broker(settings: Settings,
-               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
+               background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()) -> None:
     from . import logs
     from .app import create_app
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
+from ..model import AuditEntry, Event, Lock, Order, OrderRecord, StoreConfig, Terminal, holder_key
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -312,7 +312,8 @@ class MemoryBackend(Backend):
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
         else:
-            orders, locks = [], []
+            orders: list[Order] = []
+            locks: list[Lock] = []
             for oid in self._orders_of_store.get(store_id, ()):
                 rec = self._records[(store_id, oid)]
                 if rec.order.status == "open":

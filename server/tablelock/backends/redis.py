@@ -37,7 +37,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import metrics
-from ..model import MAX_SAFE_INT, AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
+from ..model import (
+    MAX_SAFE_INT,
+    AuditEntry,
+    Event,
+    Lock,
+    Order,
+    OrderRecord,
+    StoreConfig,
+    Terminal,
+    holder_key,
+)
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -172,7 +182,8 @@ def connect(url: str) -> tuple[Any, bool]:
             host, _, port = node.partition(":")
             nodes.append((host, int(port or 26379)))
         service = parsed.path.strip("/") or "mymaster"
-        sentinel = Sentinel(nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
         return sentinel.master_for(service, max_connections=512, **options), False
     # A bounded pool that makes a burst wait for a connection (within the answer bound)
     # rather than fail with "Too many connections".
@@ -424,7 +435,8 @@ class RedisBackend(Backend):
             seq, raws, terms = await self._guard(self._scripts["SNAPSHOT_STORE"](
                 keys=[keys.orders, keys.terms, keys.seqs],
                 args=[channel, keys.prefix + ":o:"]))
-            orders, locks = [], []
+            orders: list[Order] = []
+            locks: list[Lock] = []
             for raw in raws:
                 rec = _record_decoder.decode(raw)
                 if rec.order.status == "open":
@@ -585,9 +597,9 @@ class RedisBackend(Backend):
             elif delta > 0:
                 # Whoever came first may still be subscribing: nobody reads history or takes
                 # a snapshot before the subscription is live, or events slip between the two.
-                live = self._store_live.get(store_id)
-                if live is not None and not live.done():
-                    await self._guard(asyncio.shield(live))
+                subscribing = self._store_live.get(store_id)
+                if subscribing is not None and not subscribing.done():
+                    await self._guard(asyncio.shield(subscribing))
         else:
             self._stores_heard.pop(store_id, None)
             self._store_live.pop(store_id, None)
