@@ -225,7 +225,7 @@ class RedisBackend(Backend):
         # Presence by (store, holder_key): role and sub (model.holder_key says why).
         self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
-        self._unsaid: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
+        self._presence_unsent: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
         self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._healthy_since: float | None = None  # since when our heartbeats get through
         self._probes: dict[str, asyncio.Future[None]] = {}
@@ -483,7 +483,7 @@ class RedisBackend(Backend):
             lingering.cancel()
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
-        await self._hear_store(terminal.store_id, +1)
+        await self._listen_to_store(terminal.store_id, +1)
         await self._sync_presence(key, terminal)
 
     async def terminal_down(self, terminal: Terminal) -> None:
@@ -499,14 +499,14 @@ class RedisBackend(Backend):
             self._local[key] = (entry[0], 0, entry[2])
             self._lingering[key] = asyncio.get_running_loop().call_later(
                 self._linger_s, self._linger_ended, key, terminal)
-            await self._hear_store(terminal.store_id, -1)
+            await self._listen_to_store(terminal.store_id, -1)
             return
         else:
             del self._local[key]
         try:
             await self._sync_presence(key, terminal)
         finally:
-            await self._hear_store(terminal.store_id, -1)
+            await self._listen_to_store(terminal.store_id, -1)
 
     def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
         self._lingering.pop(key, None)
@@ -519,7 +519,7 @@ class RedisBackend(Backend):
         task.add_done_callback(self._linger_tasks.discard)
 
     async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
-        with contextlib.suppress(Unavailable):  # said again once Redis is back (_unsaid)
+        with contextlib.suppress(Unavailable):  # said again once Redis is back (_presence_unsent)
             await self._sync_presence(key, terminal)
 
     async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
@@ -535,9 +535,9 @@ class RedisBackend(Backend):
             try:
                 await self._announce(terminal, count, authority)
             except Unavailable:
-                self._unsaid[key] = terminal
+                self._presence_unsent[key] = terminal
                 raise
-            self._unsaid.pop(key, None)
+            self._presence_unsent.pop(key, None)
         if key not in self._local and not lock.locked():
             self._presence_locks.pop(key, None)
 
@@ -578,7 +578,7 @@ class RedisBackend(Backend):
     async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
         await self._guard(self._redis.publish(f"{self._prefix}rpc:{broker_id}", payload))
 
-    async def _hear_store(self, store_id: str, delta: int) -> None:
+    async def _listen_to_store(self, store_id: str, delta: int) -> None:
         """Listen to a store's pub/sub channel while any local connection belongs to it."""
         count = self._stores_heard.get(store_id, 0) + delta
         keys = self.keys(store_id)
@@ -738,7 +738,7 @@ class RedisBackend(Backend):
     async def _reannounce(self) -> None:
         """Say every local connection again, and what Redis missed (idempotent)."""
         terminals = {key: entry[0] for key, entry in self._local.items()}
-        terminals.update(self._unsaid)
+        terminals.update(self._presence_unsent)
         for key, terminal in terminals.items():
             with contextlib.suppress(Unavailable):
                 await self._sync_presence(key, terminal)
@@ -790,7 +790,7 @@ class RedisBackend(Backend):
                     dead = await self._guard(self._redis.zrangebyscore(
                         self.brokers, "-inf", now - self._dead_after_ms, withscores=True))
                     for broker, last_seen in dead:
-                        await self._bury(_text(broker), int(last_seen))
+                        await self._retire_dead_broker(_text(broker), int(last_seen))
                 for channel in [c for c in self._seen if not self.sink.has_subscribers(c)]:
                     del self._seen[channel]
             except asyncio.CancelledError:
@@ -800,7 +800,7 @@ class RedisBackend(Backend):
                 self._healthy_since = None
             await asyncio.sleep(self._heartbeat_s)
 
-    async def _bury(self, broker_id: str, last_seen: int) -> None:
+    async def _retire_dead_broker(self, broker_id: str, last_seen: int) -> None:
         log.warning("broker %s stopped heart-beating: its terminals go offline", broker_id)
         stores_key = f"{self._prefix}broker:{broker_id}:stores"
         for store in await self._guard(self._redis.smembers(stores_key)):
