@@ -158,15 +158,16 @@ def actions_of(role: Role) -> frozenset[Action]:
     return frozenset(actions)
 
 
-def sees_order(terminal: Terminal, order: Order) -> bool:
-    """Whether `terminal` may see (and act on) `order`: a table-scoped one, its table's only."""
-    return not CAPABILITIES[terminal.role].table_scoped or order.table_id == terminal.table_id
-
-
 def sees_table(terminal: Terminal, table_id: str | None) -> bool:
-    """Whether `terminal` may see what happened on `table_id` (None: no table, everyone)."""
+    """Whether `terminal` may see what happened on `table_id` (None: no table, everyone):
+    a table-scoped terminal sees its own table's only."""
     return (table_id is None or not CAPABILITIES[terminal.role].table_scoped
             or table_id == terminal.table_id)
+
+
+def sees_order(terminal: Terminal, order: Order) -> bool:
+    """Whether `terminal` may see (and act on) `order`."""
+    return sees_table(terminal, order.table_id)
 
 
 def table_scope(terminal: Terminal) -> str | None:
