@@ -32,7 +32,7 @@ from .terminals import (
     DRINKS,
     REASONS,
     RICE,
-    Terminal,
+    SimulatedTerminal,
     add_dishes,
     money,
     names,
@@ -71,7 +71,7 @@ async def _pay_then(store: Store, table: Table) -> None:
 
 
 async def _stale_payment(store: Store, table: Table, held: LockHandle, who: str,
-                         payer: Terminal) -> None:
+                         payer: SimulatedTerminal) -> None:
     """A payment made with a lock that is no longer current: refused, for a refund. A phone's
     goes through the payment provider, which is told so."""
     if payer.role == "h5":

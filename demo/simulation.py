@@ -48,8 +48,8 @@ from .terminals import (
     Book,
     Dish,
     Pace,
+    SimulatedTerminal,
     Stats,
-    Terminal,
     add_dishes,
     http_base,
     money,
@@ -71,7 +71,7 @@ class Table:
     rng: random.Random
     stage: str = "free"  # free, seated, eating, paying, paid, leaving
     order_id: str | None = None
-    phone: Terminal | None = None
+    phone: SimulatedTerminal | None = None
     paid: bool = False
     parties: int = 0
     claimed: str | None = None  # the race playing this table now
@@ -135,9 +135,9 @@ class Store:
     def rng(self, name: str) -> random.Random:
         return random.Random(f"{self.seed}/{name}")
 
-    def terminal(self, sub: str, role: str, name: str, **kw: Any) -> Terminal:
-        return Terminal(self.url, self.tokens, self.store_id, self.stats, sub=sub, role=role,
-                        name=name, **kw)
+    def terminal(self, sub: str, role: str, name: str, **kw: Any) -> SimulatedTerminal:
+        return SimulatedTerminal(self.url, self.tokens, self.store_id, self.stats, sub=sub,
+                                 role=role, name=name, **kw)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -170,7 +170,7 @@ class Store:
         await self.main.connect_retrying(self.pace, store_channel=True)
         self.main_ready.set()
 
-    def counter(self, rng: random.Random) -> Terminal:
+    def counter(self, rng: random.Random) -> SimulatedTerminal:
         """A cashier who is online (the front desk or cashier 2), else the bar."""
         online = [t for t in (self.main, self.cashier2) if t.online]
         return rng.choice(online) if online else self.bar
@@ -398,7 +398,7 @@ class Store:
                  tid, names(dishes))
         return False
 
-    async def add_at(self, erp: Terminal, table: Table, dishes: list[Dish],
+    async def add_at(self, erp: SimulatedTerminal, table: Table, dishes: list[Dish],
                      note: str = "") -> bool:
         """A waiter (front desk) or the bar adds dishes: published from that terminal."""
         assert table.order_id is not None
@@ -489,7 +489,7 @@ class Store:
         await self.sleep(1.5, 4, table.rng)
         return await self.complete(table, held, table.phone, "WeChat Pay")
 
-    async def pay_at_counter(self, table: Table, cashier: Terminal | None = None, *,
+    async def pay_at_counter(self, table: Table, cashier: SimulatedTerminal | None = None, *,
                              force_after: int | None = None) -> bool:
         """A cashier takes the payment lock and charges the table; backs off when refused."""
         rng, oid, tid = table.rng, table.order_id, table.table_id
@@ -529,7 +529,7 @@ class Store:
                 return True
         return False
 
-    async def complete(self, table: Table, held: LockHandle, payer: Terminal,
+    async def complete(self, table: Table, held: LockHandle, payer: SimulatedTerminal,
                        method: str) -> bool:
         """`payment.complete` under `held`; a lost answer is retried with the same ref. A phone
         pays through the payment provider instead (`through_provider`)."""

@@ -156,7 +156,7 @@ class Book:
         order_id = params.get("order_id") or self._open.get(params.get("table_id") or "")
         return self.order(order_id) if order_id else None
 
-    async def publish(self, erp: Terminal, order_id: str, change: str,
+    async def publish(self, erp: SimulatedTerminal, order_id: str, change: str,
                       edit: Callable[[dict[str, Any]], None], *, table_id: str | None = None,
                       token: int | None = None, force: bool = False,
                       operator: str | None = None, reason: str | None = None) -> Order:
@@ -214,7 +214,7 @@ class Book:
 
 # --- terminals ------------------------------------------------------------------------------
 
-class Terminal:
+class SimulatedTerminal:
     """One simulated screen: its identity, and a broker client it (re)connects at will."""
 
     def __init__(self, url: str, tokens: Tokens, store_id: str, stats: Stats, *, sub: str,

@@ -139,7 +139,7 @@ class Sim:
     def grant(self, actor: Terminal, kind: LockKind, **kw: Any) -> Lock:
         out = self.acquire(actor, kind, **kw)
         assert out.refusal is None and out.result is not None, out.refusal
-        lock = out.result["lock"]
+        lock = out.result.lock
         assert isinstance(lock, Lock)
         return lock
 

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from tablelock import docgen, openapi
 from tablelock.http import http_routes, page_routes
-from tablelock.protocol import CLOSE_CODES, EVENT_NAMES, RELEASE_REASONS
+from tablelock.protocol import CLOSE_CODES, CLOSE_NAMES, EVENT_NAMES, RELEASE_REASONS, Close
 
 from .conftest import Store
 from .support import ahttp, unique
@@ -104,15 +104,18 @@ def test_every_release_reason_in_the_code_is_listed() -> None:
     assert reasons <= set(RELEASE_REASONS), reasons - set(RELEASE_REASONS)
 
 
-def test_every_close_code_in_the_code_is_listed() -> None:
-    used = set()
+def test_close_codes_are_written_only_in_protocol() -> None:
+    """Every close the broker sends names a `protocol.Close`; no other file spells a code."""
     patterns = (r"CLOSE_\w+ = (\d{4})\b", r"\.close\((\d{4})\b", r'"code": (\d{4})\b')
+    spelled = {}
     for path in _source_files():
+        if path.name == "protocol.py":
+            continue
         text = path.read_text()
         for pattern in patterns:
-            used |= {int(code) for code in re.findall(pattern, text)}
-    assert {4001, 4003, 4010, 1012} <= used
-    assert used <= set(CLOSE_CODES), used - set(CLOSE_CODES)
+            spelled.update({code: path.name for code in re.findall(pattern, text)})
+    assert not spelled, spelled
+    assert set(Close) == set(CLOSE_CODES) == set(CLOSE_NAMES)
 
 
 # --- real HTTP answers obey the OpenAPI document ------------------------------------------------

@@ -9,14 +9,18 @@ import pytest
 from tablelock.model import CONFIG_RANGES, Lock, StoreConfig, Terminal, holder_key, holder_of
 from tablelock.rules import (
     Acquire,
+    Acquired,
     Check,
+    Checked,
     Complete,
     ConfigError,
     Ingest,
     Publish,
+    Published,
     Release,
     ReleaseAll,
     Renew,
+    Renewed,
     Tick,
     patch_config,
 )
@@ -98,10 +102,10 @@ def test_h5_takes_only_payment_locks(kind: Any) -> None:
 def test_h5_check_answers_forbidden_for_erp_actions(action: Any, allowed: bool) -> None:
     sim = open_order()
     out = sim.step(H5, Check(action))
-    assert out.result is not None and out.result["allowed"] is allowed
+    assert out.result is not None and out.result.allowed is allowed
     if not allowed:
-        assert out.result["refusal"].code == "FORBIDDEN"
-        assert out.result["refusal"].can_force is False
+        assert out.result.refusal.code == "FORBIDDEN"
+        assert out.result.refusal.can_force is False
 
 
 def test_h5_may_not_publish_or_renew() -> None:
@@ -123,7 +127,7 @@ def test_h5_of_another_table_touches_nothing() -> None:
     out = sim.step(H5_OTHER_TABLE, Complete(lock.token, 1, 1000, "x"))
     assert_refused(out, "FORBIDDEN", unchanged=before)
     out = sim.step(H5_OTHER_TABLE, Check("pay"))
-    assert out.result is not None and out.result["refusal"].code == "FORBIDDEN"
+    assert out.result is not None and out.result.refusal.code == "FORBIDDEN"
     assert out.direct == []  # not even a contention reaches the holder
 
 
@@ -148,7 +152,7 @@ def test_service_takes_no_locks_and_publishes_nothing(command: Any) -> None:
 def test_service_check_is_forbidden() -> None:
     sim = open_order()
     out = sim.step(SERVICE, Check("pay"))
-    assert out.result is not None and out.result["refusal"].code == "FORBIDDEN"
+    assert out.result is not None and out.result.refusal.code == "FORBIDDEN"
 
 
 def test_manager_may_not_publish() -> None:
@@ -163,8 +167,8 @@ def test_manager_check_agrees_with_manager_publish(action: str) -> None:
     real = sim.publish(MANAGER, version=2, change=action)
     assert refusal_code(real) == "FORBIDDEN"
     checked = sim.step(MANAGER, Check(action))  # type: ignore[arg-type]
-    assert checked.result is not None and checked.result["allowed"] is False
-    assert checked.result["refusal"].code == "FORBIDDEN"
+    assert checked.result is not None and checked.result.allowed is False
+    assert checked.result.refusal.code == "FORBIDDEN"
 
 
 # --- NOT_FOUND ---------------------------------------------------------------------
@@ -194,7 +198,7 @@ def test_check_of_an_unknown_order_is_not_found_from_any_role(actor: Terminal,
 
 def test_first_publish_creates_the_order() -> None:
     out = step(None, Publish(make_order(version=5), "add_items"), ERP2)
-    assert out.refusal is None and out.result == {"order": make_order(version=5)}
+    assert out.refusal is None and out.result == Published(make_order(version=5))
     assert out.record is not None and out.record.order == make_order(version=5)
     assert out.record.fence >= T0
     assert names(out) == ["order.updated"]
@@ -226,18 +230,18 @@ def test_check_on_a_paid_order(actor: Terminal, action: Any) -> None:
     sim, _ = paid_order()
     out = sim.step(actor, Check(action))
     assert out.refusal is None and out.result is not None
-    assert out.result["allowed"] is False
+    assert out.result.allowed is False
     # FORBIDDEN first: a manager never publishes nor accepts (it takes locks).
     forbidden = actor.role == "manager" and action in ("add_items", "modify", "accept")
-    assert out.result["refusal"].code == ("FORBIDDEN" if forbidden else "ORDER_PAID")
+    assert out.result.refusal.code == ("FORBIDDEN" if forbidden else "ORDER_PAID")
 
 
 def test_check_on_a_paid_order_from_h5() -> None:
     sim, _ = paid_order()
     pay = sim.step(H5, Check("pay"))
-    assert pay.result is not None and pay.result["refusal"].code == "ORDER_PAID"
+    assert pay.result is not None and pay.result.refusal.code == "ORDER_PAID"
     edit = sim.step(H5, Check("edit"))  # FORBIDDEN comes first
-    assert edit.result is not None and edit.result["refusal"].code == "FORBIDDEN"
+    assert edit.result is not None and edit.result.refusal.code == "FORBIDDEN"
 
 
 def test_status_publish_closes_a_paid_order() -> None:
@@ -256,7 +260,7 @@ def test_paid_order_cannot_be_reopened_into_a_second_payment() -> None:
     reopen = sim.publish(ERP1, version=2, change="status", status="open")
     assert refusal_code(reopen) == "ORDER_PAID"
     second = sim.acquire(ERP2, "payment")
-    token = second.result["lock"].token if second.result and second.result["lock"] else None
+    token = second.result.lock.token if second.result and second.result.lock else None
     out = sim.step(ERP2, Complete(token, 2, 1000, "pay-2"))
     assert refusal_code(out) == "ORDER_PAID"
     assert sim.record is not None and sim.record.payment is not None
@@ -269,7 +273,7 @@ def test_paid_then_closed_order_cannot_be_paid_again() -> None:
     assert sim.publish(ERP1, version=2, change="status", status="closed").refusal is None
     assert refusal_code(sim.publish(ERP1, version=3, change="modify")) == "ORDER_PAID"
     second = sim.acquire(ERP2, "payment")
-    token = second.result["lock"].token if second.result and second.result["lock"] else None
+    token = second.result.lock.token if second.result and second.result.lock else None
     out = sim.step(ERP2, Complete(token, 3, 1000, "pay-2"))
     assert refusal_code(out) == "ORDER_PAID"
     assert sim.step(ERP1, Complete(None, 1, 1000, "pay-1")).refusal is None  # still the retry
@@ -359,16 +363,16 @@ def test_conflicts_name_payment_then_presettle_then_order() -> None:
         assert out.refusal is not None and out.refusal.lock == blocking
         assert out.refusal.code == f"{blocking.kind.upper()}_LOCKED"
         checked = step(rec, Check("edit"), ERP1)
-        assert checked.result is not None and checked.result["refusal"].lock == blocking
+        assert checked.result is not None and checked.result.refusal.lock == blocking
     accept = step(make_record(make_order(), [presettle, payment]), Check("accept"), ERP1)
     assert accept.result is not None
-    assert (accept.result["refusal"].code, accept.result["refusal"].variant) == (
+    assert (accept.result.refusal.code, accept.result.refusal.variant) == (
         "ACCEPT_BLOCKED", "")
-    assert accept.result["refusal"].lock == payment
+    assert accept.result.refusal.lock == payment
     accept = step(make_record(make_order(), [order_lock, presettle]), Check("accept"), ERP1)
     assert accept.result is not None
-    assert accept.result["refusal"].variant == "presettle"
-    assert accept.result["refusal"].lock == presettle
+    assert accept.result.refusal.variant == "presettle"
+    assert accept.result.refusal.lock == presettle
 
 
 def test_force_revokes_every_conflicting_lock() -> None:
@@ -377,7 +381,7 @@ def test_force_revokes_every_conflicting_lock() -> None:
     rec = make_record(make_order(), locks)
     out = step(rec, Acquire("order", force=True, operator="boss", reason="stuck"), ERP1)
     assert out.result is not None
-    assert [lock.kind for lock in out.result["forced"]] == ["payment", "presettle", "order"]
+    assert [lock.kind for lock in out.result.forced] == ["payment", "presettle", "order"]
     assert names(out) == ["lock.forced"] * 3 + ["lock.acquired"]
     assert [e.notify for e in out.events[:3]] == [holder_key(t) for t in (H5, MANAGER, ERP2)]
     assert out.record is not None and list(out.record.locks) == ["order"]
@@ -452,7 +456,7 @@ def test_a_phone_never_records_a_payment(config: StoreConfig) -> None:
     sim = Sim(config=config)
     sim.publish(ERP1)
     out = sim.acquire(H5, "payment")
-    token = out.result["lock"].token if out.result and out.result["lock"] else None
+    token = out.result.lock.token if out.result and out.result.lock else None
     before = sim.record
     for attempt in (Complete(token, 1, 1000, "wx-1"), Complete(token, 9, 1, "forged")):
         out = sim.step(H5, attempt)
@@ -488,7 +492,7 @@ def test_service_completes_with_the_current_token() -> None:
     assert refusal_code(sim.step(SERVICE, Complete(None, 1, 1000, "p0"))) == "FENCED"
     out = sim.step(SERVICE, Complete(lock.token, 1, 1000, "p1"))
     assert out.refusal is None and sim.order.status == "paid"
-    assert out.result is not None and out.result["payment"].by == SERVICE
+    assert out.result is not None and out.result.payment.by == SERVICE
 
 
 def test_release_and_renew_by_the_holder() -> None:
@@ -498,7 +502,7 @@ def test_release_and_renew_by_the_holder() -> None:
     renewed = sim.step(ERP1, Renew("order", lock.token))
     assert renewed.refusal is None and renewed.events == []
     assert renewed.result is not None
-    assert renewed.result["lock"] == Lock(**{**_fields(lock), "expires_at": sim.now + ERP_TTL})
+    assert renewed.result.lock == Lock(**{**_fields(lock), "expires_at": sim.now + ERP_TTL})
     out = sim.step(ERP1, Release("order"))  # the holder may omit the token
     assert out.refusal is None and names(out) == ["lock.released"]
     assert out.events[0].reason == "released"
@@ -592,7 +596,7 @@ def test_erp_reacquire_renews_silently() -> None:
     out = sim.acquire(ERP1, "order")
     assert out.refusal is None and out.events == [] and out.direct == []
     assert out.result is not None
-    again = out.result["lock"]
+    again = out.result.lock
     assert again.token == lock.token and again.acquired_at == lock.acquired_at
     assert again.expires_at == sim.now + ERP_TTL
     assert sim.record is not None and sim.record.locks["order"] == again
@@ -605,7 +609,7 @@ def test_h5_reacquire_returns_the_lock_unrenewed() -> None:
     sim.now += 5000
     out = sim.acquire(H5, "payment")
     assert out.refusal is None and out.events == [] and not out.need_fetch
-    assert out.result is not None and out.result["lock"] == lock
+    assert out.result is not None and out.result.lock == lock
     sim.now = lock.expires_at
     assert only(sim.step(None, Tick()), "lock.expired").lock == lock
 
@@ -620,7 +624,7 @@ def test_reacquiring_a_held_lock_returns_it_whatever_else_is_held() -> None:
     sim.grant(H5, "payment")
     out = sim.acquire(ERP2, "presettle")
     assert out.refusal is None and out.events == [] and out.direct == []
-    assert out.result is not None and out.result["lock"].token == presettle.token
+    assert out.result is not None and out.result.lock.token == presettle.token
 
 
 def test_closed_order_takes_no_lock() -> None:
@@ -641,8 +645,8 @@ def test_order_lock_holder_upgrades_to_payment() -> None:
     assert out.refusal is None and out.result is not None
     assert names(out) == ["lock.released", "lock.acquired"]
     assert out.events[0].lock == order_lock and out.events[0].reason == "upgraded"
-    assert out.result["released"] == [order_lock]
-    assert out.result["lock"].token > order_lock.token
+    assert out.result.released == [order_lock]
+    assert out.result.lock.token > order_lock.token
     assert sim.record is not None and list(sim.record.locks) == ["payment"]
 
 
@@ -670,7 +674,7 @@ def test_h5_payment_under_presettle_is_at_the_presettled_version_after_the_pull(
     assert out.refusal is None or out.refusal.code == "PRESETTLE_LOCKED"
     if out.refusal is None:
         assert out.result is not None
-        assert out.result["lock"].order_version == presettle.order_version
+        assert out.result.lock.order_version == presettle.order_version
 
 
 # --- payment.complete ---------------------------------------------------------------
@@ -692,7 +696,7 @@ def test_payment_complete_success_and_idempotent_retry() -> None:
     assert paid.payment.by == SERVICE
     released = only(out, "lock.released")
     assert released.lock == lock and released.reason == "paid"
-    assert out.result["order"].status == "paid"
+    assert out.result.order.status == "paid"
     assert sim.record is not None and sim.record.ended_at == sim.now
     assert [a.kind for a in out.audit] == ["lock.released", "payment.completed"]
     assert out.deadline == sim.now + CONFIG.order_retention_ms
@@ -752,7 +756,7 @@ def test_erp_ttl_and_renew() -> None:
     assert lock.expires_at == T0 + 60_000
     sim.now = T0 + 50_000
     renewed = sim.step(ERP1, Renew("presettle", lock.token))
-    assert renewed.result is not None and renewed.result["lock"].expires_at == T0 + 110_000
+    assert renewed.result is not None and renewed.result.lock.expires_at == T0 + 110_000
     assert renewed.events == [] and renewed.deadline == T0 + 110_000
     sim.now = T0 + 60_000
     assert sim.step(None, Tick()).events == []
@@ -826,13 +830,13 @@ def test_strong_link_off_enforces_nothing() -> None:
         out = sim.step(actor, Acquire(kind))  # type: ignore[arg-type]
         assert out.refusal is None and not out.need_fetch
         assert out.result is not None
-        assert out.result["enforced"] is False and out.result["lock"] is None
+        assert out.result.enforced is False and out.result.lock is None
         assert out.events == [] and not out.changed
         assert sim.record is not None and sim.record.locks == {}
     renew = sim.step(ERP1, Renew("order", 5))
-    assert renew.result == {"enforced": False, "lock": None}
+    assert renew.result == Renewed(enforced=False, lock=None)
     checked = sim.step(H5, Check("pay"))
-    assert checked.result == {"allowed": True}
+    assert checked.result == Checked(None)
     assert refusal_code(sim.step(SERVICE, Complete(None, 2, 700, "a"))) == "STALE_VERSION"
     assert refusal_code(sim.step(SERVICE, Complete(None, 1, 701, "b"))) == "AMOUNT_MISMATCH"
     out = sim.step(SERVICE, Complete(None, 1, 700, "c"))
@@ -847,7 +851,7 @@ def test_strong_link_off_publish_ignores_locks_and_h5_needs_no_fetch() -> None:
     sim.config = LOOSE
     assert sim.publish(ERP1, version=2, change="modify").refusal is None
     out = step(None, Acquire("payment"), H5, config=LOOSE)
-    assert out.result == {"enforced": False, "lock": None, "order": None}
+    assert out.result == Acquired(enforced=False, lock=None, order=None)
 
 
 def test_release_all() -> None:
@@ -951,7 +955,7 @@ def test_h5_pay_on_an_unknown_order_pulls_it_first() -> None:
     out = step(None, Acquire("payment", fetched=fresh), H5)
     assert out.refusal is None and out.result is not None
     assert names(out) == ["order.updated", "lock.acquired"]
-    assert out.result["lock"].order_version == 3
+    assert out.result.lock.order_version == 3
     assert out.record is not None and out.record.order == fresh
     failed = step(None, Acquire("payment", fetch_failed=True), H5)
     assert refusal_code(failed) == "ERP_UNAVAILABLE" and failed.record is None
@@ -972,7 +976,7 @@ def test_h5_pay_on_a_known_order_pulls_and_decides_again() -> None:
     newer = make_order(version=3, amount_cents=1400)
     out = sim.step(H5, Acquire("payment", fetched=newer))
     assert out.refusal is None and out.result is not None
-    assert out.result["lock"].order_version == 3 and out.result["order"] == newer
+    assert out.result.lock.order_version == 3 and out.result.order == newer
     assert names(out) == ["order.updated", "lock.acquired"]
     # An older pulled copy never rolls the order back.
     stale = sim.step(H5_SAME_TABLE, Ingest(make_order(version=2)))

@@ -29,7 +29,6 @@ from hypothesis.stateful import (
 
 from tablelock import rules
 from tablelock.model import (
-    FORCING_ROLES,
     Lock,
     LockKind,
     Order,
@@ -81,6 +80,7 @@ CONFIGS = [StoreConfig(disconnect_grace_ms=grace, **SHORT)  # type: ignore[arg-t
            for grace in (3_000, 0, 20_000)]
 
 # Weighted towards the terminals that may do most, so fewer steps are a plain FORBIDDEN.
+FORCING_ROLES = frozenset(role for role in rules.ROLES if rules.capability(role).force)
 terminals = st.sampled_from([*TERMINALS, ERP1, ERP2, H5])
 forces = st.sampled_from([False, False, True])
 bills = st.sampled_from(["t1", "t2", "t1", "old"])  # a table's current bill, or an older one
@@ -152,8 +152,8 @@ class CoreMachine(RuleBasedStateMachine):
         reached.update(e.event + (":" + e.reason if e.reason else "") for e in out.events)
         if out.refusal is not None:
             reached[out.refusal.code] += 1
-        elif isinstance(command, Check) and out.result and not out.result["allowed"]:
-            reached["check:" + out.result["refusal"].code] += 1
+        elif isinstance(command, Check) and out.result and not out.result.allowed:
+            reached["check:" + out.result.refusal.code] += 1
         if before is not None and out.record is None:
             reached["forgotten"] += 1
         if isinstance(command, Complete) and out.refusal is None and not out.events:
@@ -207,8 +207,8 @@ class CoreMachine(RuleBasedStateMachine):
             if getattr(command, "force", False):
                 assert out.refusal is not None and out.refusal.code == "FORBIDDEN"
             assert out.refusal is None or not out.refusal.can_force  # never offered a force
-            if isinstance(command, Check) and out.result and not out.result["allowed"]:
-                assert not out.result["refusal"].can_force
+            if isinstance(command, Check) and out.result and not out.result.allowed:
+                assert not out.result.refusal.can_force
             if actor.table_id != table:
                 self.check_other_table(command, out)
         if rec is not None:
@@ -275,7 +275,7 @@ class CoreMachine(RuleBasedStateMachine):
     def check_other_table(self, command: Command, out: Outcome) -> None:
         if isinstance(command, Check):
             assert out.refusal is not None or (
-                out.result is not None and out.result["refusal"].code == "FORBIDDEN")
+                out.result is not None and out.result.refusal.code == "FORBIDDEN")
         else:
             # An unknown order's table is learnt from the ERP: failing that, ERP_UNAVAILABLE.
             assert out.need_fetch or (out.refusal is not None and out.refusal.code in (
@@ -302,10 +302,10 @@ class CoreMachine(RuleBasedStateMachine):
     def compare_check(self, checked: Outcome, real: Outcome) -> None:
         """`check` answers like the request itself where only the lock table can refuse it."""
         assert checked.result is not None
-        if checked.result["allowed"]:
+        if checked.result.allowed:
             assert real.refusal is None
         else:
-            refusal = checked.result["refusal"]
+            refusal = checked.result.refusal
             assert real.refusal is not None
             assert (real.refusal.code, real.refusal.can_force, real.refusal.lock) == (
                 refusal.code, refusal.can_force, refusal.lock)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from tablelock.model import Lock, LockKind, OrderRecord, Terminal, holder_key, holder_of
-from tablelock.rules import Acquire, Check, Outcome, Publish
+from tablelock.rules import Acquire, Acquired, Check, Outcome, Publish
 
 from .rules_helpers import (
     ERP1,
@@ -113,7 +113,7 @@ def assert_granted(out: Outcome, cell: Cell) -> None:
     assert out.refusal is None, out.refusal
     assert out.result is not None
     if cell.action in KIND_OF_ACTION:
-        lock = out.result["lock"]
+        lock = out.result.lock
         assert isinstance(lock, Lock)
         assert lock.kind == KIND_OF_ACTION[cell.action]
         assert lock.holder == holder_of(cell.actor)
@@ -163,7 +163,7 @@ def test_allowed_cell(cell: Cell) -> None:
     assert out.direct == []
     if cell.action == "pay":  # at the presettled version
         assert out.result is not None
-        assert out.result["lock"].order_version == held_lock("presettle").order_version
+        assert out.result.lock.order_version == held_lock("presettle").order_version
 
 
 @pytest.mark.parametrize("cell", FORCED, ids=str)
@@ -176,7 +176,7 @@ def test_forced_cell(cell: Cell) -> None:
     if cell.expect is None:  # allowed anyway: force revokes nothing
         assert "lock.forced" not in names(out)
         assert out.record.locks[cell.held] == revoked
-        assert not out.result.get("forced")
+        assert not isinstance(out.result, Acquired) or not out.result.forced
         return
     forced = [e for e in out.events if e.event == "lock.forced"]
     assert len(forced) == 1
@@ -186,7 +186,7 @@ def test_forced_cell(cell: Cell) -> None:
     assert forced[0].table_id == "t1"
     assert out.direct == []  # a force is not a contention
     if cell.action in KIND_OF_ACTION:
-        assert out.result["forced"] == [revoked]
+        assert out.result.forced == [revoked]
         assert out.record.locks.get(cell.held) != revoked  # replaced by the actor's, or gone
         assert names(out).index("lock.forced") < names(out).index("lock.acquired")
     else:
@@ -217,13 +217,13 @@ def test_check_answers_like_the_attempt(cell: Cell) -> None:
     assert out.refusal is None and out.result is not None
     assert out.events == [] and out.direct == [] and out.audit == []
     assert out.record is not None and out.record.locks == rec.locks
-    allowed = out.result["allowed"]
+    allowed = out.result.allowed
     # Against the spec's table ...
     if cell.expect is None:
         assert allowed is True
     else:
         assert allowed is False
-        refusal = out.result["refusal"]
+        refusal = out.result.refusal
         assert refusal.code == cell.expect[0]
         assert refusal.can_force is (cell.expect[1] and cell.actor.role != "h5")
         assert refusal.lock == held_lock(cell.held)
@@ -235,7 +235,7 @@ def test_check_answers_like_the_attempt(cell: Cell) -> None:
     real = attempt(rec, cell.action, cell.actor, force=False)
     assert allowed is (real.refusal is None)
     if real.refusal is not None:
-        refusal = out.result["refusal"]
+        refusal = out.result.refusal
         assert (refusal.code, refusal.can_force, refusal.lock, refusal.variant) == (
             real.refusal.code, real.refusal.can_force, real.refusal.lock, real.refusal.variant)
 
@@ -256,10 +256,10 @@ def test_payment_column_when_a_phone_holds_the_lock(action: str) -> None:
     expect = SPEC_TABLE[action]["payment"]
     assert expect is not None
     checked = step(rec, Check(action), ERP1)  # type: ignore[arg-type]
-    assert checked.result is not None and checked.result["allowed"] is False
-    assert checked.result["refusal"].code == expect[0]
-    assert checked.result["refusal"].can_force is expect[1]
-    assert checked.result["refusal"].lock == phone_lock
+    assert checked.result is not None and checked.result.allowed is False
+    assert checked.result.refusal.code == expect[0]
+    assert checked.result.refusal.can_force is expect[1]
+    assert checked.result.refusal.lock == phone_lock
     if action == "accept":
         return
     out = attempt(rec, action, ERP1, force=False)

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from starlette.applications import Starlette
@@ -66,7 +67,7 @@ def backend_label(url: str) -> str:
 
 
 def create_app(settings: Settings,
-               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> Broker:
+               background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()) -> Broker:
     """The broker; `background` jobs (the demo's simulated store) run while it serves."""
     backend = make_backend(settings)
     hub = Hub(settings.max_queue_messages, settings.max_queue_bytes, settings.rate_per_s,

@@ -9,15 +9,15 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
-from typing import get_args
 
 import jwt
 import msgspec
 
-from .model import Role, Terminal
+from .model import Terminal
 from .protocol import Identifier
+from .rules import CAPABILITIES
 
-ROLES = frozenset(get_args(Role))
+ROLES = frozenset(CAPABILITIES)
 # An HS256 key shorter than its hash can be guessed offline from any token (RFC 7518 3.2).
 MIN_SECRET_BYTES = 32
 _REQUIRED_CLAIMS = ["sub", "store", "role", "exp"]
@@ -53,7 +53,7 @@ class Tokens:
              ttl_s: int = 12 * 3600, name: str | None = None) -> str:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(sorted(ROLES))}")
-        if role == "h5" and not table:
+        if CAPABILITIES[role].table_scoped and not table:
             raise ValueError("an h5 token needs a table")
         claims: dict[str, object] = {"sub": sub, "store": store, "role": role,
                                      "exp": int(time.time()) + ttl_s}
@@ -75,7 +75,7 @@ def terminal_of(claims: dict[str, object]) -> Terminal:
         raise AuthError(f"unknown role {role!r}")
     if isinstance(table, int) and not isinstance(table, bool):
         table = str(table)
-    if role == "h5" and (not isinstance(table, str) or not table):
+    if CAPABILITIES[role].table_scoped and (not isinstance(table, str) or not table):
         raise AuthError("an h5 token must name its table")
     if table is not None and not isinstance(table, str):
         raise AuthError("table must be a string")
@@ -84,7 +84,7 @@ def terminal_of(claims: dict[str, object]) -> Terminal:
             raise AuthError(f"{claim} must be an id (printable, at most its bound in length)")
     if name is not None and not isinstance(name, str):
         raise AuthError("name must be a string")
-    return Terminal(sub, role, name or sub, store, table)  # type: ignore[arg-type]
+    return Terminal(sub, role, name or sub, store, table)
 
 
 def _is_identifier(value: str) -> bool:

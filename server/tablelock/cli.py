@@ -9,13 +9,15 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from .auth import Tokens, parse_ttl, short_secrets, silence_key_length_warnings
 from .gateway import Gateway
+from .rules import ROLES
 from .settings import Settings, SettingsError, check_port
 
 log = logging.getLogger("tablelock.cli")
@@ -65,7 +67,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def run_broker(settings: Settings, announce: Callable[[str], None],
-               background: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
+               background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()) -> None:
     """Serve until a signal; `announce` gets the broker's base address (http://host:port,
     with the port really bound) once it serves."""
     from . import logs
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p_token = commands.add_parser("token", help="mint a terminal token")
     p_token.add_argument("--store", required=True)
     p_token.add_argument("--role", required=True,
-                         choices=["erp_main", "erp_secondary", "h5", "manager", "service"])
+                         choices=sorted(ROLES))
     p_token.add_argument("--sub", required=True, help="terminal id")
     p_token.add_argument("--table", help="table id (h5 only)")
     p_token.add_argument("--name", help="display name")

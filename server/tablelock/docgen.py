@@ -4,9 +4,9 @@
     python -m tablelock.docgen --check    # exit 1 when they are stale
 
 A generated block is `<!-- generated:NAME -->` ... `<!-- /generated:NAME -->`, and NAME is
-one of RENDERERS. The lock table, the store config, the prompts and the close codes are read
-from the modules that hold them; what each role may do is asked of the lock core itself
-(`rules.step`), so the rendering says what the code does, whoever changes it. The words that
+one of RENDERERS. The lock table, the role capability table, the store config, the prompts
+and the close codes are read from the modules that hold them, so the rendering says what the
+code does, whoever changes it. The words that
 explain a code or an event live here, and rendering fails when the code has a name they miss.
 tests/test_docs.py keeps the committed page and the code in step.
 """
@@ -21,24 +21,14 @@ from pathlib import Path
 from typing import Final
 
 from . import openapi, prompts, rules
-from .model import (
-    CONFIG_RANGES,
-    FORCING_ROLES,
-    LOCK_KINDS,
-    Action,
-    Order,
-    OrderRecord,
-    Role,
-    StoreConfig,
-    Terminal,
-)
+from .model import CONFIG_RANGES, LOCK_KINDS, Action, StoreConfig
 from .protocol import CLOSE_CODES, EVENT_NAMES, RELEASE_REASONS
 
 DOC_PATH: Final = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 BLOCK: Final = re.compile(
     r"(?P<open><!-- generated:(?P<name>[\w-]+) -->\n).*?(?P<close><!-- /generated:(?P=name) -->)",
     re.S)
-ROLES: Final[tuple[Role, ...]] = typing.get_args(Role)
+ROLES: Final = rules.ROLES
 
 
 class DocError(Exception):
@@ -87,41 +77,37 @@ def lock_table() -> str:
     return _table(header, rows)
 
 
-# --- what each role may do, asked of the core ----------------------------------------------
+# --- what each role may do: the capability table -------------------------------------------
 
-_ORDER: Final = Order("o1", "t1", 1, 1000)
-
-
-def _refused_as_forbidden(role: Role, command: rules.Command) -> bool:
-    """Does the core refuse `command` by `role` as FORBIDDEN, on an open order of the
-    role's own table that nobody has locked?"""
-    record = OrderRecord("s1", "o1", _ORDER, fence=1)
-    actor = Terminal("probe", role, "probe", "s1", "t1" if role == "h5" else None)
-    ctx = rules.Context(now=1_000_000, config=StoreConfig(), actor=actor)
-    out = rules.step(record, command, ctx)
-    refusal = out.refusal
-    if refusal is None and out.result is not None:
-        refusal = out.result.get("refusal")  # `check` answers a refusal as its result
-    return refusal is not None and refusal.code == "FORBIDDEN"
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "—"
 
 
-PROBES: Final[tuple[tuple[str, rules.Command], ...]] = (
-    ("`lock.acquire` kind `order`", rules.Acquire("order")),
-    ("`lock.acquire` kind `payment`", rules.Acquire("payment")),
-    ("`lock.acquire` kind `presettle`", rules.Acquire("presettle")),
-    ("`force: true` (acquire, publish, release)", rules.Acquire("payment", force=True)),
-    ("`lock.renew`", rules.Renew("payment", 1)),
-    ("`lock.release` of its own lock", rules.Release("payment")),
-    ("`order.publish`", rules.Publish(Order("o1", "t1", 2, 1000), "modify")),
-    ("`payment.complete`", rules.Complete(1, 1, 1000, "ref")),
-    *((f"`check` action `{action}`", rules.Check(action)) for action in typing.get_args(Action)),
+CAPABILITY_ROWS: Final[tuple[tuple[str, Callable[[rules.Capability], str]], ...]] = (
+    *((f"`lock.acquire`, `lock.release` kind `{kind}`",
+       lambda cap, kind=kind: _yes(kind in cap.lock_kinds)) for kind in LOCK_KINDS),
+    ("`force: true` (acquire, publish, release)", lambda cap: _yes(cap.force)),
+    ("`lock.renew` (re-acquiring renews too)", lambda cap: _yes(cap.renew)),
+    ("`order.publish`", lambda cap: _yes(cap.publish)),
+    ("`payment.complete`", lambda cap: _yes(cap.record_payment)),
+    ("subscribe to `store:<store>`", lambda cap: _yes(cap.store_channel)),
+    ("`order_authority: true` in `hello`", lambda cap: _yes(cap.order_authority)),
+    ("only its own table's orders and events", lambda cap: _yes(cap.table_scoped)),
+    ("its locks outlive its last connection by `disconnect_grace_ms`",
+     lambda cap: _yes(cap.disconnect_grace)),
+    ("its locks live for", lambda cap: f"`{cap.lock_ttl}`" if cap.lock_kinds else "—"),
+    ("a lock waits for the ERP's latest order (strong link)",
+     lambda cap: _yes(cap.pulls_order)),
 )
 
 
 def role_table() -> str:
-    rows = [[label, *("yes" if not _refused_as_forbidden(role, command) else "—"
-                      for role in ROLES)]
-            for label, command in PROBES]
+    """rules.CAPABILITIES, one column per role; `check` rows from rules.actions_of."""
+    rows = [[label, *(cell(rules.capability(role)) for role in ROLES)]
+            for label, cell in CAPABILITY_ROWS]
+    rows += [[f"`check` action `{action}`",
+              *(_yes(action in rules.actions_of(role)) for role in ROLES)]
+             for action in typing.get_args(Action)]
     return _table(["request", *(f"`{role}`" for role in ROLES)], rows)
 
 
@@ -162,7 +148,7 @@ CODE_MEANINGS: Final = {
 # When a code has several prompts, which one a client sees.
 VARIANT_NOTES: Final = {
     ("PAYMENT_LOCKED", ""): "to an ERP or manager",
-    ("PAYMENT_LOCKED", "h5"): "to a phone (`h5`)",
+    ("PAYMENT_LOCKED", rules.PHONE_PROMPT): "to a phone (`h5`)",
     ("ACCEPT_BLOCKED", ""): "a payment lock is held",
     ("ACCEPT_BLOCKED", "presettle"): "only a presettle lock is held",
 }
@@ -177,12 +163,13 @@ def error_table() -> str:
     entries = prompts.PROMPTS
     meanings = _words(CODE_MEANINGS, (code for code, _ in entries), "error codes")
     forceable = _forceable_codes()
-    forcers = ", ".join(f"`{role}`" for role in ROLES if role in FORCING_ROLES)
+    forcers = ", ".join(f"`{role}`" for role in ROLES if rules.capability(role).force)
     rows = []
     for (code, variant), (zh, en) in entries.items():
         note = VARIANT_NOTES.get((code, variant), variant)
         meaning = meanings[code] + (f"; {note}" if note else "")
-        can_force = f"yes, to {forcers}" if code in forceable and variant not in ROLES else "no"
+        phone = variant == rules.PHONE_PROMPT  # a phone may never force
+        can_force = f"yes, to {forcers}" if code in forceable and not phone else "no"
         rows.append([f"`{code}`", meaning, can_force, zh, en])
     return _table(["code", "meaning", "`can_force`", "zh-CN", "en"], rows)
 
@@ -238,7 +225,7 @@ def reasons_table() -> str:
 
 
 def close_codes_table() -> str:
-    return _table(["code", "meaning"], [[str(code), text] for code, text in
+    return _table(["code", "meaning"], [[str(int(code)), text] for code, text in
                                         sorted(CLOSE_CODES.items())])
 
 

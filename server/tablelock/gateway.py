@@ -19,16 +19,26 @@ from . import metrics
 from .auth import AuthError, Tokens
 from .backends.base import Backend, Numbered, OutcomeUnknown, Unavailable
 from .hub import Connection, Hub
-from .model import ERP_ROLES, FORCING_ROLES, Lock, Order, Terminal
+from .model import Lock, Order, StoreConfig, Terminal
 from .prompts import prompt
 from .protocol import (
+    AUTH_REFUSED,
+    AUTHORITY_REFUSED,
+    BACKEND_UNAVAILABLE,
+    CONNECTION_LIMIT,
+    DRAINING,
+    HELLO_TIMEOUT,
+    NOT_HELLO,
     PROTOCOL_VERSION,
+    RATE_LIMIT,
     SUBPROTOCOL,
+    UNSUPPORTED,
     AcquireResult,
     BadFrame,
     CheckRequest,
     CheckResult,
     ClientMessage,
+    Close,
     ErrorBody,
     ErrorReply,
     Hello,
@@ -62,26 +72,31 @@ from .protocol import (
 from .relay import PullLimited, Relay
 from .rules import (
     Acquire,
+    Acquired,
     Check,
+    Checked,
     Command,
     Complete,
     Ingest,
+    Ingested,
     Outcome,
+    Paid,
     Publish,
+    Published,
     Release,
+    Released,
     Renew,
+    Renewed,
+    Result,
     Tick,
+    capability,
+    sees_order,
+    sees_table,
 )
 from .settings import Settings
 from .wire import shed_handshake
 
 log = logging.getLogger("tablelock.gateway")
-
-CLOSE_NO_HELLO = 4001
-CLOSE_UNSUPPORTED_PROTOCOL = 4002
-CLOSE_AUTH_FAILED = 4003
-CLOSE_POLICY = 4008
-CLOSE_RESTARTING = 1012
 
 RequestId = int | str | None
 
@@ -152,14 +167,14 @@ class Gateway:
         if message["type"] != "websocket.connect":
             return
         if not self._origin_allowed(scope):
-            await send({"type": "websocket.close", "code": CLOSE_AUTH_FAILED})  # HTTP 403
+            await send({"type": "websocket.close", "code": Close.AUTH_FAILED})  # HTTP 403
             return
         offered = scope.get("subprotocols") or []
         await send({"type": "websocket.accept",
                     "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
         if self.draining:
-            await send({"type": "websocket.close", "code": CLOSE_RESTARTING,
-                        "reason": "restarting: reconnect"})
+            await send({"type": "websocket.close", "code": DRAINING.code,
+                        "reason": DRAINING.reason})
             return
         shed_handshake(send)
         conn = self.hub.connection(send)
@@ -177,7 +192,7 @@ class Gateway:
                 message = await receive()
         except TimeoutError:
             _hello_refused("no_hello")
-            conn.close(CLOSE_NO_HELLO, "no hello")
+            conn.close(*HELLO_TIMEOUT)
             return False
         finally:
             self._anonymous.pop(conn, None)  # whatever it said, it is no longer waiting
@@ -188,20 +203,20 @@ class Gateway:
         except BadFrame as bad:
             _hello_refused("bad_request", detail=bad.detail)
             conn.send(error_frame(bad.request_id, "BAD_REQUEST", conn.locale, detail=bad.detail))
-            conn.close(CLOSE_NO_HELLO, "the first frame must be hello")
+            conn.close(*NOT_HELLO)
             return False
         locale = getattr(hello, "locale", None) or conn.locale
         if not isinstance(hello, Hello):
             _hello_refused("bad_request", detail="the first frame must be hello")
             conn.send(error_frame(getattr(hello, "id", None), "BAD_REQUEST", locale,
                                   detail="the first frame must be hello"))
-            conn.close(CLOSE_NO_HELLO, "the first frame must be hello")
+            conn.close(*NOT_HELLO)
             return False
         if hello.protocol != PROTOCOL_VERSION:
             _hello_refused("unsupported_protocol", detail=f"protocol {hello.protocol}")
             conn.send(error_frame(hello.id, "UNSUPPORTED_PROTOCOL", locale,
                                   detail=f"this broker speaks protocol {PROTOCOL_VERSION}"))
-            conn.close(CLOSE_UNSUPPORTED_PROTOCOL, "unsupported protocol")
+            conn.close(*UNSUPPORTED)
             return False
         try:
             terminal, expires = self.tokens.verify(hello.token)
@@ -210,21 +225,21 @@ class Gateway:
         except AuthError as exc:
             _hello_refused("auth_failed", detail=str(exc))
             conn.send(error_frame(hello.id, "AUTH_FAILED", locale, detail=str(exc)))
-            conn.close(CLOSE_AUTH_FAILED, "auth failed")
+            conn.close(*AUTH_REFUSED)
             return False
-        if hello.order_authority and terminal.role not in ERP_ROLES:
+        if hello.order_authority and not capability(terminal.role).order_authority:
             # Whoever answers order.fetch writes the orders the store pays against: only
             # an ERP terminal may (a phone that said so answered pulls with forged bills).
             _hello_refused("forbidden", terminal, "order_authority is for ERP terminals")
             conn.send(error_frame(hello.id, "FORBIDDEN", locale,
                                   detail="order_authority is for ERP terminals"))
-            conn.close(CLOSE_AUTH_FAILED, "order_authority refused")
+            conn.close(*AUTHORITY_REFUSED)
             return False
         full = self._full(terminal)
         if full:
             _hello_refused("limit_reached", terminal, full)
             conn.send(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full))
-            conn.close(CLOSE_POLICY, "connection limit")
+            conn.close(*CONNECTION_LIMIT)
             return False
         # Counted at once, before any await, so that simultaneous hellos see each other.
         session, resumed = self.hub.attach(conn, terminal, hello.resume, hello.order_authority)
@@ -244,7 +259,7 @@ class Gateway:
             _hello_refused("unavailable", terminal, str(exc))
             # The store's locale could not be read: the hello's own, else the default.
             conn.send(error_frame(hello.id, "UNAVAILABLE", locale))
-            conn.close(1013, "backend unavailable")
+            conn.close(*BACKEND_UNAVAILABLE)
             return False
         conn.send(ok_frame(hello.id, result))
         self._expire_at(conn, expires)
@@ -292,7 +307,7 @@ class Gateway:
                     _count(request, "RATE_LIMITED")
                 conn.send(error_frame(request_id, "RATE_LIMITED", conn.locale))
                 if conn.over_limit():
-                    conn.close(CLOSE_POLICY, "rate limit")
+                    conn.close(*RATE_LIMIT)
                 continue
             if request is None:
                 conn.send(error_frame(request_id, "BAD_REQUEST", conn.locale, detail=problem))
@@ -352,7 +367,7 @@ class Gateway:
             oldest = next(iter(anonymous))
             del anonymous[oldest]
             metrics.ANONYMOUS_EVICTED.inc()
-            oldest.close(CLOSE_POLICY, "too many connections without hello")
+            oldest.close(Close.POLICY, "too many connections without hello")
 
     def _full(self, terminal: Terminal) -> str:
         """Why one more connection is refused, or '' when it is welcome."""
@@ -391,8 +406,7 @@ class Gateway:
         conns = list(self.hub.connections)
         random.shuffle(conns)
         for n, conn in enumerate(conns):
-            loop.call_later(window_s * n / max(len(conns), 1), conn.close, CLOSE_RESTARTING,
-                            "restarting: reconnect")
+            loop.call_later(window_s * n / max(len(conns), 1), conn.close, *DRAINING)
 
     async def _goodbye(self, conn: Connection) -> None:
         terminal = conn.terminal
@@ -407,7 +421,7 @@ class Gateway:
             config = await self.backend.get_config(terminal.store_id)
             grace = config.disconnect_grace_ms
         except Unavailable:
-            grace = 30_000
+            grace = StoreConfig().disconnect_grace_ms
         self.hub.detach(conn, grace)
         try:
             await self.backend.terminal_down(terminal)
@@ -438,15 +452,14 @@ class Gateway:
         conn.send(error_frame(request.id, code, conn.locale, variant=variant,
                               can_force=can_force, lock=lock, detail=detail))
 
-    def _answer(self, conn: Connection, request: Request, out: Outcome,
-                result: Callable[[dict[str, Any]], msgspec.Struct]) -> None:
+    def _answer(self, conn: Connection, request: Request, out: Outcome) -> None:
         if out.refusal is not None:
             r = out.refusal
             self._fail(conn, request, r.code, variant=r.variant, can_force=r.can_force,
                        lock=r.lock)
         else:
             assert out.result is not None
-            self._ok(conn, request, result(out.result))
+            self._ok(conn, request, reply_of(out.result, conn.locale))
 
     async def _fetch(self, terminal: Terminal, params: dict[str, str]) -> Order | None:
         config = await self.backend.get_config(terminal.store_id)
@@ -469,7 +482,7 @@ class Gateway:
         store_id, order_id = parsed
         if store_id != terminal.store_id:
             raise Refused("FORBIDDEN", "a channel of another store")
-        if order_id is None and terminal.role not in FORCING_ROLES:
+        if order_id is None and not capability(terminal.role).store_channel:
             raise Refused("FORBIDDEN", "the store channel is for ERP and manager terminals")
         if (request.channel not in conn.session.subs
                 and self.hub.subscription_count(conn) >= self.settings.max_subscriptions):
@@ -480,8 +493,8 @@ class Gateway:
             seq, snapshot = await self.backend.snapshot(request.channel)
             # An h5's scope is checked on the very record the snapshot shows, not on an
             # earlier read that the order could have moved away from (or come into) since.
-            if (conn.table_id is not None and isinstance(snapshot, OrderSnapshot)
-                    and snapshot.order is not None and snapshot.order.table_id != conn.table_id):
+            if (isinstance(snapshot, OrderSnapshot) and snapshot.order is not None
+                    and not sees_order(terminal, snapshot.order)):
                 raise Refused("FORBIDDEN", "an order of another table")
             result = SubscribeResult(request.channel, seq, snapshot)
             if request.since is not None:
@@ -490,8 +503,7 @@ class Gateway:
                 # Each event carries its order's table at the time: an h5 is not shown what
                 # happened while the order belonged to another table.
                 result.missed = [msgspec.Raw(m.frame) for m in missed or ()
-                                 if m.seq <= seq and (conn.table_id is None
-                                                        or m.table_id in (None, conn.table_id))]
+                                 if m.seq <= seq and sees_table(terminal, m.table_id)]
             self._ok(conn, request, result)
         except BaseException:
             self.hub.unsubscribe(conn, request.channel)
@@ -507,7 +519,7 @@ class Gateway:
         assert terminal is not None
         if request.order_id is None and request.table_id is None:
             raise Refused("BAD_REQUEST", "order_id or table_id is needed")
-        if terminal.role == "h5" and request.table_id not in (None, terminal.table_id):
+        if not sees_table(terminal, request.table_id):
             raise Refused("FORBIDDEN", "another table")
         if request.fresh:
             # The ERP's answer may take a while: don't hold up this connection's other frames.
@@ -535,7 +547,7 @@ class Gateway:
         rec = out.record
         if rec is None:
             raise Refused("NOT_FOUND")
-        if terminal.role == "h5" and rec.order.table_id != terminal.table_id:
+        if not sees_order(terminal, rec.order):
             raise Refused("FORBIDDEN", "an order of another table")
         self._ok(conn, request, OrderResult(rec.order, list(rec.locks.values())))
 
@@ -543,20 +555,11 @@ class Gateway:
         command = Publish(request.order.to_order(), request.change, request.token, request.force,
                           request.operator, request.reason)
         out = await self._apply(conn, request.order.order_id, command)
-        self._answer(conn, request, out, lambda r: PublishResult(**r))
+        self._answer(conn, request, out)
 
     async def _check(self, conn: Connection, request: CheckRequest) -> None:
-        out = await self._apply(conn, request.order_id, Check(request.action))
-        if out.refusal is not None:
-            raise Refused(out.refusal.code)
-        assert out.result is not None
-        refusal = out.result.get("refusal")
-        if refusal is None:
-            self._ok(conn, request, CheckResult(True))
-            return
-        message = prompt(refusal.code, conn.locale, refusal.variant)
-        self._ok(conn, request, CheckResult(False, refusal.code, message, refusal.can_force,
-                                            refusal.lock))
+        self._answer(conn, request, await self._apply(conn, request.order_id,
+                                                      Check(request.action)))
 
     async def _acquire(self, conn: Connection, request: LockAcquire) -> None:
         command = Acquire(request.kind, request.force, request.operator, request.reason)
@@ -564,7 +567,7 @@ class Gateway:
         if out.need_fetch:
             self._spawn(conn, request, self._acquire_fresh(conn, request, command))
             return
-        self._answer(conn, request, out, lambda r: AcquireResult(**r))
+        self._answer(conn, request, out)
 
     async def _acquire_fresh(self, conn: Connection, request: LockAcquire,
                              command: Acquire) -> None:
@@ -574,23 +577,45 @@ class Gateway:
         retry = Acquire(command.kind, command.force, command.operator, command.reason,
                         fetched=order, fetch_failed=order is None)
         out = await self._apply(conn, request.order_id, retry)
-        self._answer(conn, request, out, lambda r: AcquireResult(**r))
+        self._answer(conn, request, out)
 
     async def _renew(self, conn: Connection, request: LockRenew) -> None:
         out = await self._apply(conn, request.order_id, Renew(request.kind, request.token))
-        self._answer(conn, request, out, lambda r: RenewResult(**r))
+        self._answer(conn, request, out)
 
     async def _release(self, conn: Connection, request: LockRelease) -> None:
         command = Release(request.kind, request.token, request.force, request.operator,
                           request.reason)
         out = await self._apply(conn, request.order_id, command)
-        self._answer(conn, request, out, lambda r: ReleaseResult(**r))
+        self._answer(conn, request, out)
 
     async def _complete(self, conn: Connection, request: PaymentComplete) -> None:
         command = Complete(request.token, request.version, request.amount_cents,
                            request.payment_ref)
         out = await self._apply(conn, request.order_id, command)
-        self._answer(conn, request, out, lambda r: PaymentResult(**r))
+        self._answer(conn, request, out)
+
+
+def reply_of(result: Result, locale: str) -> msgspec.Struct:
+    """The wire reply of a command's result (a refusal `check` reports reads `locale`)."""
+    match result:
+        case Acquired(enforced, lock, order, released, forced):
+            return AcquireResult(lock, order, enforced, released, forced)
+        case Renewed(enforced, lock):
+            return RenewResult(lock, enforced)
+        case Released(lock):
+            return ReleaseResult(lock)
+        case Published(order):
+            return PublishResult(order)
+        case Paid(order, payment):
+            return PaymentResult(order, payment)
+        case Ingested(order, locks):
+            return OrderResult(order, locks)
+        case Checked(refusal):
+            if refusal is None:
+                return CheckResult(True)
+            return CheckResult(False, refusal.code, prompt(refusal.code, locale, refusal.variant),
+                               refusal.can_force, refusal.lock)
 
 
 def _hello_refused(reason: str, terminal: Terminal | None = None, detail: str = "") -> None:
@@ -603,7 +628,7 @@ def _hello_refused(reason: str, terminal: Terminal | None = None, detail: str = 
 
 
 def _count(request: Request, code: str) -> None:
-    metrics.REQUESTS.inc(request.__struct_config__.tag, code)
+    metrics.REQUESTS.inc(str(request.__struct_config__.tag), code)
 
 
 def _payload(message: dict[str, Any]) -> str | bytes:

@@ -17,8 +17,8 @@ from .auth import AuthError, Tokens
 from .backends.base import Backend, OutcomeUnknown, Unavailable
 from .model import StoreConfig, Terminal
 from .prompts import prompt
-from .protocol import Identifier, OrderResult, PaymentRef, SafeInt, Token, encode
-from .rules import Complete, ConfigError, Tick
+from .protocol import Identifier, OrderResult, PaymentRef, PaymentResult, SafeInt, Token, encode
+from .rules import ADMIN_ROLES, Complete, ConfigError, Paid, Tick, sees_order
 
 # Where no store is known (or its config cannot be read), messages use the default locale.
 DEFAULT_LOCALE = StoreConfig().locale
@@ -144,13 +144,13 @@ def http_routes(backend: Backend, tokens: Tokens,
         rec = (await backend.apply(store_id, order_id, Tick(), terminal)).record
         if rec is None:
             raise HttpError(404, "NOT_FOUND")
-        if terminal.role == "h5" and rec.order.table_id != terminal.table_id:
+        if not sees_order(terminal, rec.order):
             raise HttpError(403, "FORBIDDEN", "an order of another table")
         return json_response(OrderResult(rec.order, list(rec.locks.values())))
 
     async def config(request: Request) -> Response:
         store_id = request.path_params["store"]
-        caller(request, store_id, ("manager", "service"))
+        caller(request, store_id, ADMIN_ROLES["config"])
         if request.method == "GET":
             return json_response(await backend.get_config(store_id))
         patch = decode_json(await request.body())
@@ -163,7 +163,7 @@ def http_routes(backend: Backend, tokens: Tokens,
 
     async def payment(request: Request) -> Response:
         store_id = request.path_params["store"]
-        terminal = caller(request, store_id, ("service",))
+        terminal = caller(request, store_id, ADMIN_ROLES["payment"])
         order_id = order_id_of(request)
         body: PaymentBody = decode_json(await request.body(), PaymentBody)
         command = Complete(body.token, body.version, body.amount_cents, body.payment_ref)
@@ -171,12 +171,12 @@ def http_routes(backend: Backend, tokens: Tokens,
         if out.refusal is not None:
             status = 404 if out.refusal.code == "NOT_FOUND" else 409
             raise HttpError(status, out.refusal.code, variant=out.refusal.variant)
-        assert out.result is not None
-        return json_response(out.result)
+        assert isinstance(out.result, Paid)
+        return json_response(PaymentResult(out.result.order, out.result.payment))
 
     async def audit(request: Request) -> Response:
         store_id = request.path_params["store"]
-        caller(request, store_id, ("manager",))
+        caller(request, store_id, ADMIN_ROLES["audit"])
         kind = request.query_params.get("kind") or None
         try:
             limit = int(request.query_params.get("limit", "100"))
@@ -187,7 +187,7 @@ def http_routes(backend: Backend, tokens: Tokens,
 
     async def handled(request: Request) -> Response:
         store_id, entry_id = request.path_params["store"], request.path_params["id"]
-        caller(request, store_id, ("manager",))
+        caller(request, store_id, ADMIN_ROLES["audit"])
         # An id no backend could have made is simply not found (it never reaches Redis).
         if not is_identifier(entry_id) or not await backend.mark_handled(store_id, entry_id):
             raise HttpError(404, "NOT_FOUND", "no such audit entry")

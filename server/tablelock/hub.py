@@ -21,11 +21,9 @@ from typing import Any
 
 from . import metrics
 from .model import Terminal, holder_key
+from .protocol import EVENTS_LOST, SLOW_CONSUMER, TOKEN_EXPIRED, Close
+from .rules import is_first_authority, table_scope
 from .wire import direct_writer, text_frame
-
-CLOSE_SLOW_CONSUMER = 4010
-CLOSE_RESTARTING = 1012
-CLOSE_TOKEN_EXPIRED = 4003
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -71,7 +69,8 @@ class Connection:
         self.closed = False
         self.close_code: int | None = None  # for the log: who closed, and why
         self.terminal: Terminal | None = None
-        self.table_id: str | None = None  # set for h5: events of other tables are not shown
+        # The table a table-scoped terminal (h5) is limited to: others' events are not shown.
+        self.table_id: str | None = None
         self.session: Session | None = None
         self.locale = "zh-CN"
         self.authority = False
@@ -110,7 +109,7 @@ class Connection:
         if not queue and self._flusher is None and self._write_now is not None and (
                 self._write_now(frame, framed)):
             if frame.__class__ is TimedFrame:
-                metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)  # type: ignore[attr-defined]
+                metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)
             return
         if queue is None:
             queue = self._queue = deque()
@@ -118,7 +117,7 @@ class Connection:
         self._queued_bytes += len(frame)
         if len(queue) > self.max_messages or self._queued_bytes > self.max_bytes:
             metrics.SLOW_CONSUMERS.inc()
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            self.close(*SLOW_CONSUMER)
             return
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -133,7 +132,7 @@ class Connection:
                 # ASGI takes text frames as str: only this slow path pays the decode
                 await self._send({"type": "websocket.send", "text": frame.decode()})
                 if frame.__class__ is TimedFrame:
-                    metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)  # type: ignore[attr-defined]
+                    metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)
         except Exception:  # the peer went away: the receive loop will see it
             self.closed = True
             queue.clear()
@@ -151,7 +150,7 @@ class Connection:
         if self.closed:
             return
         self.close_code = code
-        if code == CLOSE_SLOW_CONSUMER and self._queue is not None:
+        if code == Close.SLOW_CONSUMER and self._queue is not None:
             self._queue.clear()
             self._queued_bytes = 0
             if self._flusher is not None:
@@ -166,7 +165,7 @@ class Connection:
                 await asyncio.wait_for(asyncio.shield(self._closing), timeout)
 
     async def _close(self, code: int, reason: str) -> None:
-        if code != CLOSE_SLOW_CONSUMER:
+        if code != Close.SLOW_CONSUMER:
             await self.drain()
         with contextlib.suppress(Exception):
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
@@ -254,14 +253,14 @@ class Hub:
         session.conn = conn
         conn.session = session
         conn.terminal = terminal
-        conn.table_id = terminal.table_id if terminal.role == "h5" else None
+        conn.table_id = table_scope(terminal)
         self._terminals.setdefault((terminal.store_id, holder_key(terminal)), []).append(conn)
         self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
         for channel in session.subs:
             self._subscribers.setdefault(channel, set()).add(conn)
             if resumed:  # hold live events back until the missed ones are replayed
                 conn.hold(channel)
-        if authority or terminal.role == "erp_main":
+        if authority or is_first_authority(terminal.role):
             conn.authority = True
             self._authorities.setdefault(terminal.store_id, []).append(conn)
         return session, resumed
@@ -310,10 +309,11 @@ class Hub:
         return [len(conn._queue) for conn in self.connections if conn._queue]
 
     def authority(self, store_id: str) -> Connection | None:
-        """The connection that answers `order.fetch`: an erp_main first, newest first."""
+        """The connection that answers `order.fetch`: the first authority's role first (an
+        erp_main), newest first."""
         candidates = [c for c in self._authorities.get(store_id, ()) if not c.closed]
         for conn in reversed(candidates):
-            if conn.terminal is not None and conn.terminal.role == "erp_main":
+            if conn.terminal is not None and is_first_authority(conn.terminal.role):
                 return conn
         return candidates[-1] if candidates else None
 
@@ -356,7 +356,7 @@ class Hub:
             await asyncio.sleep(every_s)
             now = time.time()
             for conn in [c for c in self.connections if c.expires_at <= now]:
-                conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
+                conn.close(*TOKEN_EXPIRED)
 
     def has_subscribers(self, channel: str) -> bool:
         return channel in self._subscribers
@@ -364,7 +364,7 @@ class Hub:
     def lost(self, channel: str) -> None:
         """Events were lost for good: subscribers reconnect (1012) and recover by snapshot."""
         for conn in list(self._subscribers.get(channel, ())):
-            conn.close(CLOSE_RESTARTING, "events lost: resubscribe")
+            conn.close(*EVENTS_LOST)
 
     def replay(self, conn: Connection, channel: str, seq: int, text: bytes,
                table_id: str | None) -> None:

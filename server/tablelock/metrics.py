@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 
-class Tally(Collector):
+class LabelledCounter(Collector):
     """A labelled counter kept as plain ints and read at scrape time: the hot path pays a
     dict update, not prometheus-client's labels() (microseconds per call)."""
 
@@ -53,9 +53,9 @@ class SampledHistogram:
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 CONNECTIONS = Gauge("tablelock_connections", "Open authenticated connections", ["role"])
-REQUESTS = Tally("tablelock_requests", "Requests answered, by type and result code",
+REQUESTS = LabelledCounter("tablelock_requests", "Requests answered, by type and result code",
                  ["type", "code"])
-LOCK_EVENTS = Tally("tablelock_lock_events",
+LOCK_EVENTS = LabelledCounter("tablelock_lock_events",
                     "Lock outcomes: grants, conflicts, forces, expiries, releases, payments",
                     ["outcome"])
 FANOUT_SECONDS = Histogram("tablelock_fanout_seconds",

@@ -19,9 +19,6 @@ Action = Literal["edit", "add_items", "modify", "pay", "presettle", "accept"]
 Locale = Literal["zh-CN", "en"]
 
 LOCK_KINDS: tuple[LockKind, ...] = ("order", "payment", "presettle")
-# Roles that may repeat a refused request with force: true (PROTOCOL.md section 2).
-FORCING_ROLES = frozenset({"erp_main", "erp_secondary", "manager"})
-ERP_ROLES = frozenset({"erp_main", "erp_secondary"})
 # The largest integer JavaScript reads exactly: the bound of every integer a client sends.
 MAX_SAFE_INT = 2**53 - 1
 

@@ -21,6 +21,7 @@ from . import __version__
 from .http import DemoTokenBody, PaymentBody
 from .model import CONFIG_RANGES, AuditEntry, StoreConfig
 from .protocol import OrderResult, PaymentResult
+from .rules import ADMIN_ROLES
 
 REF: Final = "#/components/schemas/"
 
@@ -100,16 +101,16 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("get", "/v1/stores/{store}/orders/{order}", "the order and its locks", (),
               OrderResult, errors=(*_V1_ERRORS, 404),
               description="An `h5` token reads only orders of its own table (else 403)."),
-    Operation("get", "/v1/stores/{store}/config", "the store config", ("manager", "service"),
+    Operation("get", "/v1/stores/{store}/config", "the store config", ADMIN_ROLES["config"],
               StoreConfig, errors=_V1_ERRORS),
     Operation("put", "/v1/stores/{store}/config", "change the store config (partial; publishes "
-              "`config.updated`)", ("manager", "service"), StoreConfig, body="ConfigPatch",
+              "`config.updated`)", ADMIN_ROLES["config"], StoreConfig, body="ConfigPatch",
               errors=(400, *_V1_ERRORS),
               description="Takes a partial flat object of config fields. Unknown fields and "
                           "out-of-range values are refused with 400. Answers the whole "
                           "config. Turning `strong_link` off releases every lock of the store."),
     Operation("post", "/v1/stores/{store}/orders/{order}/payment", "record a payment "
-              "(the platform payment service, with the phone's lock token)", ("service",),
+              "(the platform payment service, with the phone's lock token)", ADMIN_ROLES["payment"],
               PaymentResult, body="PaymentBody", errors=(400, *_V1_ERRORS, 404, 409),
               description="The same rules as the WebSocket `payment.complete`. A refusal "
                           "(`LOCK_EXPIRED`, `FENCED`, `STALE_VERSION`, `AMOUNT_MISMATCH`, "
@@ -117,13 +118,13 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                           "`payment.rejected`. A retry with the same `payment_ref` answers "
                           "the same success."),
     Operation("get", "/v1/stores/{store}/audit", "the store's audit log, newest first",
-              ("manager",), AuditPage, errors=(400, *_V1_ERRORS),
+              ADMIN_ROLES["audit"], AuditPage, errors=(400, *_V1_ERRORS),
               query=(("kind", {"type": "string"}, "only entries of this kind, e.g. "
                       "`payment.rejected`"),
                      ("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
                                 "default": 100}, "at most this many entries (clamped)"))),
     Operation("post", "/v1/stores/{store}/audit/{id}/handled", "mark a `payment.rejected` "
-              "entry handled", ("manager",), Handled, errors=(*_V1_ERRORS, 404)),
+              "entry handled", ADMIN_ROLES["audit"], Handled, errors=(*_V1_ERRORS, 404)),
 )
 
 _STATUS_TEXT: Final = {400: "bad request or body", 401: "no valid Bearer token",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from .rules import PHONE_PROMPT
+
 Variant = str  # "" for the plain text, or a qualifier such as "h5" or "presettle"
 
 _PROMPTS: Final[dict[tuple[str, Variant], tuple[str, str]]] = {
@@ -17,7 +19,7 @@ _PROMPTS: Final[dict[tuple[str, Variant], tuple[str, str]]] = {
         "This order is being checked out on another machine or by the customer. "
         "Checking out now may cause a duplicate payment. Continue?",
     ),
-    ("PAYMENT_LOCKED", "h5"): (
+    ("PAYMENT_LOCKED", PHONE_PROMPT): (
         "订单正在其他机器/顾客端进行支付，请稍后再试",
         "This order is being paid elsewhere. Please try again shortly.",
     ),

@@ -7,8 +7,9 @@ per channel. `docs/asyncapi.json` is generated from these same types
 
 from __future__ import annotations
 
+import enum
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta
@@ -212,7 +213,7 @@ def _read_id(frame: str | bytes) -> int | str | None:
         if found is None:
             return None
         try:
-            return msgspec.json.decode(found.group(1), type=RequestId)  # type: ignore[no-any-return]
+            return msgspec.json.decode(found.group(1), type=RequestId)
         except msgspec.DecodeError:
             return None
 
@@ -351,22 +352,77 @@ EVENT_NAMES: tuple[str, ...] = (
     "order.updated", "order.paid", "terminal.online", "terminal.offline", "config.updated",
 )
 RELEASE_REASONS: tuple[str, ...] = ("released", "upgraded", "paid", "holder_disconnected")
+# Why a lock a client held has ended, as the SDKs tell their application: a `lock.released`
+# reason, `expired` (lock.expired), `forced` (lock.forced), or `gone` (no longer there on a
+# re-read, cause unknown).
+LOST_LOCK_REASONS: tuple[str, ...] = (*RELEASE_REASONS, "expired", "forced", "gone")
 
-# Every WebSocket close code the broker sends, and what the client should do.
-CLOSE_CODES: dict[int, str] = {
-    1009: "a frame larger than 64 KiB: do not resend it",
-    1012: "the broker is restarting, or events were lost: reconnect (with `resume`) and "
-          "subscribe again with `since`",
-    1013: "the backend could not be reached during `hello`: reconnect after a backoff",
-    4001: "no `hello` within 10 s, or a first frame that is not a valid `hello`",
-    4002: "unsupported protocol version",
-    4003: "authentication failed, the token expired unrefreshed, or a `hello` claimed "
-          "`order_authority` for a role that may not have it",
-    4008: "policy: the connection broke a bound (request rate, control frames, connections "
-          "per process, store or terminal, connections that have not said `hello`)",
-    4010: "slow consumer: the connection's send queue passed its bound; reconnect and "
-          "recover",
+
+# --- closing -----------------------------------------------------------------------
+
+class Close(enum.IntEnum):
+    """Every WebSocket close code the broker sends (CLOSE_CODES says what the client does)."""
+
+    TOO_BIG = 1009
+    RESTARTING = 1012
+    TRY_AGAIN_LATER = 1013
+    NO_HELLO = 4001
+    UNSUPPORTED_PROTOCOL = 4002
+    AUTH_FAILED = 4003
+    POLICY = 4008
+    SLOW_CONSUMER = 4010
+
+
+# Each code's short name (the generated SDK constants carry it).
+CLOSE_NAMES: dict[Close, str] = {
+    Close.TOO_BIG: "frame too big",
+    Close.RESTARTING: "server restarting",
+    Close.TRY_AGAIN_LATER: "try again later",
+    Close.NO_HELLO: "no hello",
+    Close.UNSUPPORTED_PROTOCOL: "unsupported protocol",
+    Close.AUTH_FAILED: "auth failed",
+    Close.POLICY: "policy",
+    Close.SLOW_CONSUMER: "slow consumer",
 }
+
+# What the client should do on each, for the docs.
+CLOSE_CODES: dict[Close, str] = {
+    Close.TOO_BIG: "a frame larger than 64 KiB: do not resend it",
+    Close.RESTARTING: "the broker is restarting, or events were lost: reconnect (with "
+                      "`resume`) and subscribe again with `since`",
+    Close.TRY_AGAIN_LATER: "the backend could not be reached during `hello`: reconnect after "
+                           "a backoff",
+    Close.NO_HELLO: "no `hello` within 10 s, or a first frame that is not a valid `hello`",
+    Close.UNSUPPORTED_PROTOCOL: "unsupported protocol version",
+    Close.AUTH_FAILED: "authentication failed, the token expired unrefreshed, or a `hello` "
+                       "claimed `order_authority` for a role that may not have it",
+    Close.POLICY: "policy: the connection broke a bound (request rate, control frames, "
+                  "connections per process, store or terminal, connections that have not "
+                  "said `hello`)",
+    Close.SLOW_CONSUMER: "slow consumer: the connection's send queue passed its bound; "
+                         "reconnect and recover",
+}
+
+
+class Closing(NamedTuple):
+    """A close the broker sends: its code and the reason in the close frame."""
+
+    code: Close
+    reason: str
+
+
+HELLO_TIMEOUT = Closing(Close.NO_HELLO, "no hello")
+NOT_HELLO = Closing(Close.NO_HELLO, "the first frame must be hello")
+UNSUPPORTED = Closing(Close.UNSUPPORTED_PROTOCOL, "unsupported protocol")
+AUTH_REFUSED = Closing(Close.AUTH_FAILED, "auth failed")
+AUTHORITY_REFUSED = Closing(Close.AUTH_FAILED, "order_authority refused")
+TOKEN_EXPIRED = Closing(Close.AUTH_FAILED, "token expired")
+CONNECTION_LIMIT = Closing(Close.POLICY, "connection limit")
+RATE_LIMIT = Closing(Close.POLICY, "rate limit")
+BACKEND_UNAVAILABLE = Closing(Close.TRY_AGAIN_LATER, "backend unavailable")
+DRAINING = Closing(Close.RESTARTING, "restarting: reconnect")
+EVENTS_LOST = Closing(Close.RESTARTING, "events lost: resubscribe")
+SLOW_CONSUMER = Closing(Close.SLOW_CONSUMER, "slow consumer")
 
 
 class EventFrame(msgspec.Struct, omit_defaults=True, gc=False):

@@ -13,6 +13,7 @@ backend calls this same function inside its own atomic section.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -21,8 +22,6 @@ import msgspec
 
 from .model import (
     CONFIG_RANGES,
-    ERP_ROLES,
-    FORCING_ROLES,
     Action,
     AuditEntry,
     Event,
@@ -32,6 +31,7 @@ from .model import (
     Order,
     OrderRecord,
     Payment,
+    Role,
     StoreConfig,
     Terminal,
     holder_key,
@@ -77,18 +77,128 @@ ACTION_OF_CHANGE: Final[dict[str, Action]] = {"add_items": "add_items", "modify"
                                                "status": "modify"}
 # Which lock blocks first when several do (PROTOCOL.md section 2, refusal order).
 BLOCKING_ORDER: Final[tuple[LockKind, ...]] = ("payment", "presettle", "order")
-# What each role may ever do (a `check` of anything else answers FORBIDDEN): the ERP
-# publishes and accepts orders; a manager takes locks; a customer adds dishes and pays.
-ACTIONS_OF_ROLE: Final[dict[str, frozenset[str]]] = {
-    "erp_main": frozenset(LOCK_TABLE),
-    "erp_secondary": frozenset(LOCK_TABLE),
-    "manager": frozenset({"edit", "pay", "presettle"}),
-    "h5": frozenset({"add_items", "pay"}),
-    "service": frozenset(),
+
+# --- the role table -------------------------------------------------------------
+
+TtlField = Literal["erp_lock_ttl_ms", "h5_payment_lock_ttl_ms"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    """What one role may do: every layer asks this, never a role's name."""
+
+    lock_kinds: tuple[LockKind, ...]  # the locks it may take and release
+    force: bool  # may repeat a refused request with force: true
+    renew: bool  # may renew its locks (re-acquiring one renews it too)
+    publish: bool  # may publish orders (and so accept a scanned order)
+    record_payment: bool  # may send payment.complete
+    store_channel: bool  # may subscribe to store:<store>
+    order_authority: bool  # may say order_authority: true and answer order pulls
+    table_scoped: bool  # sees and locks only the orders of its token's table
+    disconnect_grace: bool  # its locks outlive its last connection by disconnect_grace_ms
+    lock_ttl: TtlField  # the config field its locks live for
+    scan_to_order: bool  # adds dishes from its table (asks `check add_items`)
+    pulls_order: bool  # its lock waits for the ERP's latest copy of the order (strong link)
+
+
+_COUNTER = Capability(
+    lock_kinds=("order", "payment", "presettle"), force=True, renew=True, publish=True,
+    record_payment=True, store_channel=True, order_authority=True, table_scoped=False,
+    disconnect_grace=True, lock_ttl="erp_lock_ttl_ms", scan_to_order=False, pulls_order=False)
+
+CAPABILITIES: Final[dict[Role, Capability]] = {
+    "erp_main": _COUNTER,
+    "erp_secondary": _COUNTER,
+    # A manager takes and forces locks and records payments; the ERP alone writes orders.
+    "manager": dataclasses.replace(_COUNTER, publish=False, order_authority=False),
+    # A customer's phone pays for its own table's order, against the ERP's latest copy; it
+    # never records the payment (the payment service does, with the phone's token).
+    "h5": Capability(
+        lock_kinds=("payment",), force=False, renew=False, publish=False,
+        record_payment=False, store_channel=False, order_authority=False, table_scoped=True,
+        disconnect_grace=False, lock_ttl="h5_payment_lock_ttl_ms", scan_to_order=True,
+        pulls_order=True),
+    # The platform's payment service records payments with the payer's token, and nothing else.
+    "service": Capability(
+        lock_kinds=(), force=False, renew=False, publish=False, record_payment=True,
+        store_channel=False, order_authority=False, table_scoped=False,
+        disconnect_grace=True, lock_ttl="erp_lock_ttl_ms", scan_to_order=False,
+        pulls_order=False),
 }
-# Who may record a payment (payment.complete): a holder at the counter, or the platform's
-# payment service; never a customer's phone (PROTOCOL.md section 2).
-PAYING_ROLES: Final = frozenset({"erp_main", "erp_secondary", "manager", "service"})
+ROLES: Final[tuple[Role, ...]] = tuple(CAPABILITIES)
+# The role that answers order pulls first, whether or not it said order_authority.
+FIRST_AUTHORITY: Final[Role] = "erp_main"
+# The prompt variant (prompts.py) a table-scoped terminal reads for PAYMENT_LOCKED.
+PHONE_PROMPT: Final = "h5"
+
+# Who may use each store-administration endpoint over HTTP (the `/v1` API): the store's
+# config, the payment service's recording of a payment, the audit log.
+AdminTask = Literal["config", "payment", "audit"]
+ADMIN_ROLES: Final[dict[AdminTask, tuple[Role, ...]]] = {
+    "config": ("manager", "service"),
+    "payment": ("service",),
+    "audit": ("manager",),
+}
+
+
+def capability(role: Role) -> Capability:
+    return CAPABILITIES[role]
+
+
+def actions_of(role: Role) -> frozenset[Action]:
+    """What `role` may ever do, for `check` (anything else answers FORBIDDEN): the actions
+    of the locks it takes, the ERP's order actions if it publishes, adding dishes if it
+    orders from its table."""
+    cap = CAPABILITIES[role]
+    actions: set[Action] = {ACTION_OF_KIND[kind] for kind in cap.lock_kinds}
+    if cap.publish:
+        actions |= {*ACTION_OF_CHANGE.values(), "accept"}
+    if cap.scan_to_order:
+        actions.add("add_items")
+    return frozenset(actions)
+
+
+def sees_table(terminal: Terminal, table_id: str | None) -> bool:
+    """Whether `terminal` may see what happened on `table_id` (None: no table, everyone):
+    a table-scoped terminal sees its own table's only."""
+    return (table_id is None or not CAPABILITIES[terminal.role].table_scoped
+            or table_id == terminal.table_id)
+
+
+def sees_order(terminal: Terminal, order: Order) -> bool:
+    """Whether `terminal` may see (and act on) `order`."""
+    return sees_table(terminal, order.table_id)
+
+
+def table_scope(terminal: Terminal) -> str | None:
+    """The one table `terminal` is limited to, or None for the whole store."""
+    return terminal.table_id if CAPABILITIES[terminal.role].table_scoped else None
+
+
+def lock_ttl_ms(role: Role, config: StoreConfig) -> int:
+    ttl: int = getattr(config, CAPABILITIES[role].lock_ttl)
+    return ttl
+
+
+def is_first_authority(role: str) -> bool:
+    """Whether `role` answers order pulls before any other, without saying order_authority."""
+    return role == FIRST_AUTHORITY
+
+
+def has_grace(role: Role) -> bool:
+    return CAPABILITIES[role].disconnect_grace
+
+
+def presence_lingers(role: Role) -> bool:
+    """Whether a terminal of `role` is said offline only after the broker's linger: a phone,
+    whose page reloads and whose network comes and goes."""
+    return CAPABILITIES[role].table_scoped
+
+
+def _token_is_credential(actor: Terminal) -> bool:
+    """A writer that takes no locks (the payment service) writes with the token it was
+    handed: the token alone is its credential, whoever holds the lock."""
+    return not CAPABILITIES[actor.role].lock_kinds
 
 
 # --- commands -----------------------------------------------------------------
@@ -181,10 +291,62 @@ class Refusal:
     lock: Lock | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    enforced: bool  # False: strong link is off, nothing was locked
+    lock: Lock | None
+    order: Order | None
+    released: list[Lock] | None = None  # the actor's own order lock, upgraded to payment
+    forced: list[Lock] | None = None  # the locks of others this force revoked
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    enforced: bool
+    lock: Lock | None
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    lock: Lock
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    order: Order
+
+
+@dataclass(frozen=True, slots=True)
+class Paid:
+    order: Order
+    payment: Payment
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """`check`'s answer: None, or the refusal the action would get. An unknown order is the
+    only refusal of `check` itself (Outcome.refusal)."""
+
+    refusal: Refusal | None
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    order: Order
+    locks: list[Lock]
+
+
+Result = Acquired | Renewed | Released | Published | Paid | Checked | Ingested
+
+
 @dataclass(slots=True)
 class Outcome:
     record: OrderRecord | None
-    result: dict[str, Any] | None = None
+    result: Result | None = None
     refusal: Refusal | None = None
     events: list[Event] = field(default_factory=list)
     direct: list[tuple[str, Event]] = field(default_factory=list)  # (holder_key, event)
@@ -218,7 +380,7 @@ def _copy(rec: OrderRecord) -> OrderRecord:
 
 def lock_deadline(lock: Lock, ctx: Context) -> tuple[int, str]:
     """When `lock` ends on its own, and why: its TTL, or its holder's grace."""
-    if lock.holder.role != "h5":
+    if has_grace(lock.holder.role):
         since = ctx.offline.get(holder_key(lock.holder))
         if since is not None and since + ctx.config.disconnect_grace_ms <= lock.expires_at:
             return since + ctx.config.disconnect_grace_ms, "holder_disconnected"
@@ -297,10 +459,11 @@ def _blocking(rec: OrderRecord, action: str, actor: Terminal) -> list[tuple[Lock
 
 
 def conflict_refusal(lock: Lock, cell: Cell, actor: Terminal) -> Refusal:
-    can_force = cell.can_force and actor.role in FORCING_ROLES
+    cap = CAPABILITIES[actor.role]
+    can_force = cell.can_force and cap.force
     variant = ""
-    if cell.code == "PAYMENT_LOCKED" and actor.role == "h5":
-        variant = "h5"
+    if cell.code == "PAYMENT_LOCKED" and cap.table_scoped:
+        variant = PHONE_PROMPT
     elif cell.code == "ACCEPT_BLOCKED" and lock.kind == "presettle":
         variant = "presettle"
     return Refusal(cell.code, variant, can_force, lock)
@@ -344,7 +507,7 @@ def _token_refusal(rec: OrderRecord, kind: str, token: int, actor: Terminal | No
     """Check a token written under a lock of `kind`. None: it is the actor's current one."""
     lock = rec.locks.get(kind)
     if lock is not None and lock.token == token:
-        if actor is None or actor.role == "service" or same_holder(lock.holder, actor):
+        if actor is None or _token_is_credential(actor) or same_holder(lock.holder, actor):
             return None
         return "NOT_HOLDER"
     if rec.lapsed.get(kind) == token:
@@ -386,42 +549,42 @@ def _new_record(order: Order, ctx: Context, store_id: str) -> OrderRecord:
 def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
     assert actor is not None
-    is_h5 = actor.role == "h5"
-    if actor.role == "service" or (cmd.force and actor.role not in FORCING_ROLES) or (
-            is_h5 and cmd.kind != "payment"):
+    cap = CAPABILITIES[actor.role]
+    if cmd.kind not in cap.lock_kinds or (cmd.force and not cap.force):
         return _refuse(out, "FORBIDDEN")
     if cmd.fetched is not None:
         rec = out.record = _ingest_order(rec, cmd.fetched, ctx, out, actor.store_id)
     if rec is None:
-        if not is_h5:
+        if not cap.pulls_order:
             return _refuse(out, "NOT_FOUND")
         if not ctx.config.strong_link:
-            out.result = {"enforced": False, "lock": None, "order": None}
+            out.result = Acquired(enforced=False, lock=None, order=None)
         elif cmd.fetch_failed:
             _refuse(out, "ERP_UNAVAILABLE")
         else:
             out.need_fetch = True
         return None
-    if is_h5 and rec.order.table_id != actor.table_id:
+    if not sees_order(actor, rec.order):
         return _refuse(out, "FORBIDDEN")
     if _ended(rec):
         return _refuse(out, "ORDER_PAID")
     if not ctx.config.strong_link:
-        out.result = {"enforced": False, "lock": None, "order": rec.order}
+        out.result = Acquired(enforced=False, lock=None, order=rec.order)
         return None
     own = rec.locks.get(cmd.kind)
     if own is not None and same_holder(own.holder, actor):
-        if not is_h5:  # re-acquire renews ERP locks, silently
-            own = msgspec.structs.replace(own, expires_at=ctx.now + ctx.config.erp_lock_ttl_ms)
+        if cap.renew:  # re-acquiring a renewable lock renews it, silently
+            own = msgspec.structs.replace(own, expires_at=ctx.now + lock_ttl_ms(actor.role,
+                                                                                 ctx.config))
             rec.locks[cmd.kind] = own
             out.changed = True
-        out.result = {"enforced": True, "lock": own, "order": rec.order}
+        out.result = Acquired(enforced=True, lock=own, order=rec.order)
         return None
     forced = _resolve_conflicts(rec, ACTION_OF_KIND[cmd.kind], cmd.force, ctx, out,
                                 cmd.operator, cmd.reason)
     if forced is None:
         return None
-    if is_h5 and cmd.fetched is None:
+    if cap.pulls_order and cmd.fetched is None:
         # Strong link: the customer pays against the ERP's latest order, decided again after.
         if cmd.fetch_failed:
             return _refuse(out, "ERP_UNAVAILABLE")
@@ -436,7 +599,7 @@ def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) 
             _emit(out, rec, ctx, "lock.released", lock=mine, reason="upgraded")
             _audit(out, ctx, "lock.released", rec, mine.holder, kind="order", token=mine.token,
                    reason="upgraded")
-    ttl = ctx.config.h5_payment_lock_ttl_ms if is_h5 else ctx.config.erp_lock_ttl_ms
+    ttl = lock_ttl_ms(actor.role, ctx.config)
     rec.fence = max(rec.fence + 1, ctx.now)
     lock = Lock(rec.store_id, rec.order_id, cmd.kind, rec.fence, holder_of(actor), ctx.now,
                 ctx.now + ttl, rec.order.version)
@@ -446,12 +609,8 @@ def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) 
     _emit(out, rec, ctx, "lock.acquired", lock=lock)
     _audit(out, ctx, "lock.acquired", rec, actor, kind=cmd.kind, token=lock.token,
            forced=[f.token for f in forced] or None)
-    result: dict[str, Any] = {"enforced": True, "lock": lock, "order": rec.order}
-    if released:
-        result["released"] = released
-    if forced:
-        result["forced"] = forced
-    out.result = result
+    out.result = Acquired(enforced=True, lock=lock, order=rec.order,
+                          released=released or None, forced=forced or None)
     return None
 
 
@@ -469,41 +628,41 @@ def _ingest_order(rec: OrderRecord | None, order: Order, ctx: Context, out: Outc
 def _ingest(rec: OrderRecord | None, cmd: Ingest, ctx: Context, out: Outcome) -> None:
     store_id = ctx.actor.store_id if ctx.actor is not None else ""
     rec = out.record = _ingest_order(rec, cmd.order, ctx, out, store_id)
-    out.result = {"order": rec.order, "locks": list(rec.locks.values())}
+    out.result = Ingested(rec.order, list(rec.locks.values()))
 
 
 def _renew(rec: OrderRecord | None, cmd: Renew, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
     assert actor is not None
-    if actor.role not in FORCING_ROLES:
+    if not CAPABILITIES[actor.role].renew:
         return _refuse(out, "FORBIDDEN")
     if rec is None:
         return _refuse(out, "NOT_FOUND")
     if _ended(rec):
         return _refuse(out, "ORDER_PAID")
     if not ctx.config.strong_link:
-        out.result = {"enforced": False, "lock": None}
+        out.result = Renewed(enforced=False, lock=None)
         return None
     code = _token_refusal(rec, cmd.kind, cmd.token, actor)
     if code is not None:
         return _refuse(out, code)
     lock = msgspec.structs.replace(rec.locks[cmd.kind],
-                                   expires_at=ctx.now + ctx.config.erp_lock_ttl_ms)
+                                   expires_at=ctx.now + lock_ttl_ms(actor.role, ctx.config))
     rec.locks[cmd.kind] = lock
     out.changed = True
-    out.result = {"enforced": True, "lock": lock}
+    out.result = Renewed(enforced=True, lock=lock)
     return None
 
 
 def _release(rec: OrderRecord | None, cmd: Release, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
     assert actor is not None
-    if actor.role == "service" or (cmd.force and actor.role not in FORCING_ROLES) or (
-            actor.role == "h5" and cmd.kind != "payment"):
+    cap = CAPABILITIES[actor.role]
+    if cmd.kind not in cap.lock_kinds or (cmd.force and not cap.force):
         return _refuse(out, "FORBIDDEN")
     if rec is None:
         return _refuse(out, "NOT_FOUND")
-    if actor.role == "h5" and rec.order.table_id != actor.table_id:
+    if not sees_order(actor, rec.order):
         return _refuse(out, "FORBIDDEN")
     if _ended(rec):
         return _refuse(out, "ORDER_PAID")
@@ -528,20 +687,20 @@ def _release(rec: OrderRecord | None, cmd: Release, ctx: Context, out: Outcome) 
         _emit(out, rec, ctx, "lock.forced", lock=lock, by=actor, notify=holder_key(lock.holder))
         _audit(out, ctx, "lock.forced", rec, actor, kind=cmd.kind, token=lock.token,
                holder=lock.holder, operator=cmd.operator, reason=cmd.reason)
-    out.result = {"lock": lock}
+    out.result = Released(lock)
     return None
 
 
 def _publish(rec: OrderRecord | None, cmd: Publish, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
     assert actor is not None
-    if actor.role not in ERP_ROLES:
+    if not CAPABILITIES[actor.role].publish:
         return _refuse(out, "FORBIDDEN")
     if rec is None:
         rec = out.record = _new_record(cmd.order, ctx, actor.store_id)
         out.changed = True
         _emit(out, rec, ctx, "order.updated", order=cmd.order)
-        out.result = {"order": cmd.order}
+        out.result = Published(cmd.order)
         return None
     if _paid(rec) and (cmd.change != "status" or cmd.order.status == "open"):
         return _refuse(out, "ORDER_PAID")  # a paid order may only be closed
@@ -556,7 +715,7 @@ def _publish(rec: OrderRecord | None, cmd: Publish, ctx: Context, out: Outcome) 
             cmd.operator, cmd.reason) is None:
         return None
     _store_order(rec, cmd.order, ctx, out)
-    out.result = {"order": cmd.order}
+    out.result = Published(cmd.order)
     return None
 
 
@@ -570,14 +729,14 @@ def _publish_token_refusal(rec: OrderRecord, token: int, actor: Terminal) -> str
 
 def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome) -> None:
     actor = ctx.actor
-    if actor is not None and actor.role not in PAYING_ROLES:
+    if actor is not None and not CAPABILITIES[actor.role].record_payment:
         # A phone never records a payment (the payment service does, with the phone's
         # token): refused before anything is read, so it leaves no audit entry either.
         return _refuse(out, "FORBIDDEN")
     if rec is None:
         return _refuse(out, "NOT_FOUND")
     if rec.payment is not None and rec.payment.payment_ref == cmd.payment_ref:
-        out.result = {"order": rec.order, "payment": rec.payment}  # the retry of a success
+        out.result = Paid(rec.order, rec.payment)  # the retry of a success
         return None
     code = _payment_refusal(rec, cmd, ctx, actor)
     if code is not None:
@@ -595,7 +754,7 @@ def _complete(rec: OrderRecord | None, cmd: Complete, ctx: Context, out: Outcome
     _release_all(rec, ctx, out, "paid")
     _audit(out, ctx, "payment.completed", rec, actor, payment_ref=cmd.payment_ref,
            amount_cents=cmd.amount_cents, version=cmd.version, token=cmd.token)
-    out.result = {"order": order, "payment": payment}
+    out.result = Paid(order, payment)
     return None
 
 
@@ -621,11 +780,7 @@ def _check(rec: OrderRecord | None, cmd: Check, ctx: Context, out: Outcome) -> N
     assert actor is not None
     if rec is None:
         return _refuse(out, "NOT_FOUND")
-    refusal = check_refusal(rec, cmd.action, ctx)
-    if refusal is None:
-        out.result = {"allowed": True}
-    else:
-        out.result = {"allowed": False, "refusal": refusal}
+    out.result = Checked(check_refusal(rec, cmd.action, ctx))
     return None
 
 
@@ -633,8 +788,7 @@ def check_refusal(rec: OrderRecord, action: str, ctx: Context) -> Refusal | None
     """What the lock table says of `action` by the context's actor, without trying it."""
     actor = ctx.actor
     assert actor is not None
-    if action not in ACTIONS_OF_ROLE[actor.role] or (
-            actor.role == "h5" and rec.order.table_id != actor.table_id):
+    if action not in actions_of(actor.role) or not sees_order(actor, rec.order):
         return Refusal("FORBIDDEN")
     if _ended(rec):
         return Refusal("ORDER_PAID")

@@ -112,7 +112,7 @@ def _add_enumerations(components: dict[str, Any]) -> None:
     components["ErrorCode"] = {"type": "string", "enum": error_codes}
     components["CloseCode"] = {
         "type": "integer", "description": "WebSocket close codes the broker sends",
-        "oneOf": [{"const": code, "description": text}
+        "oneOf": [{"const": int(code), "description": text}
                   for code, text in sorted(CLOSE_CODES.items())]}
     event = components["EventFrame"]["properties"]
     event["event"] = {"$ref": REF + "EventName"}

@@ -23,6 +23,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .protocol import Close
 from .settings import Settings
 
 try:
@@ -40,7 +41,6 @@ _SANSIO_HOOKS = ("connection_made", "handle_ping", "handle_pong", "pause_writing
 if _SansIO is not None and not all(hasattr(_SansIO, hook) for hook in _SANSIO_HOOKS):
     _SansIO = None  # type: ignore[assignment,misc]  # pragma: no cover
 
-CLOSE_POLICY = 4008
 # How long a socket the broker closes waits for the peer's close reply (uvicorn: 10 s). Every
 # evicted silent socket would otherwise be held that long, its peer answering or not.
 CLOSE_GRACE_S = 2.0
@@ -204,12 +204,12 @@ if _SansIO is not None:
             if self._control_budget >= 0:
                 return True
             self.close_sent = self._flooded = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_POLICY,
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": Close.POLICY,
                                    "reason": "control frame flood"})
             if self.writable.is_set() and self.conn.state is State.OPEN:
                 # Say why, stop reading, and hang up CLOSE_GRACE_S later: closing at once
                 # would reset a socket that still sends, and the peer could lose the close frame.
-                self.conn.fail(CLOSE_POLICY, "control frame flood")
+                self.conn.fail(Close.POLICY, "control frame flood")
                 self.transport.write(b"".join(self.conn.data_to_send()))
                 if self.transport.can_write_eof():
                     self.transport.write_eof()

@@ -43,8 +43,9 @@ def shed_handshake(send: Callable[..., Any]) -> None:
     (about 4 KiB); nothing reads them once the socket is open."""
     protocol = getattr(send, "__self__", None)
     if _SansIO is not None and isinstance(protocol, _SansIO) and protocol.handshake_complete:
-        protocol.request = None
-        protocol.response = None
+        # uvicorn types them as always set; it never reads them again after the handshake.
+        protocol.request = None  # type: ignore[assignment]
+        protocol.response = None  # type: ignore[assignment]
 
 
 def direct_writer(send: Callable[..., Any]) -> DirectWriter | None:

@@ -168,8 +168,9 @@ class Mirror:
                 self.seq = event_seq
                 applied.append(frame)
                 self._emit(frame.get("event", ""), event_seq, frame)
-            # Trust, but check: a restarted broker numbers from 1 again, so `since`
-            # may name someone else's history. The snapshot is the truth.
+            # Trust, but check: the replayed events must lead to the very state the
+            # snapshot shows (a broker that lost its state numbers from its clock, never
+            # reusing a seq, but the snapshot is the truth).
             consistent = self.seq == seq and self._state_key() == self._load(snapshot, dry=True)
         self._load(snapshot)
         self.seq = seq

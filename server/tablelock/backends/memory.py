@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
+from ..model import AuditEntry, Event, Lock, Order, OrderRecord, StoreConfig, Terminal, holder_key
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -31,7 +31,16 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
+from ..rules import (
+    Command,
+    Context,
+    Outcome,
+    Tick,
+    coalescing_key,
+    has_grace,
+    presence_lingers,
+    step,
+)
 from .base import (
     Backend,
     EventSink,
@@ -210,7 +219,7 @@ class MemoryBackend(Backend):
         now = self.clock.now()
         for (store_id, _), rec in self._records.items():
             for lock in rec.locks.values():
-                if lock.holder.role != "h5":
+                if has_grace(lock.holder.role):
                     self._offline.setdefault(store_id, {})[holder_key(lock.holder)] = now
         for store_id, order_id in list(self._records):
             self.apply_now(store_id, order_id, Tick(), None)
@@ -373,7 +382,8 @@ class MemoryBackend(Backend):
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
         else:
-            orders, locks = [], []
+            orders: list[Order] = []
+            locks: list[Lock] = []
             for oid in self._orders_of_store.get(store_id, ()):
                 rec = self._records[(store_id, oid)]
                 if rec.order.status == "open":
@@ -437,7 +447,7 @@ class MemoryBackend(Backend):
         if entry[1] > 1:
             online[key] = (entry[0], entry[1] - 1)
             return
-        if terminal.role == "h5" and self._linger_s > 0:
+        if presence_lingers(terminal.role) and self._linger_s > 0:
             # A phone's page reloads and its network comes and goes: it is said offline
             # only once it stayed away for the linger, so that a phone reconnecting in a
             # loop cannot flush the store channel's history with presence.
@@ -459,7 +469,7 @@ class MemoryBackend(Backend):
         key = holder_key(terminal)
         entry = online.pop(key)
         now = self.clock.now()
-        if terminal.role != "h5":  # an h5 lock ends only at its TTL
+        if has_grace(terminal.role):  # other locks end only at their TTL
             self._offline.setdefault(terminal.store_id, {})[key] = now
         self._number(store_channel(terminal.store_id),
                      event_body(Event("terminal.offline", now, terminal=entry[0])))

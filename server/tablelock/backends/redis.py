@@ -45,7 +45,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from .. import metrics
-from ..model import MAX_SAFE_INT, AuditEntry, Event, OrderRecord, StoreConfig, Terminal, holder_key
+from ..model import (
+    MAX_SAFE_INT,
+    AuditEntry,
+    Event,
+    Lock,
+    Order,
+    OrderRecord,
+    StoreConfig,
+    Terminal,
+    holder_key,
+)
 from ..protocol import (
     OrderSnapshot,
     StoreSnapshot,
@@ -56,7 +66,17 @@ from ..protocol import (
     parse_channel,
     store_channel,
 )
-from ..rules import Command, Context, Outcome, Tick, coalescing_key, step
+from ..rules import (
+    Command,
+    Context,
+    Outcome,
+    Tick,
+    coalescing_key,
+    has_grace,
+    is_first_authority,
+    presence_lingers,
+    step,
+)
 from . import redis_lua
 from .base import (
     Backend,
@@ -196,7 +216,8 @@ def connect(url: str) -> tuple[Any, bool]:
             host, _, port = node.partition(":")
             nodes.append((host, int(port or 26379)))
         service = parsed.path.strip("/") or "mymaster"
-        sentinel = Sentinel(nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
         return sentinel.master_for(service, max_connections=512, **options), False
     # A bounded pool that makes a burst wait for a connection (within the answer bound)
     # rather than fail with "Too many connections".
@@ -242,7 +263,7 @@ class RedisBackend(Backend):
         # Presence by (store, holder_key): role and sub (model.holder_key says why).
         self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
-        self._unsaid: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
+        self._presence_unsent: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
         self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._healthy_since: float | None = None  # since when our heartbeats get through
         self._probes: dict[str, asyncio.Future[None]] = {}
@@ -616,7 +637,8 @@ class RedisBackend(Backend):
             seq, raws, terms = await self._guard(self._scripts["SNAPSHOT_STORE"](
                 keys=[keys.orders, keys.terms, keys.seqs],
                 args=[channel, keys.prefix + ":o:"]))
-            orders, locks = [], []
+            orders: list[Order] = []
+            locks: list[Lock] = []
             for raw in raws:
                 rec = _record_decoder.decode(raw)
                 if rec.order.status == "open":
@@ -663,7 +685,7 @@ class RedisBackend(Backend):
             lingering.cancel()
         _, count, was_authority = self._local.get(key, (terminal, 0, False))
         self._local[key] = (terminal, count + 1, authority or was_authority)
-        await self._hear_store(terminal.store_id, +1)
+        await self._listen_to_store(terminal.store_id, +1)
         await self._sync_presence(key, terminal)
 
     async def terminal_down(self, terminal: Terminal) -> None:
@@ -673,20 +695,20 @@ class RedisBackend(Backend):
             return
         if entry[1] > 1:
             self._local[key] = (entry[0], entry[1] - 1, entry[2])
-        elif terminal.role == "h5" and self._linger_s > 0:
+        elif presence_lingers(terminal.role) and self._linger_s > 0:
             # As in the memory backend: a phone is said gone only after the linger, so that
             # one reconnecting in a loop cannot flush the store channel's history.
             self._local[key] = (entry[0], 0, entry[2])
             self._lingering[key] = asyncio.get_running_loop().call_later(
                 self._linger_s, self._linger_ended, key, terminal)
-            await self._hear_store(terminal.store_id, -1)
+            await self._listen_to_store(terminal.store_id, -1)
             return
         else:
             del self._local[key]
         try:
             await self._sync_presence(key, terminal)
         finally:
-            await self._hear_store(terminal.store_id, -1)
+            await self._listen_to_store(terminal.store_id, -1)
 
     def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
         self._lingering.pop(key, None)
@@ -699,7 +721,7 @@ class RedisBackend(Backend):
         task.add_done_callback(self._linger_tasks.discard)
 
     async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
-        with contextlib.suppress(Unavailable):  # said again once Redis is back (_unsaid)
+        with contextlib.suppress(Unavailable):  # said again once Redis is back (_presence_unsent)
             await self._sync_presence(key, terminal)
 
     async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
@@ -715,9 +737,9 @@ class RedisBackend(Backend):
             try:
                 await self._announce(terminal, count, authority)
             except Unavailable:
-                self._unsaid[key] = terminal
+                self._presence_unsent[key] = terminal
                 raise
-            self._unsaid.pop(key, None)
+            self._presence_unsent.pop(key, None)
         if key not in self._local and not lock.locked():
             self._presence_locks.pop(key, None)
 
@@ -729,8 +751,8 @@ class RedisBackend(Backend):
             args=[holder_key(terminal), broker_id or self.broker_id, count, encode(terminal),
                   terminal.role, "1" if authority else "0", keys.store_channel,
                   keys.store_channel_json, keys.pubsub, self._history_size,
-                  "" if since is None else since]))
-        if terminal.role != "h5" and (before == 0) != (after == 0):
+                  "" if since is None else since, "1" if has_grace(terminal.role) else "0"]))
+        if has_grace(terminal.role) and (before == 0) != (after == 0):
             self._states.pop(terminal.store_id, None)
             await self._retick_store(terminal.store_id)
 
@@ -750,7 +772,7 @@ class RedisBackend(Backend):
         best: tuple[bool, bool, str] | None = None
         for name, role in fields.items():
             broker = _text(name).rsplit("|", 1)[-1]
-            rank = (_text(role) == "erp_main", broker == self.broker_id, broker)
+            rank = (is_first_authority(_text(role)), broker == self.broker_id, broker)
             if best is None or rank > best:
                 best = rank
         return best[2] if best else None
@@ -758,7 +780,7 @@ class RedisBackend(Backend):
     async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
         await self._guard(self._redis.publish(f"{self._prefix}rpc:{broker_id}", payload))
 
-    async def _hear_store(self, store_id: str, delta: int) -> None:
+    async def _listen_to_store(self, store_id: str, delta: int) -> None:
         """Listen to a store's pub/sub channel while any local connection belongs to it."""
         count = self._stores_heard.get(store_id, 0) + delta
         keys = self.keys(store_id)
@@ -777,9 +799,9 @@ class RedisBackend(Backend):
             elif delta > 0:
                 # Whoever came first may still be subscribing: nobody reads history or takes
                 # a snapshot before the subscription is live, or events slip between the two.
-                live = self._store_live.get(store_id)
-                if live is not None and not live.done():
-                    await self._guard(asyncio.shield(live))
+                subscribing = self._store_live.get(store_id)
+                if subscribing is not None and not subscribing.done():
+                    await self._guard(asyncio.shield(subscribing))
         else:
             self._stores_heard.pop(store_id, None)
             self._store_live.pop(store_id, None)
@@ -918,7 +940,7 @@ class RedisBackend(Backend):
     async def _reannounce(self) -> None:
         """Say every local connection again, and what Redis missed (idempotent)."""
         terminals = {key: entry[0] for key, entry in self._local.items()}
-        terminals.update(self._unsaid)
+        terminals.update(self._presence_unsent)
         for key, terminal in terminals.items():
             with contextlib.suppress(Unavailable):
                 await self._sync_presence(key, terminal)
@@ -970,7 +992,7 @@ class RedisBackend(Backend):
                     dead = await self._guard(self._redis.zrangebyscore(
                         self.brokers, "-inf", now - self._dead_after_ms, withscores=True))
                     for broker, last_seen in dead:
-                        await self._bury(_text(broker), int(last_seen))
+                        await self._retire_dead_broker(_text(broker), int(last_seen))
                 for channel in [c for c in self._seen if not self.sink.has_subscribers(c)]:
                     del self._seen[channel]
             except asyncio.CancelledError:
@@ -980,7 +1002,7 @@ class RedisBackend(Backend):
                 self._healthy_since = None
             await asyncio.sleep(self._heartbeat_s)
 
-    async def _bury(self, broker_id: str, last_seen: int) -> None:
+    async def _retire_dead_broker(self, broker_id: str, last_seen: int) -> None:
         log.warning("broker %s stopped heart-beating: its terminals go offline", broker_id)
         stores_key = f"{self._prefix}broker:{broker_id}:stores"
         for store in await self._guard(self._redis.smembers(stores_key)):

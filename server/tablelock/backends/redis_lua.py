@@ -186,7 +186,7 @@ return 1
 #       5 seqs, 6 store history
 # ARGV: 1 holder key (role:sub), 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
 #       6 authority 0|1, 7 store channel, 8 its JSON, 9 pub/sub, 10 maxlen,
-#       11 offline since ('' for now)
+#       11 offline since ('' for now), 12 its locks have the disconnect grace 0|1
 PRESENCE = _EMIT + """
 local tid, broker = ARGV[1], ARGV[2]
 local function total()
@@ -224,7 +224,7 @@ if before == 0 and after > 0 then
 elseif before > 0 and after == 0 then
   local terminal = redis.call('HGET', KEYS[2], tid) or ARGV[4]
   redis.call('HDEL', KEYS[2], tid)
-  if ARGV[5] ~= 'h5' then
+  if ARGV[12] == '1' then
     local since = ARGV[11]
     if since == '' then since = tostring(now) end
     redis.call('HSET', KEYS[1], 'off:' .. tid, since)
