@@ -73,7 +73,7 @@ def fetch_from(orders: dict[str, dict[str, Any]]) -> Callable[[dict[str, str]], 
 
 def payment_service(client: tl.Client) -> tl.PaymentService:
     """The platform's payment service of `client`'s store and broker, with a service token."""
-    http = client._conn.url.replace("ws://", "http://").removesuffix("/ws")
+    http = client._session.connection.url.replace("ws://", "http://").removesuffix("/ws")
     return tl.PaymentService(http, mint(client.store_id, "service", "payment-service"))
 
 
@@ -291,7 +291,7 @@ async def test_a_seq_gap_is_answered_with_a_snapshot(store: Store, sdk: Factory)
     # A frame that skips a seq, as if one were lost on the way: the mirror must not trust itself.
     forged = {"type": "event", "channel": mirror.channel, "seq": mirror.seq + 2,
               "event": "order.updated", "ts": 0, "order": order("o1", version=9)}
-    screen._on_event(forged)
+    screen._session.connection_frame(forged)
     assert mirror.stale
     await change(changes, "snapshot")
     await change(changes, "fresh")
@@ -311,7 +311,7 @@ async def test_lock_lost_when_the_connection_stays_down_past_the_grace(
         lock = await cashier.acquire("o1", "order")
         proxy.cut()
         await asyncio.wait_for(lock.lost.wait(), 5)
-        assert lock.lost_reason == "disconnected"
+        assert lock.lost_reason == "holder_disconnected"
         released = await change(watch, "lock.released")
         assert released.frame is not None and released.frame["reason"] == "holder_disconnected"
         proxy.restore()
@@ -676,7 +676,7 @@ def answer_next_reply_with_outcome_unknown(client: tl.Client) -> None:
     replaced, at the SDK's decoding layer, as when the broker could not learn in time
     whether its backend applied the write.
     """
-    conn = client._conn
+    conn = client._session.connection
     dispatch = conn._dispatch
 
     def replace_once(frame: dict[str, Any]) -> None:
