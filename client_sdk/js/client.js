@@ -79,8 +79,6 @@ export class TablelockClient extends TablelockConnection {
     }
   }
 
-
-
   // --- frames ------------------------------------------------------------------------------
 
   /** @param {EventFrame} frame */

@@ -47,7 +47,6 @@ const CLOSE_ABANDONED = 4000;
  * @property {typeof WebSocket} [WebSocket] a WebSocket implementation (default: the global one)
  */
 
-
 /**
  * One terminal's connection to the broker: it says hello, reconnects with backoff, keeps the
  * clock and the token, and matches replies to requests. {@link TablelockClient} builds on it;
@@ -451,7 +450,6 @@ export class TablelockConnection extends EventTarget {
     }
   }
 
-
   // --- hooks: what the client on top does (TablelockClient overrides them) ----------------
 
   /** Hello succeeded (a first connection or a reconnect). */
@@ -529,7 +527,6 @@ export class TablelockConnection extends EventTarget {
     this._sample(sent, received, reply.server_time);
     return { server_time: reply.server_time, rtt_ms: received - sent };
   }
-
 
   /** Wait until connected (or reject after `timeoutMs`). */
   _whenConnected(/** @type {number} */ timeoutMs) {

@@ -10,7 +10,6 @@ import { ERROR_CODES, PROMPTS as BROKER_PROMPTS } from "./constants.js";
 /** @typedef {import("./types.js").Holder} Holder */
 /** @typedef {import("./types.js").Order} Order */
 
-
 /** The SDK's own codes: the socket is down, or no reply came in time. */
 const SDK_CODES = ["DISCONNECTED", "TIMEOUT"];
 

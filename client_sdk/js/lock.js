@@ -14,7 +14,6 @@ import { LOST_LOCK_REASONS } from "./constants.js";
 import { TablelockError } from "./errors.js";
 import { capability, deferred, event, lockKey, noop } from "./helpers.js";
 
-
 /**
  * How a lock ended.
  * @typedef {object} LockEnd

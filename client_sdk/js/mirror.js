@@ -15,7 +15,6 @@
 
 import { deferred, event, lockKey, parseChannel } from "./helpers.js";
 
-
 /**
  * The live state of one channel. An `EventTarget`; its events (all `CustomEvent`s):
  *

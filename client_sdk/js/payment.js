@@ -12,7 +12,6 @@
 import { makeError, prompt, TablelockError } from "./errors.js";
 import { event, noop } from "./helpers.js";
 
-
 /**
  * One payment in progress on an H5 page (or at a cashier): the payment lock, the order to
  * pay, a countdown on the broker's clock. A phone hands `charge` to the payment provider and

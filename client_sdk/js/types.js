@@ -5,6 +5,7 @@
  * @module tablelock/types
  */
 
+/** @typedef {import("./errors.js").TablelockError} TablelockError */
 
 /** @typedef {"order"|"payment"|"presettle"} LockKind */
 /** @typedef {"erp_main"|"erp_secondary"|"h5"|"manager"|"service"} Role */
@@ -89,6 +90,5 @@
  * @property {Lock|null} lock the blocking lock
  * @property {TablelockError|null} error the same refusal as an error object
  */
-
 
 export {};
