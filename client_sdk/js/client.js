@@ -13,6 +13,7 @@
 /** @typedef {import("./types.js").PaymentRecord} PaymentRecord */
 /** @typedef {import("./types.js").CheckResult} CheckResult */
 
+import { CONFIG_DEFAULTS } from "./constants.js";
 import { TablelockConnection } from "./connection.js";
 import { ErpUnavailableError, makeError, outcomeUnknown, prompt, TablelockError } from "./errors.js";
 import { capability, event, lockKey, noop } from "./helpers.js";
@@ -551,7 +552,7 @@ export async function connect(options) {
   let timer = null;
   const timeout = new Promise((_, reject) => {
     timer = setTimeout(() => reject(makeError("DISCONNECTED",
-      prompt("DISCONNECTED", options.locale ?? "zh-CN"), { request: "hello" })), timeoutMs);
+      prompt("DISCONNECTED", options.locale ?? CONFIG_DEFAULTS.locale), { request: "hello" })), timeoutMs);
   });
   try {
     await Promise.race([client.ready, timeout]);

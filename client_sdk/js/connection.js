@@ -133,7 +133,9 @@ export class TablelockConnection extends EventTarget {
   /** @returns {StoreConfig|null} the store config (from hello, kept current by `config.updated`) */
   get config() { return this._config; }
   /** @returns {Locale} the locale of the broker's messages */
-  get locale() { return this.options.locale ?? this._config?.locale ?? "zh-CN"; }
+  get locale() {
+    return this.options.locale ?? this._config?.locale ?? /** @type {Locale} */ (CONFIG_DEFAULTS.locale);
+  }
   /** Estimated `server clock - local clock`, in ms (from hello and pings, the best RTT wins). */
   get serverOffsetMs() { return this._offset; }
   /** The broker's clock now, in ms since the epoch: compare with `expires_at`. */
