@@ -618,6 +618,28 @@ async def test_the_holder_hears_that_a_competitor_was_refused(store: Store,
         assert seen.lock.token == paying.token and seen.action
 
 
+async def test_who_serves_order_fetch_is_what_the_capability_table_says(
+        store: Store, sdk: Factory) -> None:
+    manager = await sdk("manager", "manager-1")
+    with pytest.raises(ValueError, match="never asked for orders"):
+        manager.serve_order_fetch(fetch_from({}))
+
+    # An erp_secondary may be the order authority: serving claims it from the next hello on.
+    pos = await sdk("erp_secondary", "pos-2")
+    pos.serve_order_fetch(fetch_from({"o1": order("o1", version=2, amount_cents=4200)}))
+    await pos.publish_order(order("o1"), "modify")
+    phone = await sdk("h5", "phone-1", table="t1")
+    with pytest.raises(tl.ErpUnavailable):  # asked nobody: this hello claimed nothing
+        await phone.acquire("o1", "payment")
+    changes = (await pos.subscribe_order("o1")).changes()
+    await pos._ws.close()
+    await change(changes, "stale")
+    await pos.wait_fresh(10)
+    async with phone.lock("o1", "payment") as paying:  # pulled from pos-2 this time
+        assert paying.order is not None and paying.order.amount_cents == 4200
+        assert not paying.renewable  # an h5 lock ends at its TTL
+
+
 # --- a phone never records a payment; the payment service does ----------------------------------
 
 async def test_a_phone_pays_through_the_payment_service(store: Store, sdk: Factory) -> None:
