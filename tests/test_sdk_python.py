@@ -73,7 +73,7 @@ def fetch_from(orders: dict[str, dict[str, Any]]) -> Callable[[dict[str, str]], 
 
 def payment_service(client: tl.Client) -> tl.PaymentService:
     """The platform's payment service of `client`'s store and broker, with a service token."""
-    http = client._conn.url.replace("ws://", "http://").removesuffix("/ws")
+    http = client._session.connection.url.replace("ws://", "http://").removesuffix("/ws")
     return tl.PaymentService(http, mint(client.store_id, "service", "payment-service"))
 
 
@@ -291,7 +291,7 @@ async def test_a_seq_gap_is_answered_with_a_snapshot(store: Store, sdk: Factory)
     # A frame that skips a seq, as if one were lost on the way: the mirror must not trust itself.
     forged = {"type": "event", "channel": mirror.channel, "seq": mirror.seq + 2,
               "event": "order.updated", "ts": 0, "order": order("o1", version=9)}
-    screen._on_event(forged)
+    screen._session.connection_frame(forged)
     assert mirror.stale
     await change(changes, "snapshot")
     await change(changes, "fresh")
@@ -311,7 +311,7 @@ async def test_lock_lost_when_the_connection_stays_down_past_the_grace(
         lock = await cashier.acquire("o1", "order")
         proxy.cut()
         await asyncio.wait_for(lock.lost.wait(), 5)
-        assert lock.lost_reason == "disconnected"
+        assert lock.lost_reason == "holder_disconnected"
         released = await change(watch, "lock.released")
         assert released.frame is not None and released.frame["reason"] == "holder_disconnected"
         proxy.restore()
@@ -618,6 +618,28 @@ async def test_the_holder_hears_that_a_competitor_was_refused(store: Store,
         assert seen.lock.token == paying.token and seen.action
 
 
+async def test_who_serves_order_fetch_is_what_the_capability_table_says(
+        store: Store, sdk: Factory) -> None:
+    manager = await sdk("manager", "manager-1")
+    with pytest.raises(ValueError, match="never asked for orders"):
+        manager.serve_order_fetch(fetch_from({}))
+
+    # An erp_secondary may be the order authority: serving claims it from the next hello on.
+    pos = await sdk("erp_secondary", "pos-2")
+    pos.serve_order_fetch(fetch_from({"o1": order("o1", version=2, amount_cents=4200)}))
+    await pos.publish_order(order("o1"), "modify")
+    phone = await sdk("h5", "phone-1", table="t1")
+    with pytest.raises(tl.ErpUnavailable):  # asked nobody: this hello claimed nothing
+        await phone.acquire("o1", "payment")
+    changes = (await pos.subscribe_order("o1")).changes()
+    await pos._ws.close()
+    await change(changes, "stale")
+    await pos.wait_fresh(10)
+    async with phone.lock("o1", "payment") as paying:  # pulled from pos-2 this time
+        assert paying.order is not None and paying.order.amount_cents == 4200
+        assert not paying.renewable  # an h5 lock ends at its TTL
+
+
 # --- a phone never records a payment; the payment service does ----------------------------------
 
 async def test_a_phone_pays_through_the_payment_service(store: Store, sdk: Factory) -> None:
@@ -676,7 +698,7 @@ def answer_next_reply_with_outcome_unknown(client: tl.Client) -> None:
     replaced, at the SDK's decoding layer, as when the broker could not learn in time
     whether its backend applied the write.
     """
-    conn = client._conn
+    conn = client._session.connection
     dispatch = conn._dispatch
 
     def replace_once(frame: dict[str, Any]) -> None:

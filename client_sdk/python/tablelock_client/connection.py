@@ -1,7 +1,7 @@
 """One logical connection to the broker: socket, hello, requests and replies, reconnects.
 
 The socket may come and go; the Connection hides that behind `request()` and
-tells its listener (the Client) when it goes down, comes back and what it
+tells its listener (the client's Session) when it goes down, comes back and what it
 receives. Reconnects use exponential backoff with full jitter, so that a
 store's terminals do not all come back in the same millisecond after a
 broker restart (SCENARIOS.md 13), and offer `resume` with the last session id.
@@ -24,6 +24,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from .constants import CLOSE
 from .errors import (
     AuthFailed,
     Disconnected,
@@ -40,7 +41,6 @@ SUBPROTOCOL = Subprotocol("tablelock.v1")
 PROTOCOL_VERSION = 1
 HELLO_ID = "hello"
 MAX_INBOUND_BYTES = 16 * 1024 * 1024  # a store snapshot can be large; requests stay < 64 KiB
-CLOSE_RATE_LIMITED = 4008
 
 Frame = dict[str, Any]
 TokenSource = str | Callable[[], str | Awaitable[str]]
@@ -56,10 +56,10 @@ def now_ms() -> int:
 class Listener(Protocol):
     """What the Connection reports to; all calls are synchronous, on the loop."""
 
-    def _connection_up(self, hello: Frame) -> None: ...
-    def _connection_down(self) -> None: ...
-    def _connection_failed(self, error: TablelockError) -> None: ...
-    def _connection_frame(self, frame: Frame) -> None: ...
+    def connection_up(self, hello: Frame) -> None: ...
+    def connection_down(self) -> None: ...
+    def connection_failed(self, error: TablelockError) -> None: ...
+    def connection_frame(self, frame: Frame) -> None: ...
 
 
 class Connection:
@@ -116,7 +116,8 @@ class Connection:
         if self.ws is not None:
             self._detach()
 
-    async def _token(self) -> str:
+    async def fresh_token(self) -> str:
+        """The token for the next hello (a token source is asked anew)."""
         if isinstance(self.token, str):
             return self.token
         value = self.token()
@@ -124,7 +125,7 @@ class Connection:
 
     async def _handshake(self, resume: str | None) -> tuple[ClientConnection, Frame, list[Frame]]:
         """Open a socket and say hello. Returns the socket, the reply and frames that came first."""
-        token = await self._token()
+        token = await self.fresh_token()
         try:
             ws = await connect(
                 self.url, subprotocols=[SUBPROTOCOL], compression=None,
@@ -166,7 +167,7 @@ class Connection:
         self.ws = ws
         self.session_id = hello.get("session_id")
         self.close_code = None
-        self.listener._connection_up(hello)
+        self.listener.connection_up(hello)
         self._reader = asyncio.create_task(self._read(ws, early), name="tablelock-reader")
 
     def _detach(self) -> None:
@@ -177,7 +178,7 @@ class Connection:
         for future in pending.values():
             if not future.done():
                 future.set_exception(Disconnected("the connection to the broker dropped"))
-        self.listener._connection_down()
+        self.listener.connection_down()
 
     async def _read(self, ws: ClientConnection, early: list[Frame]) -> None:
         for frame in early:
@@ -203,7 +204,7 @@ class Connection:
                 log.warning("unmatched error reply: %s", frame.get("error"))
             return
         try:
-            self.listener._connection_frame(frame)
+            self.listener.connection_frame(frame)
         except Exception:  # a listener bug must not stop the reader
             log.exception("handling %s failed", frame.get("type"))
 
@@ -219,7 +220,7 @@ class Connection:
         attempt = 0
         while not self._closing:
             ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempt, 30))
-            if self.close_code == CLOSE_RATE_LIMITED:
+            if self.close_code == CLOSE["POLICY"]:
                 ceiling = self.backoff_max  # told to slow down: start from the top
             attempt += 1
             await asyncio.sleep(random.uniform(0, ceiling))
@@ -227,7 +228,7 @@ class Connection:
                 ws, hello, early = await self._handshake(self.session_id)
             except (AuthFailed, UnsupportedProtocol) as exc:
                 # Retrying cannot help: stop, and let the application know.
-                self.listener._connection_failed(exc)
+                self.listener.connection_failed(exc)
                 return False
             except Exception as exc:  # whatever it was (a token callback, say), try again
                 log.debug("reconnect attempt %d failed: %s", attempt, exc)

@@ -101,6 +101,12 @@ class NotFound(TablelockError):
     code = "NOT_FOUND"
 
 
+class LimitReached(TablelockError):
+    """A connection or subscription limit of the broker is reached."""
+
+    code = "LIMIT_REACHED"
+
+
 class Unavailable(TablelockError):
     code = "UNAVAILABLE"
 
@@ -134,7 +140,7 @@ ERRORS: dict[str, type[TablelockError]] = {
     for cls in (OrderLocked, PaymentLocked, PresettleLocked, AcceptBlocked, ErpUnavailable,
                 LockExpired, StaleVersion, OrderPaid, AmountMismatch, Fenced, NotHolder,
                 Forbidden, AuthFailed, BadRequest, UnsupportedProtocol, RateLimited, NotFound,
-                Unavailable)
+                LimitReached, Unavailable)
 }
 
 

@@ -1,19 +1,39 @@
-"""Lock handles: acquire, keep alive, release, and tell when the lock is lost."""
+"""Lock handles: acquire, keep alive, release, and tell when the lock is lost.
+
+`LockHandle` is what applications hold; `HeldLocks` is the client's register of
+them, which routes the broker's lock events and the connection's ups and downs
+to the handles. Both talk to the rest of the client through the public methods
+of its Session, Requests and Payments.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import warnings
-from collections.abc import Callable, Generator
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .errors import Disconnected, TablelockError
-from .model import Contention, Lock, Order, PaymentResult, convert
+from .connection import Frame
+from .constants import LOST_LOCK_REASONS
+from .errors import Disconnected, NotFound, TablelockError
+from .model import (
+    Contention,
+    Lock,
+    Order,
+    OrderView,
+    PaymentResult,
+    capability,
+    convert,
+    lock_ttl_ms,
+)
+from .requests import Requests
+from .session import Session
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .payments import Payments
 
 log = logging.getLogger("tablelock_client")
 
@@ -25,6 +45,7 @@ GONE: dict[str, str] = {
     "NOT_FOUND": "gone",
     "ORDER_PAID": "paid",
 }
+ENDED_REMEMBERED = 512  # locks that ended lately, in case the news beats the acquire reply
 
 
 class LockHandle:
@@ -34,18 +55,22 @@ class LockHandle:
     A handle that is neither entered nor awaited holds nothing: using it
     raises RuntimeError, and dropping it warns (like an un-awaited coroutine).
     Entering acquires (raising the typed refusal, e.g. PaymentLocked with
-    `can_force`); ERP locks are renewed at a third of their TTL; leaving
-    releases with the lock's token. `lost` is set when the lock ends other
-    than by this handle's release: `lost_reason` is `forced`, `expired`,
-    `released`, `upgraded`, `paid`, `holder_disconnected`, `disconnected`
-    (the connection stayed down past the grace), `gone` or `closed`.
+    `can_force`); locks of roles that may renew are renewed at a third of
+    their TTL; leaving releases with the lock's token. `lost` is set when the
+    lock ends other than by this handle's release: `lost_reason` is one of
+    `LOST_LOCK_REASONS` (`released`, `upgraded`, `paid`, `holder_disconnected`,
+    `expired`, `forced`, `gone`). `holder_disconnected` and `expired` are also
+    said when the connection stayed down past the grace or the TTL; `gone`
+    when the lock is no longer there, cause unknown (or the client closed).
     `on_contended` tells when someone was refused because of this lock (a
     customer trying to pay while the cashier holds it, say).
     """
 
-    def __init__(self, client: Client, order_id: str, kind: str, *, force: bool = False,
-                 operator: str | None = None, reason: str | None = None) -> None:
-        self._client = client
+    def __init__(self, held: HeldLocks, payments: Payments, order_id: str, kind: str, *,
+                 force: bool = False, operator: str | None = None,
+                 reason: str | None = None) -> None:
+        self._held = held
+        self._payments = payments
         self.order_id = order_id
         self.kind = kind
         self.force = force
@@ -97,9 +122,8 @@ class LockHandle:
 
     @property
     def renewable(self) -> bool:
-        # h5 payment locks cannot be renewed (PROTOCOL.md section 2): they end at their TTL.
-        return (self.lock is not None and self.lock.holder.role != "h5"
-                and self._client.terminal.role != "h5")
+        # An h5 payment lock, say, ends at its TTL (PROTOCOL.md section 2): the table says.
+        return self.lock is not None and bool(capability(self.lock.holder.role, "renew"))
 
     def add_lost_callback(self, callback: Callable[[LockHandle], None]) -> None:
         """Call `callback(handle)` when the lock is lost (at once if it already was)."""
@@ -127,7 +151,7 @@ class LockHandle:
         if self._state != "new":
             raise RuntimeError("a lock handle is used once: call client.lock() again")
         self._tried = True
-        reply = await self._client._request(
+        reply = await self._held.requests.request(
             "lock.acquire", order_id=self.order_id, kind=self.kind,
             force=True if self.force else None, operator=self.operator, reason=self.reason)
         self.enforced = bool(reply.get("enforced", True))
@@ -137,9 +161,9 @@ class LockHandle:
         self.forced_locks = [convert(raw, Lock) for raw in reply.get("forced") or ()]
         self._state = "held"
         for mine in self.released_locks:  # taking the payment lock gave up our order lock
-            self._client._lock_ended(mine.order_id, mine.token, "upgraded")
+            self._held.lock_ended(mine.order_id, mine.token, "upgraded")
         if self.lock is not None:
-            self._client._register(self)
+            self._held.add(self)
             if self.held and self.renewable:
                 self._renewer = asyncio.create_task(self._keep_alive(),
                                                     name=f"tablelock-renew-{self.order_id}")
@@ -154,21 +178,21 @@ class LockHandle:
         if self.lock is None:
             return
         try:
-            await self._client.release(self.order_id, self.kind, self.lock.token)
+            await self._held.requests.release(self.order_id, self.kind, self.lock.token)
         except Disconnected:
             # Sent once the connection is back: a lock we reconnect to within the
             # grace would otherwise stay until its TTL.
-            self._client._release_later(self.lock)
+            self._held.release_later(self.lock)
         except TablelockError as exc:
             if exc.code not in GONE:
                 log.warning("releasing %s/%s: %s", self.order_id, self.kind, exc)
 
     async def renew(self) -> Lock | None:
-        """Renew now (the handle does this by itself for ERP locks)."""
+        """Renew now (the handle does this by itself for the roles that may renew)."""
         self._require_acquired()
         if self.lock is None:
             return None
-        lock = await self._client.renew(self.order_id, self.kind, self.lock.token)
+        lock = await self._held.requests.renew(self.order_id, self.kind, self.lock.token)
         if lock is None:  # strong link was turned off: the broker keeps no locks now
             self._mark_lost("released")
         elif self.held:
@@ -185,7 +209,7 @@ class LockHandle:
         self._require_acquired()
         if self.order is None and (version is None or amount_cents is None):
             raise ValueError("version and amount_cents are needed: the order is not known")
-        return await self._client.complete_payment(
+        return await self._payments.complete_payment(
             self.order_id, token=self.token,
             version=version if version is not None else self.order.version,  # type: ignore[union-attr]
             amount_cents=amount_cents if amount_cents is not None
@@ -202,7 +226,7 @@ class LockHandle:
                         tb: TracebackType | None) -> None:
         await self.release()
 
-    # --- driven by the client ---------------------------------------------------------------
+    # --- driven by HeldLocks ----------------------------------------------------------------
 
     def _finish(self, state: str) -> None:
         self._state = state
@@ -212,13 +236,14 @@ class LockHandle:
         renewer, self._renewer = self._renewer, None
         if renewer is not None and renewer is not asyncio.current_task():
             renewer.cancel()
-        self._client._unregister(self)
+        self._held.discard(self)
 
     def _mark_lost(self, reason: str) -> None:
         if self._state != "held":
             return
         self._finish("lost")
-        self.lost_reason = reason
+        # A reason this SDK does not know yet (a newer broker's) is reported as "gone".
+        self.lost_reason = reason if reason in LOST_LOCK_REASONS else "gone"
         self.lost.set()
         for callback in self._callbacks:
             try:
@@ -234,22 +259,24 @@ class LockHandle:
                 log.exception("contended callback failed")
 
     def _connection_down(self) -> None:
-        """Start the clock: past the grace (ERP) or the TTL (h5) the lock is gone."""
+        """Start the clock: past the disconnect grace or the TTL the lock is gone."""
         if not self.held or self.lock is None or self._grace is not None:
             return
-        remaining = self.lock.expires_at - self._client.server_now_ms()
-        if self.lock.holder.role != "h5":  # an h5 lock survives a dropped socket until its TTL
-            remaining = min(remaining, self._client.config.disconnect_grace_ms)
-        self._grace = asyncio.get_running_loop().call_later(max(0.0, remaining / 1000),
-                                                            self._given_up)
+        remaining = self.lock.expires_at - self._held.session.server_now_ms()
+        reason = "expired"
+        grace = self._held.session.config.disconnect_grace_ms
+        if capability(self.lock.holder.role, "disconnect_grace") and grace < remaining:
+            remaining, reason = grace, "holder_disconnected"
+        self._grace = asyncio.get_running_loop().call_later(
+            max(0.0, remaining / 1000), self._given_up, reason)
 
-    def _given_up(self) -> None:
+    def _given_up(self, reason: str) -> None:
         self._grace = None
         if self.held and self.lock is not None:
-            # Our clock guessed the broker's grace: if we come back just in time after
-            # all, release it then rather than leave it to its TTL.
-            self._client._release_later(self.lock)
-        self._mark_lost("disconnected")
+            # Our clock guessed the broker's: if we come back just in time after all,
+            # release it then rather than leave it to its TTL.
+            self._held.release_later(self.lock)
+        self._mark_lost(reason)
 
     def _connection_up(self) -> None:
         if self._grace is not None:
@@ -258,8 +285,8 @@ class LockHandle:
 
     def _renew_delay(self) -> float:
         assert self.lock is not None
-        remaining = self.lock.expires_at - self._client.server_now_ms()
-        ttl = self._client.config.erp_lock_ttl_ms
+        remaining = self.lock.expires_at - self._held.session.server_now_ms()
+        ttl = lock_ttl_ms(self._held.session.config, self.lock.holder.role)
         return max(0.25, min(ttl, remaining) / 3 / 1000)
 
     async def _keep_alive(self) -> None:
@@ -267,7 +294,7 @@ class LockHandle:
             await asyncio.sleep(self._renew_delay())
             if not self.held:
                 return
-            await self._client._wait_connected()
+            await self._held.session.wait_connected()
             try:
                 await self.renew()
             except Disconnected:
@@ -279,3 +306,137 @@ class LockHandle:
                 # UNAVAILABLE, RATE_LIMITED: the next try comes at a third of what is
                 # left, so attempts get closer together as the expiry nears.
                 log.warning("renewing %s/%s: %s", self.order_id, self.kind, exc)
+
+
+class HeldLocks:
+    """The handles of the locks this client holds, kept true across events and reconnects."""
+
+    def __init__(self, session: Session, requests: Requests) -> None:
+        self.session = session
+        self.requests = requests
+        self._handles: dict[tuple[str, int], set[LockHandle]] = {}
+        self._ended: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._unreleased: list[Lock] = []
+
+    def handles(self) -> list[LockHandle]:
+        return [handle for handles in self._handles.values() for handle in handles]
+
+    def add(self, handle: LockHandle) -> None:
+        assert handle.lock is not None
+        key = (handle.order_id, handle.lock.token)
+        ended = self._ended.get(key)
+        if ended is not None:
+            handle._mark_lost(ended)
+            return
+        self._handles.setdefault(key, set()).add(handle)
+        if not self.session.connected:
+            handle._connection_down()
+
+    def discard(self, handle: LockHandle) -> None:
+        if handle.lock is None:
+            return
+        key = (handle.order_id, handle.lock.token)
+        handles = self._handles.get(key)
+        if handles is not None:
+            handles.discard(handle)
+            if not handles:
+                del self._handles[key]
+
+    def release_later(self, lock: Lock) -> None:
+        """Release `lock` once the connection is back."""
+        self._unreleased.append(lock)
+
+    # --- how locks end --------------------------------------------------------------------------
+
+    def lock_event(self, frame: Frame) -> None:
+        """An event that reached the client: does it end or contend one of our locks?"""
+        name = frame.get("event")
+        if name == "lock.contended":
+            self._lock_contended(frame)
+            return
+        if name == "lock.forced":
+            reason = "forced"
+        elif name == "lock.expired":
+            reason = "expired"
+        elif name == "lock.released":
+            reason = str(frame.get("reason") or "released")
+        else:
+            return
+        lock = frame.get("lock") or {}
+        if isinstance(lock.get("token"), int):
+            self.lock_ended(str(lock.get("order_id")), lock["token"], reason)
+
+    def _lock_contended(self, frame: Frame) -> None:
+        try:
+            contention = convert(frame, Contention)
+        except ValueError:
+            log.warning("unreadable lock.contended: %.200r", frame)
+            return
+        for handle in list(self._handles.get((contention.lock.order_id,
+                                               contention.lock.token), ())):
+            handle._contended(contention)
+
+    def lock_ended(self, order_id: str, token: int, reason: str) -> None:
+        key = (order_id, token)
+        self._ended[key] = reason
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+        for handle in list(self._handles.get(key, ())):
+            handle._mark_lost(reason)
+
+    def order_paid(self, order_id: str) -> None:
+        """Paying ends every lock of the order (reason `paid`), ours included."""
+        for oid, token in list(self._handles):
+            if oid == order_id:
+                self.lock_ended(oid, token, "paid")
+
+    # --- following the connection (a SessionPart) ----------------------------------------------
+
+    def connection_up(self) -> Callable[[], Awaitable[None]]:
+        for handle in self.handles():
+            handle._connection_up()
+        return self._catch_up
+
+    def connection_down(self) -> None:
+        for handle in self.handles():
+            handle._connection_down()
+
+    def shut(self) -> None:
+        self._unreleased.clear()
+        for handle in self.handles():
+            handle._mark_lost("gone")
+
+    async def _catch_up(self) -> None:
+        await self._verify()
+        await self._flush_releases()
+
+    async def _verify(self) -> None:
+        """Ask the broker whether the locks we held across the drop are still ours."""
+        by_order: dict[str, list[LockHandle]] = {}
+        for handle in self.handles():
+            by_order.setdefault(handle.order_id, []).append(handle)
+        for order_id, held in by_order.items():
+            try:
+                view = await self.requests.get_order(order_id)
+            except NotFound:
+                view = OrderView(None, [])
+            except Disconnected:
+                return
+            except TablelockError as exc:
+                log.warning("checking the locks of %s: %s", order_id, exc)
+                continue
+            current = {(lock.kind, lock.token) for lock in view.locks}
+            paid = view.order is not None and view.order.status == "paid"
+            for handle in held:
+                if (handle.kind, handle.token) not in current:
+                    handle._mark_lost("paid" if paid else "gone")
+
+    async def _flush_releases(self) -> None:
+        pending, self._unreleased = self._unreleased, []
+        for lock in pending:
+            try:
+                await self.requests.release(lock.order_id, lock.kind, lock.token)
+            except Disconnected:
+                self._unreleased.append(lock)
+            except TablelockError:
+                pass  # fenced, expired, paid: gone anyway

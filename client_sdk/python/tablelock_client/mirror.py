@@ -40,18 +40,18 @@ class Change:
 class ChangeSink(Protocol):
     """Where a mirror (or the client) puts its changes; None means "no more"."""
 
-    def _put(self, change: Change | None) -> None: ...
+    def put(self, change: Change | None) -> None: ...
 
 
 class ChangeStream:
     """An async iterator of a mirror's changes, from the moment it was created."""
 
-    def __init__(self, streams: set[ChangeSink]) -> None:
+    def __init__(self, sinks: set[ChangeSink]) -> None:
         self._queue: asyncio.Queue[Change | None] = asyncio.Queue()
-        self._streams = streams
-        streams.add(self)
+        self._sinks = sinks
+        sinks.add(self)
 
-    def _put(self, change: Change | None) -> None:
+    def put(self, change: Change | None) -> None:
         self._queue.put_nowait(change)
 
     def __aiter__(self) -> ChangeStream:
@@ -65,7 +65,7 @@ class ChangeStream:
         return change
 
     def close(self) -> None:
-        self._streams.discard(self)
+        self._sinks.discard(self)
 
 
 class Mirror:
@@ -82,7 +82,7 @@ class Mirror:
         self._buffer: list[Frame] = []
         self._fresh = asyncio.Event()
         self._callbacks: list[Callable[[Change], None]] = []
-        self._streams: set[ChangeSink] = set()
+        self.sinks: set[ChangeSink] = set()
 
     # --- for applications ---------------------------------------------------------------
 
@@ -93,14 +93,14 @@ class Mirror:
 
     def changes(self) -> ChangeStream:
         """`async for change in mirror.changes():` every change from now on."""
-        return ChangeStream(self._streams)
+        return ChangeStream(self.sinks)
 
     async def wait_fresh(self, timeout: float | None = None) -> None:
         """Wait until the mirror is live (not stale)."""
         async with asyncio.timeout(timeout):
             await self._fresh.wait()
 
-    # --- driven by the client -------------------------------------------------------------
+    # --- driven by the client's subscriptions (subscriptions.py), not by applications ---------
 
     def _emit(self, event: str, seq: int | None = None, frame: Frame | None = None) -> None:
         change = Change(self.channel, event, seq, frame)
@@ -109,16 +109,16 @@ class Mirror:
                 callback(change)
             except Exception:  # one screen's bug must not stop the mirror
                 log.exception("change callback failed")
-        for stream in list(self._streams):
-            stream._put(change)
+        for stream in list(self.sinks):
+            stream.put(change)
 
-    def _set_stale(self) -> None:
+    def mark_stale(self) -> None:
         if not self.stale:
             self.stale = True
             self._fresh.clear()
             self._emit("stale")
 
-    def _begin_sync(self) -> int:
+    def begin_sync(self) -> int:
         """A subscribe is about to be sent: hold events until its reply is applied.
 
         Everything that arrives before the reply is covered by its snapshot (the
@@ -130,7 +130,7 @@ class Mirror:
         self._buffer.clear()
         return self._gen
 
-    def _feed(self, frame: Frame) -> Frame | None:
+    def feed(self, frame: Frame) -> Frame | None:
         """A live event of this channel. Returns it if it was applied."""
         if self._syncing:
             self._buffer.append(frame)
@@ -140,7 +140,7 @@ class Mirror:
             return None  # a repeat (a resume replay, say)
         if seq != self.seq + 1:
             log.info("%s: seq gap %d -> %d, taking a new snapshot", self.channel, self.seq, seq)
-            self._set_stale()
+            self.mark_stale()
             self._resync(self)
             return None
         self._apply(frame)
@@ -148,7 +148,7 @@ class Mirror:
         self._emit(frame.get("event", ""), seq, frame)
         return frame
 
-    def _apply_subscribe(self, gen: int, reply: Frame, since: int | None) -> list[Frame] | None:
+    def apply_subscribe(self, gen: int, reply: Frame, since: int | None) -> list[Frame] | None:
         """Load a subscribe reply; returns the missed events applied, None if superseded."""
         if gen != self._gen:
             return None  # a newer subscribe is in flight: its reply wins
@@ -182,13 +182,13 @@ class Mirror:
         self._emit("fresh", seq)
         held, self._buffer = self._buffer, []
         for frame in held:
-            self._feed(frame)
+            self.feed(frame)
         return applied
 
-    def _close(self) -> None:
-        self._set_stale()
-        for stream in list(self._streams):
-            stream._put(None)
+    def shut(self) -> None:
+        self.mark_stale()
+        for stream in list(self.sinks):
+            stream.put(None)
 
     # --- per channel kind -------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
+from .constants import CAPABILITIES, CONFIG_DEFAULTS
+
 if TYPE_CHECKING:
     from .errors import TablelockError
 
@@ -52,14 +54,19 @@ class Terminal(msgspec.Struct, frozen=True):
     table_id: str | None = None
 
 
+def _default(field: str) -> Any:
+    """The broker's default of a config field (constants.CONFIG_DEFAULTS)."""
+    return CONFIG_DEFAULTS[field]
+
+
 class StoreConfig(msgspec.Struct, frozen=True):
-    strong_link: bool = True
-    h5_payment_lock_ttl_ms: int = 15_000
-    erp_lock_ttl_ms: int = 600_000
-    disconnect_grace_ms: int = 30_000
-    erp_fetch_timeout_ms: int = 3_000
-    locale: str = "zh-CN"
-    order_retention_ms: int = 86_400_000
+    strong_link: bool = _default("strong_link")
+    h5_payment_lock_ttl_ms: int = _default("h5_payment_lock_ttl_ms")
+    erp_lock_ttl_ms: int = _default("erp_lock_ttl_ms")
+    disconnect_grace_ms: int = _default("disconnect_grace_ms")
+    erp_fetch_timeout_ms: int = _default("erp_fetch_timeout_ms")
+    locale: str = _default("locale")
+    order_retention_ms: int = _default("order_retention_ms")
 
 
 class Payment(msgspec.Struct, frozen=True):
@@ -108,6 +115,24 @@ class CheckResult(msgspec.Struct):
         return error_from({"code": self.code, "message": self.message,
                            "can_force": self.can_force,
                            "lock": msgspec.to_builtins(self.lock) if self.lock else None})
+
+
+def capability(role: str, name: str) -> Any:
+    """What the broker's capability table (constants.CAPABILITIES) says of `role`.
+
+    The SDK asks this instead of comparing role names: e.g. `renew` (is a lock of
+    this role renewed?), `record_payment`, `disconnect_grace`. None for a role
+    this SDK does not know.
+    """
+    return CAPABILITIES.get(role, {}).get(name)
+
+
+def lock_ttl_ms(config: StoreConfig, role: str) -> int:
+    """The TTL of a lock held by `role`: the config field the capability table names."""
+    field = capability(role, "lock_ttl")
+    if not isinstance(field, str):
+        raise ValueError(f"a {role} terminal holds no locks")
+    return int(getattr(config, field))
 
 
 T = TypeVar("T")

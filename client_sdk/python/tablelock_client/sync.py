@@ -208,7 +208,7 @@ class SyncClient:
 
     def events(self) -> BlockingChangeStream:
         """`for change in client.events():` every raw event frame, as a Change."""
-        return BlockingChangeStream(self, self.client._event_streams)
+        return BlockingChangeStream(self, self.client.event_sinks)
 
     def lock(self, order_id: str, kind: str, *, force: bool = False,
              operator: str | None = None, reason: str | None = None) -> SyncLock:
@@ -236,7 +236,7 @@ class BlockingChangeStream:
         self._queue: queue.SimpleQueue[Change | None] = queue.SimpleQueue()
         owner._on_loop(lambda: sinks.add(self))
 
-    def _put(self, change: Change | None) -> None:
+    def put(self, change: Change | None) -> None:
         self._queue.put(change)
 
     def get(self, timeout: float | None = None) -> Change:
@@ -284,7 +284,7 @@ class SyncMirror:
 
     def changes(self) -> BlockingChangeStream:
         """`for change in mirror.changes():` every change from now on."""
-        return BlockingChangeStream(self._owner, self.mirror._streams)
+        return BlockingChangeStream(self._owner, self.mirror.sinks)
 
     def wait_fresh(self, timeout: float | None = None) -> None:
         self._owner._call(self.mirror.wait_fresh(timeout))
