@@ -577,8 +577,8 @@ def check_step(step: Step, after: World) -> list[str]:
         found.append(f"pull the order: {out.need_fetch}, the spec says {want.fetch}")
     if isinstance(command, Check) and before is not None and actor is not None:
         answer = expect_check(before, command.action, actor, strong)
-        result = out.result or {}
-        said = None if result.get("allowed") else result["refusal"].code
+        assert isinstance(out.result, rules.Checked)
+        said = None if out.result.refusal is None else out.result.refusal.code
         if said != answer.code:
             found.append(f"check says {said}, the spec says {answer.code}")
 

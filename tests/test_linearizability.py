@@ -322,12 +322,12 @@ def rules_history(seed: int, count: int = 40) -> list[Operation]:
         elif out.refusal is not None:
             answer = Refused(out.refusal.code)
         elif isinstance(what, (Acquire, OtherLock)):
-            lock = out.result["lock"] if out.result else None
+            assert isinstance(out.result, rules.Acquired)
+            lock = out.result.lock
             assert lock is not None
             if isinstance(what, Acquire):
                 held[name] = lock.token
-            forced = tuple(f.token for f in (out.result or {}).get("forced", ())
-                           if f.kind == "payment")
+            forced = tuple(f.token for f in out.result.forced or () if f.kind == "payment")
             answer = Granted(lock.token, forced)
         else:
             answer = Done()
