@@ -17,6 +17,13 @@ import { CONFIG_DEFAULTS } from "./constants.js";
 import { TablelockConnection } from "./connection.js";
 import { ErpUnavailableError, makeError, outcomeUnknown, prompt, TablelockError } from "./errors.js";
 import { capability, event, lockKey, noop } from "./helpers.js";
+import {
+  CONNECTION_CLOSED, CONNECTION_DOWN, CONNECTION_FAILED, CONNECTION_UP, DELIVER, END,
+  EVENT_FRAME, FETCH_TIMEOUT_MS, FORGET_HANDLE, MIRROR_CLOSED, MIRROR_DOWN, MIRROR_EVENT,
+  MIRROR_FAILED, RELEASING, RENEW_IF_DUE, SCHEDULE_RENEW, SET_CONFIG, SET_STALE, START,
+  STOP_RENEWING, SUBSCRIBE, SYNCED, UNWATCH, UPDATE_LOCK, UPDATE_STALE, USER_REF, VERIFY_HANDLES,
+  WATCH, WATCHERS,
+} from "./internal.js";
 import { LockHandle } from "./lock.js";
 import { ChannelMirror } from "./mirror.js";
 import { PaymentSession } from "./payment.js";
@@ -38,57 +45,52 @@ export class TablelockClient extends TablelockConnection {
 
   // --- following the connection --------------------------------------------------------------
 
-  _connectionUp() {
+  [CONNECTION_UP]() {
     // Re-subscribe every mirror with `since` (their snapshots also settle the lock handles),
     // and renew the locks whose renewal fell due while the socket was down.
-    for (const mirror of this._mirrors.values()) mirror._subscribe("reconnect");
-    for (const handle of this._handles.values()) {
-      if (handle._renewDue) handle._autoRenew();
-    }
-    this._updateStale();
+    for (const mirror of this._mirrors.values()) mirror[SUBSCRIBE]("reconnect");
+    for (const handle of this._handles.values()) handle[RENEW_IF_DUE]();
+    this[UPDATE_STALE]();
   }
 
-  _connectionDown() {
-    for (const mirror of this._mirrors.values()) mirror._down();
-    this._updateStale();
+  [CONNECTION_DOWN]() {
+    for (const mirror of this._mirrors.values()) mirror[MIRROR_DOWN]();
+    this[UPDATE_STALE]();
   }
 
   /** @param {TablelockError} err */
-  _connectionFailed(err) {
-    for (const mirror of this._mirrors.values()) mirror._fail(err);
+  [CONNECTION_FAILED](err) {
+    for (const mirror of this._mirrors.values()) mirror[MIRROR_FAILED](err);
   }
 
-  _connectionClosed() {
-    for (const handle of this._handles.values()) handle._stopRenewing();
-    for (const mirror of this._mirrors.values()) mirror._setState("closed");
+  [CONNECTION_CLOSED]() {
+    for (const handle of this._handles.values()) handle[STOP_RENEWING]();
+    for (const mirror of this._mirrors.values()) mirror[MIRROR_CLOSED]();
   }
 
-  _updateStale() {
+  [UPDATE_STALE]() {
     // Stale: the socket is down, or a mirror that was current is re-syncing (after a
     // reconnect or a gap). A channel subscribed for the first time is not "stale data".
-    let stale = !this._connected;
+    let stale = !this.connected;
     if (!stale) {
       for (const mirror of this._mirrors.values()) {
-        if (mirror._synced && (mirror.state === "syncing" || mirror.state === "idle")) {
+        if (mirror[SYNCED] && (mirror.state === "syncing" || mirror.state === "idle")) {
           stale = true;
         }
       }
     }
-    if (stale !== this._stale) {
-      this._stale = stale;
-      this.dispatchEvent(event("stale", { stale }));
-    }
+    this[SET_STALE](stale);
   }
 
   // --- frames ------------------------------------------------------------------------------
 
   /** @param {EventFrame} frame */
-  _onEvent(frame) {
+  [EVENT_FRAME](frame) {
     const mirror = frame.channel ? this._mirrors.get(frame.channel) : undefined;
     if (mirror) {
-      mirror._onEvent(frame); // the mirror delivers it once it is in order
+      mirror[MIRROR_EVENT](frame); // the mirror delivers it once it is in order
     } else {
-      this._deliver(frame, false);
+      this[DELIVER](frame, false);
     }
   }
 
@@ -97,12 +99,9 @@ export class TablelockClient extends TablelockConnection {
    * @param {EventFrame} frame
    * @param {boolean} replayed
    */
-  _deliver(frame, replayed) {
+  [DELIVER](frame, replayed) {
     this._routeToHandles(frame);
-    if (frame.event === "config.updated" && frame.config) {
-      this._config = frame.config;
-      this.dispatchEvent(event("config", { config: frame.config }));
-    }
+    if (frame.event === "config.updated" && frame.config) this[SET_CONFIG](frame.config);
     const detail = { event: frame, replayed };
     this.dispatchEvent(event("event", detail));
     this.dispatchEvent(event(frame.event, detail));
@@ -116,13 +115,13 @@ export class TablelockClient extends TablelockConnection {
     if (!handle || handle.token !== lock.token) return;
     switch (frame.event) {
       case "lock.forced":
-        handle._end("forced", frame);
+        handle[END]("forced", frame);
         break;
       case "lock.expired":
-        handle._end("expired", frame);
+        handle[END]("expired", frame);
         break;
       case "lock.released":
-        handle._end(frame.reason ?? "released", frame);
+        handle[END](frame.reason ?? "released", frame);
         break;
       case "lock.contended":
         handle.dispatchEvent(event("contended", { event: frame, by: frame.by, action: frame.action }));
@@ -136,51 +135,16 @@ export class TablelockClient extends TablelockConnection {
    * After a snapshot: a handle whose lock is not in it was lost while we were not looking.
    * @param {ChannelMirror} mirror
    */
-  _verifyHandles(mirror) {
+  [VERIFY_HANDLES](mirror) {
     for (const handle of [...this._handles.values()]) {
       if (!handle.held || !handle.enforced || handle.storeId !== mirror.storeId) continue;
       if (mirror.orderId !== null && handle.orderId !== mirror.orderId) continue;
       const lock = mirror.locks.get(handle.key);
       if (!lock || lock.token !== handle.token) {
-        handle._end("gone", null);
+        handle[END]("gone", null);
       } else {
-        handle._update(lock);
+        handle[UPDATE_LOCK](lock);
       }
-    }
-  }
-
-  /**
-   * @param {number} gen
-   * @param {{rid: string, method: string, params?: Record<string, string>}} frame
-   */
-  async _onRpc(gen, frame) {
-    this.dispatchEvent(event("rpc", { frame }));
-    const ws = this._ws;
-    /** @param {Record<string, unknown>} answer */
-    const answer = (answer) => {
-      if (gen === this._gen && ws && ws.readyState === 1) {
-        ws.send(JSON.stringify({ type: "rpc.result", rid: frame.rid, ...answer }));
-      }
-    };
-    const handler = this._fetchHandler;
-    if (frame.method !== "order.fetch" || !handler) {
-      answer({ ok: false, error: { code: "UNSUPPORTED", message: `no handler for ${frame.method}` } });
-      return;
-    }
-    try {
-      const order = await handler(frame.params ?? {});
-      if (order) {
-        answer({ ok: true, result: { order } });
-      } else {
-        answer({ ok: false, error: { code: "NOT_FOUND", message: "no such order" } });
-      }
-    } catch (err) {
-      const e = /** @type {any} */ (err);
-      answer({
-        ok: false,
-        error: { code: String(e?.code ?? "ERROR").slice(0, 100),
-                 message: String(e?.message ?? e).slice(0, 500) },
-      });
     }
   }
 
@@ -211,7 +175,7 @@ export class TablelockClient extends TablelockConnection {
     const t = typeof target === "string" ? { orderId: target } : target;
     return this.request("order.get", {
       order_id: t.orderId, table_id: t.tableId, fresh: t.fresh || undefined,
-    }, { timeoutMs: t.fresh ? this._fetchTimeout() : undefined });
+    }, { timeoutMs: t.fresh ? this[FETCH_TIMEOUT_MS]() : undefined });
   }
 
   /**
@@ -272,7 +236,7 @@ export class TablelockClient extends TablelockConnection {
       reply = await this.request("lock.acquire", {
         order_id: orderId, kind, force: options.force || undefined,
         operator: options.operator, reason: options.reason,
-      }, { timeoutMs: this._fetchTimeout() });
+      }, { timeoutMs: this[FETCH_TIMEOUT_MS]() });
     } catch (err) {
       if (!outcomeUnknown(err)) throw err;
       const now = await this._reread(orderId, /** @type {TablelockError} */ (err));
@@ -284,7 +248,7 @@ export class TablelockClient extends TablelockConnection {
     }
     for (const lock of reply.released ?? []) {
       const mine = this._handles.get(lockKey(lock.order_id, lock.kind));
-      if (mine && mine.token === lock.token) mine._end("upgraded", null);
+      if (mine && mine.token === lock.token) mine[END]("upgraded", null);
     }
     if (!reply.lock) {
       // strong_link off: nothing is enforced, there is no lock to hold.
@@ -297,11 +261,11 @@ export class TablelockClient extends TablelockConnection {
     const key = lockKey(lock.order_id, lock.kind);
     const existing = this._handles.get(key);
     if (existing && existing.held && existing.token === lock.token) {
-      existing._update(lock);
-      existing._scheduleRenew();
+      existing[UPDATE_LOCK](lock);
+      existing[SCHEDULE_RENEW]();
       return existing;
     }
-    if (existing && existing.held) existing._end("gone", null);
+    if (existing && existing.held) existing[END]("gone", null);
     const handle = new LockHandle(this, lock, reply.order ?? null, {
       orderId: lock.order_id, kind: lock.kind, storeId: lock.store_id,
       watch: options.watch ?? true,
@@ -309,7 +273,7 @@ export class TablelockClient extends TablelockConnection {
     });
     handle.forced = reply.forced ?? [];
     this._handles.set(key, handle);
-    handle._start();
+    handle[START]();
     return handle;
   }
 
@@ -334,7 +298,7 @@ export class TablelockClient extends TablelockConnection {
     const handle = this._handles.get(lockKey(orderId, kind));
     const ours = options.token === undefined || options.token === handle?.token;
     const mine = handle && handle.held && ours ? handle : null;
-    if (mine) mine._releasing = true;
+    if (mine) mine[RELEASING] = true;
     const token = options.token ?? mine?.token ?? undefined;
     try {
       let reply;
@@ -349,10 +313,10 @@ export class TablelockClient extends TablelockConnection {
         if (now.locks.some((l) => l.kind === kind && l.token === token)) throw err;
         reply = { lock: null };
       }
-      mine?._end("released", null);
+      mine?.[END]("released", null);
       return reply;
     } catch (err) {
-      if (mine) mine._releasing = false;
+      if (mine) mine[RELEASING] = false;
       throw err;
     }
   }
@@ -387,7 +351,7 @@ export class TablelockClient extends TablelockConnection {
       reply = await this.request("payment.complete", wire);
     }
     for (const handle of [...this._handles.values()]) {
-      if (handle.orderId === params.orderId) handle._end("paid", null);
+      if (handle.orderId === params.orderId) handle[END]("paid", null);
     }
     return reply;
   }
@@ -400,9 +364,9 @@ export class TablelockClient extends TablelockConnection {
    * @returns {Promise<ChannelMirror>}
    */
   async subscribe(channel) {
-    if (this._closedByUser) throw makeError("DISCONNECTED", "the client was closed");
+    if (this.closed) throw makeError("DISCONNECTED", "the client was closed");
     const mirror = this._mirror(channel);
-    mirror._userRef = true;
+    mirror[USER_REF] = true;
     await mirror.ready;
     return mirror;
   }
@@ -426,7 +390,7 @@ export class TablelockClient extends TablelockConnection {
   async unsubscribe(channel) {
     const mirror = this._mirrors.get(channel);
     if (!mirror) return;
-    mirror._userRef = false;
+    mirror[USER_REF] = false;
     await this._maybeDrop(mirror);
   }
 
@@ -441,58 +405,46 @@ export class TablelockClient extends TablelockConnection {
     if (!mirror || mirror.state === "closed") {
       mirror = new ChannelMirror(this, channel);
       this._mirrors.set(channel, mirror);
-      if (this._fatal) {
-        mirror._fail(this._fatal);
+      if (this.failure) {
+        mirror[MIRROR_FAILED](this.failure);
       } else {
-        mirror._subscribe("subscribe");
-        this._updateStale();
+        mirror[SUBSCRIBE]("subscribe");
+        this[UPDATE_STALE]();
       }
     }
     return mirror;
   }
 
   /** @param {string} channel */
-  _watch(channel) {
+  [WATCH](channel) {
     const mirror = this._mirror(channel);
-    mirror._watchers++;
+    mirror[WATCHERS]++;
     return mirror;
   }
 
   /** @param {string} channel */
-  _unwatch(channel) {
+  [UNWATCH](channel) {
     const mirror = this._mirrors.get(channel);
     if (!mirror) return;
-    mirror._watchers = Math.max(0, mirror._watchers - 1);
+    mirror[WATCHERS] = Math.max(0, mirror[WATCHERS] - 1);
     this._maybeDrop(mirror).catch(noop);
+  }
+
+  /** @param {LockHandle} handle */
+  [FORGET_HANDLE](handle) {
+    if (this._handles.get(handle.key) === handle) this._handles.delete(handle.key);
   }
 
   /** @param {ChannelMirror} mirror */
   async _maybeDrop(mirror) {
-    if (mirror._userRef || mirror._watchers > 0) return;
+    if (mirror[USER_REF] || mirror[WATCHERS] > 0) return;
     const wasSubscribed = mirror.state === "live" || mirror.state === "syncing";
-    mirror._setState("closed");
+    mirror[MIRROR_CLOSED]();
     if (this._mirrors.get(mirror.channel) === mirror) this._mirrors.delete(mirror.channel);
-    this._updateStale();
-    if (wasSubscribed && this._connected) {
+    this[UPDATE_STALE]();
+    if (wasSubscribed && this.connected) {
       await this.request("unsubscribe", { channel: mirror.channel }).catch(noop);
     }
-  }
-
-  /**
-   * Register the ERP page's answer to the broker's `order.fetch` rpc: `handler(params)` gets
-   * `{order_id}` or `{table_id}` and returns the latest order (or null: not found; a throw is
-   * sent back as an error). The broker asks the store's `erp_main`, else a terminal that said
-   * `order_authority` in hello: pass `orderAuthority: true` (or `onOrderFetch`) to `connect`
-   * for other roles. Returns a function that unregisters the handler.
-   * @param {(params: {order_id?: string, table_id?: string}) => Order | null | undefined |
-   *   Promise<Order | null | undefined>} handler
-   * @returns {() => void}
-   */
-  onOrderFetch(handler) {
-    this._fetchHandler = handler;
-    return () => {
-      if (this._fetchHandler === handler) this._fetchHandler = null;
-    };
   }
 
   /**
@@ -517,7 +469,7 @@ export class TablelockClient extends TablelockConnection {
     try {
       let orderId = t.orderId;
       if (!orderId) {
-        const tableId = t.tableId ?? this.terminal?.table_id ?? this._claims?.table;
+        const tableId = t.tableId ?? this.tableId;
         if (!tableId) throw new TypeError("tablelock: pay() needs an orderId or a tableId");
         const { order } = await this.getOrder({ tableId, fresh: true });
         if (!order) throw makeError("NOT_FOUND", prompt("NOT_FOUND", this.locale));

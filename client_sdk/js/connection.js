@@ -16,6 +16,10 @@
 import { CLOSE, CONFIG_DEFAULTS } from "./constants.js";
 import { makeError, prompt, TablelockError } from "./errors.js";
 import { compact, deferred, event, localNow, noop, peekClaims } from "./helpers.js";
+import {
+  CONNECTION_CLOSED, CONNECTION_DOWN, CONNECTION_FAILED, CONNECTION_UP, EVENT_FRAME,
+  FETCH_TIMEOUT_MS, GENERATION, SET_CONFIG, SET_STALE,
+} from "./internal.js";
 
 export const VERSION = "0.1.0";
 export const PROTOCOL_VERSION = 1;
@@ -49,9 +53,8 @@ const CLOSE_ABANDONED = 4000;
 
 /**
  * One terminal's connection to the broker: it says hello, reconnects with backoff, keeps the
- * clock and the token, and matches replies to requests. {@link TablelockClient} builds on it;
- * the hooks below (`_connectionUp`, `_connectionDown`, `_connectionFailed`, `_onEvent`,
- * `_onRpc`) are where it does.
+ * clock and the token, matches replies to requests and answers the broker's `order.fetch`.
+ * {@link TablelockClient} builds on it through the hooks below (symbols of internal.js).
  */
 export class TablelockConnection extends EventTarget {
   /** @param {ClientOptions} options */
@@ -130,6 +133,14 @@ export class TablelockConnection extends EventTarget {
   get role() { return this.terminal?.role ?? this._claims?.role ?? null; }
   /** @returns {string|null} */
   get storeId() { return this._hello?.store.store_id ?? this._claims?.store ?? null; }
+  /** @returns {string|null} the table of an `h5` terminal (from hello, else the token) */
+  get tableId() { return this.terminal?.table_id ?? this._claims?.table ?? null; }
+  /** @returns {string|null} the token in use (for the broker's HTTP API), once one was read */
+  get token() { return this._token; }
+  /** True once `close()` was called. */
+  get closed() { return this._closedByUser; }
+  /** @returns {TablelockError|null} the error that stopped the reconnects, if one did */
+  get failure() { return this._fatal; }
   /** @returns {StoreConfig|null} the store config (from hello, kept current by `config.updated`) */
   get config() { return this._config; }
   /** @returns {Locale} the locale of the broker's messages */
@@ -238,7 +249,7 @@ export class TablelockConnection extends EventTarget {
     this._scheduleRefresh();
     this._ready.resolve(hello);
     this.dispatchEvent(event("open", { hello, resumed: hello.resumed }));
-    this._connectionUp();
+    this[CONNECTION_UP]();
   }
 
   /**
@@ -286,7 +297,7 @@ export class TablelockConnection extends EventTarget {
       this._attempt = Math.max(this._attempt, 4); // policy (rate or connection limit): back off
     }
     const willReconnect = !this._closedByUser && !this._fatal;
-    this._connectionDown();
+    this[CONNECTION_DOWN]();
     this.dispatchEvent(event("close", { code, reason, willReconnect }));
     if (this._fatal && !this._closedByUser) {
       this._fail(this._fatal);
@@ -298,7 +309,7 @@ export class TablelockConnection extends EventTarget {
   _fail(/** @type {TablelockError} */ err) {
     this._fatal = err;
     this._ready.reject(err);
-    this._connectionFailed(err);
+    this[CONNECTION_FAILED](err);
     this.dispatchEvent(event("error", { error: err }));
   }
 
@@ -382,7 +393,7 @@ export class TablelockConnection extends EventTarget {
     globalThis.removeEventListener?.("online", this._onOnline);
     if (this._ws || this._connecting) this._drop(1000, "client closed");
     this._ready.reject(makeError("DISCONNECTED", "the client was closed"));
-    this._connectionClosed();
+    this[CONNECTION_CLOSED]();
   }
 
   _startHeartbeat(/** @type {number} */ brokerMs) {
@@ -431,7 +442,7 @@ export class TablelockConnection extends EventTarget {
       return;
     }
     if (frame.type === "event") {
-      this._onEvent(frame);
+      this[EVENT_FRAME](frame);
     } else if (frame.type === "rpc") {
       this._onRpc(gen, frame);
     } else if ("ok" in frame) {
@@ -455,25 +466,91 @@ export class TablelockConnection extends EventTarget {
   // --- hooks: what the client on top does (TablelockClient overrides them) ----------------
 
   /** Hello succeeded (a first connection or a reconnect). */
-  _connectionUp() {}
+  [CONNECTION_UP]() {}
 
   /** The socket went down (the client reconnects unless closed or failed). */
-  _connectionDown() {}
+  [CONNECTION_DOWN]() {}
 
   /** A fatal error: no more reconnects. @param {TablelockError} _err */
-  _connectionFailed(_err) {}
+  [CONNECTION_FAILED](_err) {}
 
   /** `close()` was called. */
-  _connectionClosed() {}
+  [CONNECTION_CLOSED]() {}
 
   /** An event frame. @param {EventFrame} _frame */
-  _onEvent(_frame) {}
+  [EVENT_FRAME](_frame) {}
+
+  // --- what the client on top sets -------------------------------------------------------
+
+  /** @param {boolean} stale */
+  [SET_STALE](stale) {
+    if (stale === this._stale) return;
+    this._stale = stale;
+    this.dispatchEvent(event("stale", { stale }));
+  }
+
+  /** @param {StoreConfig} config */
+  [SET_CONFIG](config) {
+    this._config = config;
+    this.dispatchEvent(event("config", { config }));
+  }
+
+  /** @returns {number} */
+  get [GENERATION]() { return this._gen; }
+
+  // --- the broker's rpc --------------------------------------------------------------------
 
   /**
-   * An `rpc` frame from the broker.
-   * @param {number} _gen @param {{rid: string, method: string, params?: Record<string, string>}} _frame
+   * Register the ERP page's answer to the broker's `order.fetch` rpc: `handler(params)` gets
+   * `{order_id}` or `{table_id}` and returns the latest order (or null: not found; a throw is
+   * sent back as an error). The broker asks the store's `erp_main`, else a terminal that said
+   * `order_authority` in hello: pass `orderAuthority: true` (or `onOrderFetch`) to `connect`
+   * for other roles. Returns a function that unregisters the handler.
+   * @param {(params: {order_id?: string, table_id?: string}) => Order | null | undefined |
+   *   Promise<Order | null | undefined>} handler
+   * @returns {() => void}
    */
-  _onRpc(_gen, _frame) {}
+  onOrderFetch(handler) {
+    this._fetchHandler = handler;
+    return () => {
+      if (this._fetchHandler === handler) this._fetchHandler = null;
+    };
+  }
+
+  /**
+   * @param {number} gen
+   * @param {{rid: string, method: string, params?: Record<string, string>}} frame
+   */
+  async _onRpc(gen, frame) {
+    this.dispatchEvent(event("rpc", { frame }));
+    const ws = this._ws;
+    /** @param {Record<string, unknown>} answer */
+    const answer = (answer) => {
+      if (gen === this._gen && ws && ws.readyState === 1) {
+        ws.send(JSON.stringify({ type: "rpc.result", rid: frame.rid, ...answer }));
+      }
+    };
+    const handler = this._fetchHandler;
+    if (frame.method !== "order.fetch" || !handler) {
+      answer({ ok: false, error: { code: "UNSUPPORTED", message: `no handler for ${frame.method}` } });
+      return;
+    }
+    try {
+      const order = await handler(frame.params ?? {});
+      if (order) {
+        answer({ ok: true, result: { order } });
+      } else {
+        answer({ ok: false, error: { code: "NOT_FOUND", message: "no such order" } });
+      }
+    } catch (err) {
+      const e = /** @type {any} */ (err);
+      answer({
+        ok: false,
+        error: { code: String(e?.code ?? "ERROR").slice(0, 100),
+                 message: String(e?.message ?? e).slice(0, 500) },
+      });
+    }
+  }
 
   // --- requests ----------------------------------------------------------------------------
 
@@ -513,7 +590,7 @@ export class TablelockConnection extends EventTarget {
   }
 
   /** A timeout long enough for a request that may wait on the ERP (`order.fetch`). */
-  _fetchTimeout() {
+  [FETCH_TIMEOUT_MS]() {
     return Math.max(this._requestTimeoutMs, (this._config?.erp_fetch_timeout_ms ?? CONFIG_DEFAULTS.erp_fetch_timeout_ms) + 5000);
   }
 
@@ -530,8 +607,8 @@ export class TablelockConnection extends EventTarget {
     return { server_time: reply.server_time, rtt_ms: received - sent };
   }
 
-  /** Wait until connected (or reject after `timeoutMs`). */
-  _whenConnected(/** @type {number} */ timeoutMs) {
+  /** Wait until connected (or reject with a `DisconnectedError` after `timeoutMs`). */
+  whenConnected(/** @type {number} */ timeoutMs) {
     if (this._connected) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const done = () => {

@@ -13,6 +13,10 @@
 import { LOST_LOCK_REASONS } from "./constants.js";
 import { TablelockError } from "./errors.js";
 import { capability, deferred, event, lockKey, noop } from "./helpers.js";
+import {
+  END, FORGET_HANDLE, RELEASING, RENEW_IF_DUE, SCHEDULE_RENEW, START, STOP_RENEWING, UNWATCH,
+  UPDATE_LOCK, WATCH,
+} from "./internal.js";
 
 /**
  * How a lock ended.
@@ -63,7 +67,8 @@ export class LockHandle extends EventTarget {
     this.end = null;
     this._watch = o.watch;
     this._renews = o.autoRenew;
-    this._releasing = false;
+    /** This client is releasing the lock: a `released` is not a loss. */
+    this[RELEASING] = false;
     this._renewDue = false;
     /** @type {any} */
     this._renewTimer = null;
@@ -100,13 +105,13 @@ export class LockHandle extends EventTarget {
     return Math.max(0, this.lock.expires_at - this.client.serverNow());
   }
 
-  _start() {
-    if (this._watch) this.client._watch(`order:${this.storeId}:${this.orderId}`);
-    this._scheduleRenew();
+  [START]() {
+    if (this._watch) this.client[WATCH](`order:${this.storeId}:${this.orderId}`);
+    this[SCHEDULE_RENEW]();
   }
 
   /** @param {Lock} lock */
-  _update(lock) {
+  [UPDATE_LOCK](lock) {
     if (lock.token === this.token) this.lock = lock;
   }
 
@@ -122,7 +127,7 @@ export class LockHandle extends EventTarget {
     } catch (err) {
       const reason = err instanceof TablelockError ? GONE[err.code] : undefined;
       if (!reason) throw err;
-      this._end(reason, null);
+      this[END](reason, null);
     }
   }
 
@@ -140,19 +145,19 @@ export class LockHandle extends EventTarget {
     try {
       const reply = await this.client.renew(this.orderId, this.kind, this.token);
       if (reply.lock) {
-        this._update(reply.lock);
+        this[UPDATE_LOCK](reply.lock);
         this.dispatchEvent(event("renewed", { lock: reply.lock }));
       }
-      this._scheduleRenew();
+      this[SCHEDULE_RENEW]();
       return this.lock;
     } catch (err) {
       const reason = err instanceof TablelockError ? GONE[err.code] : undefined;
-      if (reason) this._end(reason, null);
+      if (reason) this[END](reason, null);
       throw err;
     }
   }
 
-  _scheduleRenew() {
+  [SCHEDULE_RENEW]() {
     clearTimeout(this._renewTimer);
     this._renewDue = false;
     if (!this._renews || !this.held || !this.lock) return;
@@ -175,6 +180,10 @@ export class LockHandle extends EventTarget {
     this._autoRenew();
   }
 
+  [RENEW_IF_DUE]() {
+    if (this._renewDue) this._autoRenew();
+  }
+
   _autoRenew() {
     this._renewDue = false;
     this.renew().catch((err) => {
@@ -189,7 +198,7 @@ export class LockHandle extends EventTarget {
     });
   }
 
-  _stopRenewing() {
+  [STOP_RENEWING]() {
     clearTimeout(this._renewTimer);
     this._renews = false;
   }
@@ -201,19 +210,18 @@ export class LockHandle extends EventTarget {
    * @param {string} reason
    * @param {EventFrame|null} frame
    */
-  _end(reason, frame) {
+  [END](reason, frame) {
     if (!this.held) return;
     // A reason this SDK does not know yet (a newer broker's) is told as "gone".
     if (!LOST_LOCK_REASONS.includes(reason)) reason = "gone";
     this.state = "ended";
     clearTimeout(this._renewTimer);
-    const lost = reason === "released" ? !this._releasing : !NOT_LOST.has(reason);
+    const lost = reason === "released" ? !this[RELEASING] : !NOT_LOST.has(reason);
     /** @type {LockEnd} */
     const end = { reason, lost, event: frame, handle: this };
     this.end = end;
-    const client = this.client;
-    if (client._handles.get(this.key) === this) client._handles.delete(this.key);
-    if (this._watch) client._unwatch(`order:${this.storeId}:${this.orderId}`);
+    this.client[FORGET_HANDLE](this);
+    if (this._watch) this.client[UNWATCH](`order:${this.storeId}:${this.orderId}`);
     if (end.lost) {
       this._lost.resolve(end);
       this.dispatchEvent(event("lost", end));

@@ -14,6 +14,10 @@
 /** @typedef {import("./errors.js").TablelockError} TablelockError */
 
 import { deferred, event, lockKey, parseChannel } from "./helpers.js";
+import {
+  DELIVER, GENERATION, MIRROR_CLOSED, MIRROR_DOWN, MIRROR_EVENT, MIRROR_FAILED, SUBSCRIBE,
+  SYNCED, UPDATE_STALE, USER_REF, VERIFY_HANDLES, WATCHERS,
+} from "./internal.js";
 
 /**
  * The live state of one channel. An `EventTarget`; its events (all `CustomEvent`s):
@@ -59,8 +63,10 @@ export class ChannelMirror extends EventTarget {
     /** @type {TablelockError|null} */
     this.error = null;
     this._synced = false;
-    this._userRef = false;
-    this._watchers = 0;
+    /** The application subscribed to this channel itself (the client keeps this count). */
+    this[USER_REF] = false;
+    /** How many held locks watch this channel (the client keeps this count). */
+    this[WATCHERS] = 0;
     /** @type {EventFrame[]} */
     this._buffer = [];
     /** @type {ReturnType<typeof deferred<ChannelMirror>>} */
@@ -117,13 +123,20 @@ export class ChannelMirror extends EventTarget {
     if (was !== this.stale) this.dispatchEvent(event("stale", { stale: this.stale }));
   }
 
-  _down() {
+  /** @returns {boolean} */
+  get [SYNCED]() { return this._synced; }
+
+  [MIRROR_CLOSED]() {
+    this._setState("closed");
+  }
+
+  [MIRROR_DOWN]() {
     if (this.state === "live" || this.state === "syncing") this._setState("idle");
     this._buffer = [];
   }
 
   /** @param {TablelockError} err */
-  _fail(err) {
+  [MIRROR_FAILED](err) {
     this.error = err;
     this._setState("failed");
     this._ready.reject(err);
@@ -135,23 +148,23 @@ export class ChannelMirror extends EventTarget {
    * missed. Events that arrive meanwhile wait in a buffer.
    * @param {"subscribe"|"reconnect"|"gap"} reason
    */
-  _subscribe(reason) {
+  [SUBSCRIBE](reason) {
     const client = this.client;
     if (this.state === "closed" || !client.connected) return;
     this._setState("syncing");
     this._buffer = [];
-    const gen = client._gen;
+    const gen = client[GENERATION];
     const params = { channel: this.channel, since: this._synced ? this.seq : undefined };
     client.request("subscribe", params).then((reply) => {
-      if (gen !== client._gen || this.state !== "syncing") return;
+      if (gen !== client[GENERATION] || this.state !== "syncing") return;
       this._applySnapshot(reply, reason);
     }, (err) => {
-      if (gen !== client._gen || this.state !== "syncing") return;
+      if (gen !== client[GENERATION] || this.state !== "syncing") return;
       if (err.code === "TIMEOUT") {
-        this._subscribe(reason);
+        this[SUBSCRIBE](reason);
       } else if (!err.unavailable) {
-        this._fail(err);
-        client._updateStale();
+        this[MIRROR_FAILED](err);
+        client[UPDATE_STALE]();
       }
       // DISCONNECTED: the reconnect re-subscribes.
     });
@@ -184,20 +197,20 @@ export class ChannelMirror extends EventTarget {
     // Missed events are already in the snapshot: they are told, not applied.
     for (const frame of missed) {
       this.dispatchEvent(event("change", { event: frame, replayed: true, snapshot: false }));
-      this.client._deliver(frame, true);
+      this.client[DELIVER](frame, true);
     }
     const info = { reason, recovered: this.recovered, missed, seq: this.seq };
     this.dispatchEvent(event("snapshot", info));
     this.dispatchEvent(event("change", { event: null, replayed: false, snapshot: true, ...info }));
-    this.client._verifyHandles(this);
+    this.client[VERIFY_HANDLES](this);
     this._ready.resolve(this);
-    this.client._updateStale();
+    this.client[UPDATE_STALE]();
     buffered.sort((a, b) => (a.seq ?? 0) - (b.seq ?? 0));
-    for (const frame of buffered) this._onEvent(frame);
+    for (const frame of buffered) this[MIRROR_EVENT](frame);
   }
 
   /** @param {EventFrame} frame */
-  _onEvent(frame) {
+  [MIRROR_EVENT](frame) {
     if (this.state === "syncing") {
       this._buffer.push(frame);
       return;
@@ -206,15 +219,15 @@ export class ChannelMirror extends EventTarget {
     if (frame.seq <= this.seq) return; // already applied (or in the snapshot)
     if (frame.seq > this.seq + 1) {
       // A gap: something was missed. Ask again with `since`; the snapshot settles it.
-      this._subscribe("gap");
-      this.client._updateStale();
+      this[SUBSCRIBE]("gap");
+      this.client[UPDATE_STALE]();
       this._buffer.push(frame);
       return;
     }
     this.seq = frame.seq;
     this._apply(frame);
     this.dispatchEvent(event("change", { event: frame, replayed: false, snapshot: false }));
-    this.client._deliver(frame, false);
+    this.client[DELIVER](frame, false);
   }
 
   /** @param {EventFrame} frame */

@@ -185,7 +185,7 @@ export class PaymentSession extends EventTarget {
         return this.result;
       } catch (err) {
         if (!(err instanceof TablelockError) || !err.unavailable || retries-- <= 0) throw err;
-        await this.client._whenConnected(params.reconnectWaitMs ?? 10_000);
+        await this.client.whenConnected(params.reconnectWaitMs ?? 10_000);
       }
     }
   }

@@ -242,7 +242,7 @@ export function openClient(options) {
 
 /** The current token string of a client (for the HTTP API). @param {TablelockClient} client */
 export function currentToken(client) {
-  return /** @type {any} */ (client)._token ?? (typeof client.options.token === "string" ? client.options.token : "");
+  return client.token ?? (typeof client.options.token === "string" ? client.options.token : "");
 }
 
 /**
