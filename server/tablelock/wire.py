@@ -8,6 +8,10 @@ frame synchronously whenever its transport is writable: `direct_writer` returns
 a function that does exactly that and says whether it could. When it can't (the
 socket is paused, or another server runs the app), the hub queues the frame and a
 task sends it through ASGI as usual, so order is kept either way.
+
+None of what this reads of uvicorn's protocol is public API. pyproject.toml pins the
+uvicorn range it was measured with; tests/test_wire_canary.py fails loudly when these
+internals change, and a protocol without them gets the ASGI path (tested too).
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ except ImportError:  # pragma: no cover - another uvicorn
 
 DirectWriter = Callable[[bytes, bytes | None], bool]
 
+# The attributes of uvicorn's WebSocketsSansIOProtocol that this module reads or clears.
+SANSIO_ATTRIBUTES: tuple[str, ...] = (
+    "conn", "writable", "transport", "close_sent", "disconnected", "handshake_complete",
+    "request", "response",
+)
+
+
+def sansio_protocol(send: Callable[..., Any]) -> _SansIO | None:
+    """The uvicorn websockets-sansio protocol behind an ASGI `send` (a bound method of it),
+    if it has every attribute this module relies on; else None: the ASGI path."""
+    protocol = getattr(send, "__self__", None)
+    if _SansIO is None or not isinstance(protocol, _SansIO):
+        return None
+    if not all(hasattr(protocol, name) for name in SANSIO_ATTRIBUTES):
+        return None
+    return protocol
+
 
 def text_frame(payload: bytes) -> bytes:
     """A server's WebSocket text frame: unmasked and uncompressed, so the same bytes serve
@@ -41,16 +62,17 @@ def text_frame(payload: bytes) -> bytes:
 def shed_handshake(send: Callable[..., Any]) -> None:
     """uvicorn keeps the handshake's request and response for the connection's whole life
     (about 4 KiB); nothing reads them once the socket is open."""
-    protocol = getattr(send, "__self__", None)
-    if _SansIO is not None and isinstance(protocol, _SansIO) and protocol.handshake_complete:
+    protocol = sansio_protocol(send)
+    if protocol is not None and protocol.handshake_complete:
         # uvicorn types them as always set; it never reads them again after the handshake.
         protocol.request = None  # type: ignore[assignment]
         protocol.response = None  # type: ignore[assignment]
 
 
 def direct_writer(send: Callable[..., Any]) -> DirectWriter | None:
-    protocol = getattr(send, "__self__", None)
-    if _SansIO is None or not isinstance(protocol, _SansIO):
+    """A synchronous text-frame writer for this connection, or None: send through ASGI."""
+    protocol = sansio_protocol(send)
+    if protocol is None:
         return None
     conn, writable = protocol.conn, protocol.writable
 
