@@ -92,6 +92,7 @@ export const CAPABILITIES = {
     "pulls_order": false
   }
 };
+export const FIRST_AUTHORITY = "erp_main";
 export const CLOSE_CODES = {
   "1009": "frame too big",
   "1012": "server restarting",

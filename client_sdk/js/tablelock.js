@@ -68,6 +68,7 @@ export {
 export {
   ROLES,
   CAPABILITIES,
+  FIRST_AUTHORITY,
   CLOSE,
   CLOSE_CODES,
   ERROR_CODES,

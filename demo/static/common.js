@@ -1,9 +1,24 @@
 // Shared by the dashboard and the terminal pages: tokens, locale, formatting, the table states,
 // dialogs, toasts and the connection indicator. Everything lock-related goes through the SDK.
-import { TablelockClient, prompt } from "/sdk/tablelock.js";
+import { ROLES, TablelockClient, capability, prompt } from "/sdk/tablelock.js";
 import { LANGS, MENU, REASONS, STRINGS } from "./i18n.js";
 
 export const params = new URLSearchParams(location.search);
+
+// --- roles: what the capability table (the SDK's generated constants) says of them ----------
+
+/** A scan-to-order phone (h5): its name is usually its id. @param {string|null|undefined} role */
+export const isPhone = (role) => capability(role ?? null, "scan_to_order") === true;
+/** Its locks are never renewed: they run down to `expires_at`. @param {string|null|undefined} role */
+export const locksRunDown = (role) => capability(role ?? null, "renew") === false;
+/**
+ * It records payments without holding a lock itself: the platform's payment service, for a phone.
+ * @param {string|null|undefined} role
+ */
+export const recordsForPhones = (role) =>
+  capability(role ?? null, "record_payment") === true && capability(role ?? null, "lock_kinds")?.length === 0;
+/** The tills: the roles that publish orders. */
+export const TILL_ROLES = ROLES.filter((role) => capability(role, "publish"));
 
 // --- locale -----------------------------------------------------------------------------
 
@@ -121,7 +136,7 @@ export function whoLabel(who) {
   if (!who) return "?";
   const role = who.role ? roleLabel(who.role) : "";
   const named = Boolean(who.name) && who.name !== who.terminal_id;
-  if (who.role === "h5") return named ? `${role} ${who.name}` : role;
+  if (isPhone(who.role)) return named ? `${role} ${who.name}` : role;
   if (!named) return `${role} ${who.terminal_id ?? ""}`.trim() || "?";
   if (!role) return String(who.name);
   return lang === "en" ? `${who.name} (${role})` : `${who.name}（${role}）`;

@@ -2,7 +2,7 @@
 // actions (force release, store config), on a manager terminal of the browser SDK.
 import {
   STATES, ago, applyI18n, baseTables, bindConnection, clock, currentToken, dialog, esc, flash,
-  getLang, kindLabel, money, onLangChange, openClient, params, prompt, reasonText, roleLabel,
+  getLang, kindLabel, locksRunDown, money, onLangChange, openClient, params, prompt, reasonText, roleLabel,
   setupLangSwitch,
   sortTables, t, tableModel, toast, tokenSource, whoLabel,
 } from "./common.js";
@@ -252,7 +252,7 @@ function tileHtml(entry, stale) {
     orderLine = `<div class="tile-order"><span class="muted" data-paid-ts="${entry.paid.ts}">${esc(t("dash.paid.at", { amount: money(entry.paid.payment?.amount_cents ?? entry.paid.order?.amount_cents), when: ago(entry.paid.ts, now()) }))}</span></div>`;
   }
   const locks = entry.locks.map((lock) => {
-    const h5 = lock.holder?.role === "h5";
+    const runsDown = locksRunDown(lock.holder?.role); // a phone's lock: its countdown matters
     const total = Math.max(1, lock.expires_at - lock.acquired_at);
     return `<li class="tile-lock" data-kind="${esc(lock.kind)}" data-testid="lock-${esc(id)}-${esc(lock.kind)}">
       <div class="lock-line"><span class="lock-kind">${esc(kindLabel(lock.kind))}</span>
@@ -261,7 +261,7 @@ function tileHtml(entry, stale) {
           data-testid="force-release-${esc(id)}-${esc(lock.kind)}" ${stale ? "disabled" : ""}>${esc(t("dash.force"))}</button></div>
       <div class="lock-line"><span class="lock-holder" title="${esc(lock.holder?.terminal_id)}">${esc(whoLabel(lock.holder))}</span>
         <span class="lock-since" data-since="${lock.acquired_at}">${esc(ago(lock.acquired_at, now()))}</span></div>
-      ${h5 ? `<div class="ttl-row"><div class="ttl-bar"><i data-bar-expires="${lock.expires_at}" data-bar-total="${total}"></i></div>
+      ${runsDown ? `<div class="ttl-row"><div class="ttl-bar"><i data-bar-expires="${lock.expires_at}" data-bar-total="${total}"></i></div>
         <span class="ttl" data-testid="ttl-${esc(id)}" data-expires="${lock.expires_at}"></span></div>` : ""}
     </li>`;
   }).join("");

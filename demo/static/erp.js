@@ -1,14 +1,18 @@
 // An ERP cashier terminal to play by hand: see a table's order, edit the cart under the order
 // lock, go to the cashier (payment lock, force-continue), print a pre-bill (presettle lock),
 // accept a scanned order. As erp_main it also keeps the order book and answers order.fetch.
+import { FIRST_AUTHORITY } from "/sdk/tablelock.js";
 import {
   MENU, applyI18n, baseTables, bindConnection, clock, dialog, dishName, esc, itemInfo, kindLabel,
   money, onLangChange, openClient, params, paymentRef, reasonText, roleLabel, sayText, saidOf,
-  setupLangSwitch, sortTables, statusLabel, t, tableModel, toast, tokenSource, whoLabel,
+  setupLangSwitch, sortTables, TILL_ROLES, isPhone, statusLabel, t, tableModel, toast, tokenSource, whoLabel,
 } from "./common.js";
 
-const role = params.get("role") === "erp_main" ? "erp_main" : "erp_secondary";
-const isMain = role === "erp_main";
+// The till this page is: the one `?role=` names, else one the broker does not ask for an order
+// first. The first one keeps the order book: it answers order.fetch and opens new orders.
+const asked = params.get("role") ?? "";
+const role = TILL_ROLES.includes(asked) ? asked : TILL_ROLES.find((r) => r !== FIRST_AUTHORITY) ?? asked;
+const isMain = role === FIRST_AUTHORITY;
 // Each page is a till of its own (the simulated store's tills are erp-front-desk, erp-cashier-2
 // and erp-bar): a random id, kept by the tab across reloads so that its locks are its own.
 const tabKey = `tablelock-erp-${role}`;
@@ -160,7 +164,7 @@ function renderOrder() {
   const tabs = orders.length > 1 ? `<div class="actions">${orders.map((o) => `<button type="button" class="btn btn-xs" data-pick-order="${esc(o.order_id)}" aria-pressed="${o.order_id === order.order_id}">${esc(o.order_id)}</button>`).join("")}</div>` : "";
   const mode = myHandle(order.order_id, "payment") ? "payment" : myHandle(order.order_id, "order") ? "order" : "";
   // A phone's payment lock is never forced from the cart: editing waits until it ends.
-  const phonePaying = locks.some((l) => l.kind === "payment" && l.holder.role === "h5");
+  const phonePaying = locks.some((l) => l.kind === "payment" && isPhone(l.holder.role));
   panel.innerHTML = `
     <div class="order-head">
       <h2>${esc(selected)} · ${esc(t("erp.order", { order: order.order_id }))}</h2>

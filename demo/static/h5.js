@@ -4,9 +4,9 @@
 // goes to the payment provider, and the broker's `order.paid` says it is done. A phone never
 // records a payment itself. "Pay at the front desk" when the ERP cannot be reached.
 import {
-  MENU, applyI18n, bindConnection, currentToken, dishName, esc, itemInfo, money, onLangChange,
+  MENU, applyI18n, bindConnection, currentToken, dishName, esc, itemInfo, locksRunDown, money, onLangChange,
   openClient, params, paymentRef, sayText, saidOf, setupLangSwitch, statusLabel, t, tokenSource,
-  hashClaims,
+  hashClaims, recordsForPhones,
 } from "./common.js";
 
 // The table: ?table=, else the one a #token= names (an h5 token is scoped to one table).
@@ -124,7 +124,7 @@ function onPaid(/** @type {any} */ frame) {
     session = null;
   } else if (!paidInfo) {
     const role = frame.payment?.by?.role ?? "";
-    paidElsewhere = { orderId: frame.order.order_id, by: role === "service" ? "phone" : role ? "counter" : "" };
+    paidElsewhere = { orderId: frame.order.order_id, by: recordsForPhones(role) ? "phone" : role ? "counter" : "" };
     session = null;
     confirming = null;
   }
@@ -159,7 +159,7 @@ function blocking() {
 function blockedBy() {
   const lock = blocking();
   if (!lock) return "";
-  const left = lock.holder.role === "h5" ? Math.ceil(Math.max(0, lock.expires_at - client.serverNow()) / 1000) : 0;
+  const left = locksRunDown(lock.holder.role) ? Math.ceil(Math.max(0, lock.expires_at - client.serverNow()) / 1000) : 0;
   return t(`h5.locked.${lock.kind}`) + (left ? t("h5.locked.left", { n: left }) : "");
 }
 
@@ -404,5 +404,5 @@ client.ready.then(() => {
 }).catch((err) => message(saidOf(err), "error"));
 // Lock countdowns of others (another phone's payment) tick on the broker's clock.
 setInterval(() => {
-  if (order && !session && blocking()?.holder.role === "h5") render();
+  if (order && !session && locksRunDown(blocking()?.holder.role)) render();
 }, 1000);

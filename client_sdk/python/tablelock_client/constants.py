@@ -96,6 +96,7 @@ CAPABILITIES: Final = {
         "pulls_order": False,
     },
 }
+FIRST_AUTHORITY: Final = "erp_main"
 CLOSE_CODES: Final = {
     "1009": "frame too big",
     "1012": "server restarting",
