@@ -259,6 +259,36 @@ async def test_a_lock_shows_on_the_map_within_a_second(demo: DemoBroker, dash: P
     await erp.close()
 
 
+async def test_pages_ask_the_capability_table(demo: DemoBroker, dash: Page,
+                                              pages: Pages) -> None:
+    """Which till a page is, and how a lock shows, come from the generated capability
+    constants: the first order authority keeps the order book; a phone's lock, which is never
+    renewed, shows its countdown on the map, an ERP's does not."""
+    roles = {}
+    for query in ("role=erp_main", "", "role=manager"):
+        erp = await pages.open(f"{demo.http}/app/erp.html?table=T15&lang=en&{query}",
+                               own_context=True)
+        await erp.wait_for_function("window.tablelockClient?.terminal", timeout=5000)
+        role = await erp.evaluate("window.tablelockClient.terminal.role")
+        roles[query] = (role, await erp.locator('[data-testid="new-order"]').count() > 0)
+    # ?role= names a till, else the page is one the broker does not ask first.
+    assert roles == {"role=erp_main": ("erp_main", True), "": ("erp_secondary", False),
+                     "role=manager": ("erp_secondary", False)}
+
+    erp = await demo.erp("erp-caps", "Cashier 8")
+    await publish(erp, "o-t15", "T15")
+    await publish(erp, "o-t16", "T16")
+    phone = await demo.connect("h5", "h5-t15", table="T15", name="T15")
+    await acquire(phone, "o-t15", "payment")
+    await acquire(erp, "o-t16", "order")
+    await dash.wait_for_selector(f'{tile("T15")} [data-testid="lock-T15-payment"]', timeout=2000)
+    await dash.wait_for_selector(f'{tile("T16")} [data-testid="lock-T16-order"]', timeout=2000)
+    assert await dash.locator('[data-testid="lock-T15-payment"] .ttl-bar').count() == 1
+    assert await dash.locator('[data-testid="lock-T16-order"] .ttl-bar').count() == 0
+    await phone.close()
+    await erp.close()
+
+
 async def test_force_release_from_the_map(demo: DemoBroker, dash: Page) -> None:
     page = dash
     erp = await demo.erp("erp-force", "Cashier 3")

@@ -726,3 +726,48 @@ async def test_an_unknown_outcome_is_settled_by_reading_the_order(
     assert released == {"held": False, "reason": "released", "handles": 0}
     gone = await screen.event("lock.released", where=lambda e: e["lock"]["order_id"] == "o2")
     assert gone["reason"] == "released"
+
+
+async def test_the_modules_seams_from_the_outside(store: Store, page: Page) -> None:
+    """What the modules give one another works end to end, and none of it leaks into the
+    public API: a held lock watches its order's channel until it ends, the client forgets an
+    ended handle, `released` by this client is no loss, `whenConnected` waits for a
+    reconnect, and the entry exports no internal symbol."""
+    cashier = await store.erp("cashier-1")
+    await store.publish(cashier, order_id="o1", table_id="t7")
+    token = store.token("h5", "phone-1", table="t7")
+    await connect_js(page, "c", store.broker.url, token)
+    got = await page.evaluate(
+        """async (token) => {
+            const channel = `order:${c.storeId}:o1`;
+            const before = {token: c.token === token, table: c.tableId, closed: c.closed,
+                            failure: c.failure};
+            const h = await c.acquire("o1", "payment");
+            const watching = c.mirror(channel) !== undefined && c.handles.get("o1/payment") === h;
+            const autoRenews = h.autoRenews;
+            await h.release();
+            const end = await h.ended;
+            await new Promise((r) => setTimeout(r, 0));
+            const after = {mirror: c.mirror(channel) === undefined, handles: c.handles.size};
+            c.reconnect();
+            const down = c.connected;
+            await c.whenConnected(5000);
+            const exported = Object.entries(tablelock);
+            c.close();
+            return {
+                before, watching, autoRenews, end: {reason: end.reason, lost: end.lost}, after,
+                down, up: true, closed: c.closed,
+                symbols: exported.filter(([, v]) => typeof v === "symbol").map(([k]) => k),
+                underscored: Object.keys(h).filter((k) => k.startsWith("_") &&
+                    ["_releasing", "_end", "_update", "_start"].includes(k)),
+                hidden: Object.getOwnPropertySymbols(h).length > 0,
+            };
+        }""", token)
+    assert got["before"] == {"token": True, "table": "t7", "closed": False, "failure": None}
+    assert got["watching"] and got["autoRenews"] is False  # an h5 lock is never renewed
+    assert got["end"] == {"reason": "released", "lost": False}
+    assert got["after"] == {"mirror": True, "handles": 0}
+    assert got["down"] is False and got["up"] and got["closed"] is True
+    assert got["symbols"] == [] and got["underscored"] == [] and got["hidden"]
+    released = await cashier.request("order.get", order_id="o1")
+    assert released["ok"] and released["locks"] == []
