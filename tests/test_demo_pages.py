@@ -266,7 +266,7 @@ async def test_pages_ask_the_capability_table(demo: DemoBroker, dash: Page,
     renewed, shows its countdown on the map, an ERP's does not."""
     roles = {}
     for query in ("role=erp_main", "", "role=manager"):
-        erp = await pages.open(f"{demo.http}/app/erp.html?table=T15&lang=en&{query}",
+        erp = await pages.open(f"{demo.http}/app/erp.html?table=T17&lang=en&{query}",
                                own_context=True)
         await erp.wait_for_function("window.tablelockClient?.terminal", timeout=5000)
         role = await erp.evaluate("window.tablelockClient.terminal.role")
@@ -276,15 +276,15 @@ async def test_pages_ask_the_capability_table(demo: DemoBroker, dash: Page,
                      "role=manager": ("erp_secondary", False)}
 
     erp = await demo.erp("erp-caps", "Cashier 8")
-    await publish(erp, "o-t15", "T15")
-    await publish(erp, "o-t16", "T16")
-    phone = await demo.connect("h5", "h5-t15", table="T15", name="T15")
-    await acquire(phone, "o-t15", "payment")
-    await acquire(erp, "o-t16", "order")
-    await dash.wait_for_selector(f'{tile("T15")} [data-testid="lock-T15-payment"]', timeout=2000)
-    await dash.wait_for_selector(f'{tile("T16")} [data-testid="lock-T16-order"]', timeout=2000)
-    assert await dash.locator('[data-testid="lock-T15-payment"] .ttl-bar').count() == 1
-    assert await dash.locator('[data-testid="lock-T16-order"] .ttl-bar').count() == 0
+    await publish(erp, "o-t17", "T17")
+    await publish(erp, "o-t18", "T18")
+    phone = await demo.connect("h5", "h5-t17", table="T17", name="T17")
+    await acquire(phone, "o-t17", "payment")
+    await acquire(erp, "o-t18", "order")
+    await dash.wait_for_selector(f'{tile("T17")} [data-testid="lock-T17-payment"]', timeout=2000)
+    await dash.wait_for_selector(f'{tile("T18")} [data-testid="lock-T18-order"]', timeout=2000)
+    assert await dash.locator('[data-testid="lock-T17-payment"] .ttl-bar').count() == 1
+    assert await dash.locator('[data-testid="lock-T18-order"] .ttl-bar').count() == 0
     await phone.close()
     await erp.close()
 
