@@ -150,10 +150,10 @@ class Gateway:
             if isinstance(step, Apply):  # the hot path, inline: no coroutine of its own
                 try:
                     out = await backend.apply(store_id, step.order_id, step.command, terminal)
+                    answer = talk.answer(step, out)
                 except Exception as exc:
                     conn.send(talk.failed(step.request, exc))
                     continue
-                answer = talk.answer(step, out)
                 if isinstance(answer, bytes):
                     conn.send(answer)
                 else:
@@ -204,11 +204,11 @@ class Gateway:
         try:
             out = await self.backend.apply(conn.terminal.store_id, step.order_id, step.command,
                                            conn.terminal)
+            answer = talk.answer(step, out)
+            assert isinstance(answer, bytes), "a command carrying the ERP's answer pulls no more"
         except Exception as exc:
             conn.send(talk.failed(step.request, exc))
             return
-        answer = talk.answer(step, out)
-        assert isinstance(answer, bytes), "a command carrying the ERP's answer pulls no more"
         conn.send(answer)
 
     async def _pull(self, talk: Conversation, pull: PullOrder) -> None:
@@ -234,20 +234,17 @@ class Gateway:
             seq, snapshot = await self.backend.snapshot(channel)
             missed = (await self.backend.history(channel, request.since)
                       if request.since is not None else None)
+            stands, reply = talk.subscribed(request, seq, snapshot, missed)
         except Exception as exc:
-            hub.unsubscribe(conn, channel)
-            conn.send(talk.failed(request, exc))
-            return
+            stands, reply = False, talk.failed(request, exc)
         except BaseException:
             hub.unsubscribe(conn, channel)
             raise
-        stands, reply = talk.subscribed(request, seq, snapshot, missed)
         if not stands:
             hub.unsubscribe(conn, channel)
-            conn.send(reply)
-            return
         conn.send(reply)
-        hub.end_subscribe(conn, channel, seq)
+        if stands:  # the events that came meanwhile follow the reply
+            hub.end_subscribe(conn, channel, seq)
 
     def _origin_allowed(self, scope: dict[str, Any]) -> bool:
         """Browsers may connect from the broker's own origin or an allowed one."""
