@@ -122,7 +122,8 @@ class Welcome:
     locale: str  # of a refusal before the store's config is read
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Not frozen: one is made per request, and a frozen dataclass's __init__ costs three times.
+@dataclasses.dataclass(slots=True)
 class Apply:
     """Apply `command` to the order, then hand the outcome to `Conversation.answer`."""
 
