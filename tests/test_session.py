@@ -19,6 +19,7 @@ from tablelock.conversation import (
     PullOrder,
     Step,
     Welcome,
+    origin_allowed,
 )
 from tablelock.hub import Connection, Hub
 from tablelock.model import Order, OrderRecord, StoreConfig
@@ -378,3 +379,19 @@ def test_hello_names_the_terminal_of_the_token_and_attaches_nothing() -> None:
     assert isinstance(said, Welcome)
     assert (said.terminal.terminal_id, said.terminal.table_id) == ("p1", "t1")
     assert talk.conn.terminal is None  # attaching is the driver's (the hub's) job
+
+
+# --- the upgrade --------------------------------------------------------------------------
+
+def test_browsers_connect_from_the_own_origin_or_an_allowed_one() -> None:
+    def scope(origin: bytes | None, scheme: str = "ws") -> dict[str, Any]:
+        headers = [(b"host", b"broker:8080")] + ([(b"origin", origin)] if origin else [])
+        return {"headers": headers, "scheme": scheme}
+
+    assert origin_allowed(scope(None), [])  # not a browser
+    assert origin_allowed(scope(b"http://broker:8080"), [])
+    assert origin_allowed(scope(b"https://broker:8080", "wss"), [])
+    assert not origin_allowed(scope(b"http://broker:8080", "wss"), [])
+    assert not origin_allowed(scope(b"https://evil.example"), [])
+    assert origin_allowed(scope(b"https://pos.example"), ["https://pos.example"])
+    assert origin_allowed(scope(b"https://any.example"), ["*"])

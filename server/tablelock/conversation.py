@@ -469,6 +469,18 @@ _DECISIONS: dict[type, Callable[[Conversation, Any], Step]] = {
 }
 
 
+def origin_allowed(scope: dict[str, Any], allowed: list[str]) -> bool:
+    """Browsers may connect from the broker's own origin or an allowed one."""
+    headers = dict(scope.get("headers") or [])
+    origin = headers.get(b"origin")
+    if origin is None:
+        return True  # not a browser: its token is its only credential
+    text = origin.decode("latin-1")
+    scheme = "https" if scope.get("scheme") == "wss" else "http"
+    own = f"{scheme}://{headers.get(b'host', b'').decode('latin-1')}"
+    return "*" in allowed or text in allowed or text == own
+
+
 # --- frames ---------------------------------------------------------------------------------
 
 def ok_frame(request_id: int | str, result: msgspec.Struct | None = None) -> bytes:

@@ -17,7 +17,15 @@ from typing import Any
 from . import metrics
 from .auth import Tokens
 from .backends.base import Backend, Numbered, Unavailable
-from .conversation import Apply, Conversation, FindOrder, Goodbye, PullOrder, Welcome
+from .conversation import (
+    Apply,
+    Conversation,
+    FindOrder,
+    Goodbye,
+    PullOrder,
+    Welcome,
+    origin_allowed,
+)
 from .hub import Connection, Hub
 from .model import StoreConfig
 from .protocol import DRAINING, SUBPROTOCOL, Close, Ping, RpcResult, Subscribe, Unsubscribe
@@ -53,7 +61,7 @@ class Gateway:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        if not self._origin_allowed(scope):
+        if not origin_allowed(scope, self.settings.allowed_origins):
             await send({"type": "websocket.close", "code": Close.AUTH_FAILED})  # HTTP 403
             return
         offered = scope.get("subprotocols") or []
@@ -245,18 +253,6 @@ class Gateway:
         conn.send(reply)
         if stands:  # the events that came meanwhile follow the reply
             hub.end_subscribe(conn, channel, seq)
-
-    def _origin_allowed(self, scope: dict[str, Any]) -> bool:
-        """Browsers may connect from the broker's own origin or an allowed one."""
-        headers = dict(scope.get("headers") or [])
-        origin = headers.get(b"origin")
-        if origin is None:
-            return True  # not a browser: its token is its only credential
-        allowed = self.settings.allowed_origins
-        text = origin.decode("latin-1")
-        scheme = "https" if scope.get("scheme") == "wss" else "http"
-        own = f"{scheme}://{headers.get(b'host', b'').decode('latin-1')}"
-        return "*" in allowed or text in allowed or text == own
 
     def _admit_anonymous(self, conn: Connection) -> None:
         """Sockets without hello have their own bound, apart from max_connections: past it,
