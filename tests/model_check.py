@@ -54,6 +54,7 @@ from tablelock.rules import (
     Ingest,
     Outcome,
     Publish,
+    Pulled,
     Release,
     ReleaseAll,
     Renew,
@@ -207,10 +208,9 @@ def pull_move(label: str, actor: Terminal, command: Acquire, answer: Order | Non
     """An h5 payment lock: the first pass, then the ERP's answer (None: the pull failed)."""
     def run(world: World) -> tuple[World, list[Step]]:
         after, first = call(world, actor, command)
-        if not first.out.need_fetch:
+        if not first.out.pull_first:
             return after, [first]
-        second_cmd = (replace(command, fetched=answer) if answer is not None
-                      else replace(command, fetch_failed=True))
+        second_cmd = replace(command, pulled=Pulled(answer))
         final, second = call(after, actor, second_cmd)
         return final, [first, second]
     return Move(label, run)
@@ -406,14 +406,16 @@ def expect(rec: OrderRecord | None, command: Command, actor: Terminal | None,
         if role == "service" or (command.force and role not in FORCERS) or (
                 role == "h5" and command.kind != "payment"):
             return Expect("FORBIDDEN")
-        if command.fetched is not None:
-            rec = pulled(rec, command.fetched)
+        fetched = command.pulled.order if command.pulled is not None else None
+        failed = command.pulled is not None and fetched is None
+        if fetched is not None:
+            rec = pulled(rec, fetched)
         if rec is None:
             if role != "h5":
                 return Expect("NOT_FOUND")
             if not strong:
                 return OK
-            return Expect("ERP_UNAVAILABLE") if command.fetch_failed else Expect(None, fetch=True)
+            return Expect("ERP_UNAVAILABLE") if failed else Expect(None, fetch=True)
         if role == "h5" and rec.order.table_id != actor.table_id:
             return Expect("FORBIDDEN")
         if ended(rec):
@@ -426,8 +428,8 @@ def expect(rec: OrderRecord | None, command: Command, actor: Terminal | None,
         blocked = conflict(rec, ACTION_OF_KIND[command.kind], actor, command.force)
         if blocked is not None:
             return blocked
-        if role == "h5" and command.fetched is None:
-            return Expect("ERP_UNAVAILABLE") if command.fetch_failed else Expect(None, fetch=True)
+        if role == "h5" and fetched is None:
+            return Expect("ERP_UNAVAILABLE") if failed else Expect(None, fetch=True)
         return OK
     if isinstance(command, Renew):
         if role not in FORCERS:
@@ -573,8 +575,8 @@ def check_step(step: Step, after: World) -> list[str]:
         found.append(f"refusal {got}, the spec says {want.code}")
     elif want.lock is not None and out.refusal is not None and out.refusal.lock != want.lock:
         found.append("a conflict names the wrong lock")
-    if out.need_fetch != want.fetch:
-        found.append(f"pull the order: {out.need_fetch}, the spec says {want.fetch}")
+    if out.pull_first != want.fetch:
+        found.append(f"pull the order: {out.pull_first}, the spec says {want.fetch}")
     if isinstance(command, Check) and before is not None and actor is not None:
         answer = expect_check(before, command.action, actor, strong)
         assert isinstance(out.result, rules.Checked)
@@ -583,12 +585,13 @@ def check_step(step: Step, after: World) -> list[str]:
             found.append(f"check says {said}, the spec says {answer.code}")
 
     # A refusal, a check or a pending pull changes nothing but the audit log.
-    unchanged = out.refusal is not None or out.need_fetch or isinstance(command, Check)
+    unchanged = out.refusal is not None or out.pull_first or isinstance(command, Check)
     if unchanged:
         # (The ERP's answer to an h5's pull is stored whatever the lock request gets.)
         base, pull_events = before, []
-        if isinstance(command, Acquire) and command.fetched is not None:
-            pull = rules.step(before, Ingest(command.fetched), world.ctx(actor))
+        fetched = command.pulled.order if isinstance(command, Acquire) and command.pulled else None
+        if fetched is not None:
+            pull = rules.step(before, Ingest(fetched), world.ctx(actor))
             base, pull_events = pull.record, [event.event for event in pull.events]
         if encode(rec) != encode(base):
             found.append(f"{got or 'a no-op'} changed the record")
@@ -631,7 +634,8 @@ def check_step(step: Step, after: World) -> list[str]:
                 found.append(f"token {event.lock.token} granted after {floor}")
             floor = event.lock.token
             if event.lock.holder.role == "h5" and not (
-                    isinstance(command, Acquire) and command.fetched is not None):
+                    isinstance(command, Acquire) and command.pulled is not None
+                    and command.pulled.order is not None):
                 found.append("an h5 lock granted on the broker's copy, without a pull")
     if rec is not None and before is not None and rec.fence < before.fence:
         found.append("the fence went back")

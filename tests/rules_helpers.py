@@ -24,7 +24,7 @@ from tablelock.model import (
     Terminal,
     holder_of,
 )
-from tablelock.rules import Acquire, Command, Context, Outcome, Publish
+from tablelock.rules import Acquire, Command, Context, Outcome, Publish, Pulled
 
 STORE = "s1"
 T0 = 1_700_000_000_000  # ms since the epoch: a plausible broker clock
@@ -132,8 +132,8 @@ class Sim:
     def acquire(self, actor: Terminal, kind: LockKind, **kw: Any) -> Outcome:
         """A lock request; an h5's ERP pull is answered with the broker's own copy."""
         out = self.step(actor, Acquire(kind, **kw))
-        if out.need_fetch and self.record is not None:
-            out = self.step(actor, Acquire(kind, fetched=self.record.order, **kw))
+        if out.pull_first and self.record is not None:
+            out = self.step(actor, Acquire(kind, pulled=Pulled(self.record.order), **kw))
         return out
 
     def grant(self, actor: Terminal, kind: LockKind, **kw: Any) -> Lock:

@@ -17,6 +17,7 @@ from tablelock.rules import (
     Ingest,
     Publish,
     Published,
+    Pulled,
     Release,
     ReleaseAll,
     Renew,
@@ -134,8 +135,8 @@ def test_h5_of_another_table_touches_nothing() -> None:
 def test_h5_of_another_table_is_forbidden_after_the_erp_pull() -> None:
     """The pull decides again on the fresh order: an order of another table is FORBIDDEN."""
     first = step(None, Acquire("payment"), H5_OTHER_TABLE)
-    assert first.need_fetch and first.refusal is None and first.record is None
-    out = step(None, Acquire("payment", fetched=make_order(table_id="t1")), H5_OTHER_TABLE)
+    assert first.pull_first and first.refusal is None and first.record is None
+    out = step(None, Acquire("payment", pulled=Pulled(make_order(table_id="t1"))), H5_OTHER_TABLE)
     assert refusal_code(out) == "FORBIDDEN"
     assert out.record is not None and out.record.locks == {}  # the pulled order is stored
     assert names(out) == ["order.updated"]
@@ -183,7 +184,7 @@ def test_manager_check_agrees_with_manager_publish(action: str) -> None:
 def test_unknown_order_is_not_found(actor: Terminal | None, command: Any) -> None:
     out = step(None, command, actor)
     assert refusal_code(out) == "NOT_FOUND"
-    assert out.record is None and out.events == [] and not out.need_fetch
+    assert out.record is None and out.events == [] and not out.pull_first
 
 
 @pytest.mark.parametrize("actor", [ERP1, ERP2, MANAGER, H5, H5_OTHER_TABLE, SERVICE],
@@ -221,7 +222,7 @@ def test_paid_order_refuses_changes(actor: Terminal, command: Any) -> None:
     before = sim.record
     out = sim.step(actor, command)
     assert_refused(out, "ORDER_PAID", unchanged=before)
-    assert not out.need_fetch
+    assert not out.pull_first
 
 
 @pytest.mark.parametrize("action", ["edit", "add_items", "modify", "pay", "presettle", "accept"])
@@ -393,11 +394,11 @@ def test_force_revokes_every_conflicting_lock() -> None:
 def test_conflict_before_erp_unavailable() -> None:
     sim = open_order()
     held = sim.grant(ERP1, "order")
-    out = sim.step(H5, Acquire("payment", fetch_failed=True))
+    out = sim.step(H5, Acquire("payment", pulled=Pulled(None)))
     assert refusal_code(out) == "ORDER_LOCKED" and out.refusal is not None
     assert out.refusal.lock == held and out.refusal.can_force is False
     sim.step(ERP1, Release("order", held.token))
-    out = sim.step(H5, Acquire("payment", fetch_failed=True))
+    out = sim.step(H5, Acquire("payment", pulled=Pulled(None)))
     assert refusal_code(out) == "ERP_UNAVAILABLE"
     assert sim.record is not None and sim.record.locks == {}
 
@@ -608,7 +609,7 @@ def test_h5_reacquire_returns_the_lock_unrenewed() -> None:
     lock = sim.grant(H5, "payment")
     sim.now += 5000
     out = sim.acquire(H5, "payment")
-    assert out.refusal is None and out.events == [] and not out.need_fetch
+    assert out.refusal is None and out.events == [] and not out.pull_first
     assert out.result is not None and out.result.lock == lock
     sim.now = lock.expires_at
     assert only(sim.step(None, Tick()), "lock.expired").lock == lock
@@ -668,9 +669,9 @@ def test_payment_while_presettle_is_held_keeps_it_until_paid() -> None:
 def test_h5_payment_under_presettle_is_at_the_presettled_version_after_the_pull() -> None:
     sim = open_order(version=1, amount_cents=1000)
     presettle = sim.grant(ERP2, "presettle")
-    assert sim.step(H5, Acquire("payment")).need_fetch
+    assert sim.step(H5, Acquire("payment")).pull_first
     pulled = make_order(version=2, amount_cents=5000)  # the ERP's copy moved on unpublished
-    out = sim.step(H5, Acquire("payment", fetched=pulled))
+    out = sim.step(H5, Acquire("payment", pulled=Pulled(pulled)))
     assert out.refusal is None or out.refusal.code == "PRESETTLE_LOCKED"
     if out.refusal is None:
         assert out.result is not None
@@ -828,7 +829,7 @@ def test_strong_link_off_enforces_nothing() -> None:
     for actor, kind in [(ERP1, "order"), (ERP2, "payment"), (H5, "payment"),
                         (MANAGER, "presettle")]:
         out = sim.step(actor, Acquire(kind))  # type: ignore[arg-type]
-        assert out.refusal is None and not out.need_fetch
+        assert out.refusal is None and not out.pull_first
         assert out.result is not None
         assert out.result.enforced is False and out.result.lock is None
         assert out.events == [] and not out.changed
@@ -949,32 +950,32 @@ def test_contended_goes_to_the_blocking_holder_alone() -> None:
 
 def test_h5_pay_on_an_unknown_order_pulls_it_first() -> None:
     first = step(None, Acquire("payment"), H5)
-    assert first.need_fetch and first.refusal is None and first.result is None
+    assert first.pull_first and first.refusal is None and first.result is None
     assert first.record is None and first.events == []
     fresh = make_order(version=3, amount_cents=2000)
-    out = step(None, Acquire("payment", fetched=fresh), H5)
+    out = step(None, Acquire("payment", pulled=Pulled(fresh)), H5)
     assert out.refusal is None and out.result is not None
     assert names(out) == ["order.updated", "lock.acquired"]
     assert out.result.lock.order_version == 3
     assert out.record is not None and out.record.order == fresh
-    failed = step(None, Acquire("payment", fetch_failed=True), H5)
+    failed = step(None, Acquire("payment", pulled=Pulled(None)), H5)
     assert refusal_code(failed) == "ERP_UNAVAILABLE" and failed.record is None
 
 
 def test_h5_pay_on_a_known_order_pulls_and_decides_again() -> None:
     sim = open_order()
     first = sim.step(H5, Acquire("payment"))
-    assert first.need_fetch and first.refusal is None and first.events == []
+    assert first.pull_first and first.refusal is None and first.events == []
     # Meanwhile the counter takes the order lock: the second pass is refused.
     held = sim.grant(ERP1, "order")
     fresh = make_order(version=2, amount_cents=1300)
-    out = sim.step(H5, Acquire("payment", fetched=fresh))
+    out = sim.step(H5, Acquire("payment", pulled=Pulled(fresh)))
     assert refusal_code(out) == "ORDER_LOCKED" and out.refusal is not None
     assert out.refusal.lock == held
     assert sim.order == fresh  # the pulled order is stored all the same
     sim.step(ERP1, Release("order"))
     newer = make_order(version=3, amount_cents=1400)
-    out = sim.step(H5, Acquire("payment", fetched=newer))
+    out = sim.step(H5, Acquire("payment", pulled=Pulled(newer)))
     assert out.refusal is None and out.result is not None
     assert out.result.lock.order_version == 3 and out.result.order == newer
     assert names(out) == ["order.updated", "lock.acquired"]
@@ -985,7 +986,7 @@ def test_h5_pay_on_a_known_order_pulls_and_decides_again() -> None:
 
 def test_h5_pay_erp_unavailable_takes_no_lock() -> None:
     sim = open_order()
-    out = sim.step(H5, Acquire("payment", fetch_failed=True))
+    out = sim.step(H5, Acquire("payment", pulled=Pulled(None)))
     assert_refused(out, "ERP_UNAVAILABLE")
     assert sim.record is not None and sim.record.locks == {}
 

@@ -46,6 +46,7 @@ from tablelock.rules import (
     Context,
     Outcome,
     Publish,
+    Pulled,
     Release,
     Renew,
     Tick,
@@ -240,7 +241,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert not {"lock.acquired", "lock.forced", "order.paid"} & set(names)
             if seen is not None and rec is not None:
                 assert rec.locks == seen.locks
-            assert out.result is None and not out.need_fetch
+            assert out.result is None and not out.pull_first
         if out.refusal is not None and out.refusal.code in CONFLICTS:
             assert out.refusal.lock is not None and actor is not None
             [(to, contended)] = out.direct
@@ -278,7 +279,7 @@ class CoreMachine(RuleBasedStateMachine):
                 out.result is not None and out.result.refusal.code == "FORBIDDEN")
         else:
             # An unknown order's table is learnt from the ERP: failing that, ERP_UNAVAILABLE.
-            assert out.need_fetch or (out.refusal is not None and out.refusal.code in (
+            assert out.pull_first or (out.refusal is not None and out.refusal.code in (
                 "FORBIDDEN", "NOT_FOUND", "ERP_UNAVAILABLE"))
         caused = [e for e in out.events if e.event in ("lock.acquired", "lock.forced", "order.paid")
                   or (e.event == "lock.released" and e.reason != "holder_disconnected")]
@@ -364,17 +365,17 @@ class CoreMachine(RuleBasedStateMachine):
         if before is not None and not force and not mine:
             # (Re-acquiring a held lock returns it even where check would name a conflict.)
             self.compare_check(checked, out)
-        if not out.need_fetch:
+        if not out.pull_first:
             return
         assert actor.role == "h5" and kind == "payment" and out.result is None
         fetched = self.erp.get(oid)
         if fetch_ok and fetched is not None:
-            second = self.step(oid, actor, Acquire(kind, fetched=fetched))
+            second = self.step(oid, actor, Acquire(kind, pulled=Pulled(fetched)))
         else:
-            second = self.step(oid, actor, Acquire(kind, fetch_failed=True))
+            second = self.step(oid, actor, Acquire(kind, pulled=Pulled(None)))
             assert second.refusal is not None
             assert second.refusal.code == "ERP_UNAVAILABLE" or second.refusal.code in CONFLICTS
-        assert not second.need_fetch
+        assert not second.pull_first
 
     @rule(actor=terminals, bill=bills, kind=st.one_of(st.none(), kinds), pick=picks,
           force=forces)

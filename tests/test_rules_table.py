@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from tablelock.model import Lock, LockKind, OrderRecord, Terminal, holder_key, holder_of
-from tablelock.rules import Acquire, Acquired, Check, Outcome, Publish
+from tablelock.rules import Acquire, Acquired, Check, Outcome, Publish, Pulled
 
 from .rules_helpers import (
     ERP1,
@@ -63,9 +63,9 @@ def attempt(rec: OrderRecord, action: str, actor: Terminal, force: bool) -> Outc
     if action in KIND_OF_ACTION:
         kind = KIND_OF_ACTION[action]
         out = step(rec, Acquire(kind, force=force), actor)
-        if out.need_fetch:
+        if out.pull_first:
             assert actor.role == "h5" and out.refusal is None and not out.events
-            out = step(rec, Acquire(kind, force=force, fetched=rec.order), actor)
+            out = step(rec, Acquire(kind, force=force, pulled=Pulled(rec.order)), actor)
         return out
     assert action in PUBLISH_ACTIONS
     newer = make_order(version=rec.order.version + 1, amount_cents=3000)
@@ -139,7 +139,7 @@ def test_refused_cell(cell: Cell) -> None:
     assert out.refusal.variant == ("h5" if code == "PAYMENT_LOCKED" and cell.actor.role == "h5"
                                    else "")
     # Decided before any ERP pull; nothing changed: no event, no lock, the held lock intact.
-    assert not out.need_fetch
+    assert not out.pull_first
     assert out.events == []
     assert out.record is not None and out.record.locks == rec.locks
     assert out.record.order == rec.order
@@ -202,7 +202,7 @@ def test_h5_force_is_forbidden(cell: Cell) -> None:
     out = attempt(rec, cell.action, cell.actor, cell.force)
     assert out.refusal is not None and out.refusal.code == "FORBIDDEN"
     assert not out.refusal.can_force
-    assert out.events == [] and out.direct == [] and not out.need_fetch
+    assert out.events == [] and out.direct == [] and not out.pull_first
     assert out.record is not None and out.record.locks == rec.locks
 
 

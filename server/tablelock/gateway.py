@@ -1,8 +1,9 @@
-"""The WebSocket endpoint `/ws`: hello, dispatch by request type, close codes.
+"""The WebSocket endpoint `/ws`: the ASGI driver of each connection's `Conversation`.
 
-A raw ASGI app (no per-message wrapper objects): each frame is decoded once
-into a typed request, turned into a `rules` command, applied by the backend,
-and answered. Events reach the connection through the hub, never from here.
+A raw ASGI app (no per-message wrapper objects): it reads frames off the socket and hands
+them to the connection's conversation (conversation.py), which decides everything the
+protocol says; this performs what comes back (a send, a close, a backend or hub call) and
+hands the result back. Events reach the connection through the hub, never from here.
 """
 
 from __future__ import annotations
@@ -11,123 +12,30 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
-
-import msgspec
+from typing import Any
 
 from . import metrics
-from .auth import AuthError, Tokens
-from .backends.base import Backend, Numbered, OutcomeUnknown, Unavailable
+from .auth import Tokens
+from .backends.base import Backend, Numbered, Unavailable
+from .conversation import (
+    Apply,
+    Conversation,
+    FindOrder,
+    Goodbye,
+    PullOrder,
+    Welcome,
+    origin_allowed,
+)
 from .hub import Connection, Hub
-from .model import Lock, Order, StoreConfig, Terminal
-from .prompts import prompt
-from .protocol import (
-    AUTH_REFUSED,
-    AUTHORITY_REFUSED,
-    BACKEND_UNAVAILABLE,
-    CONNECTION_LIMIT,
-    DRAINING,
-    HELLO_TIMEOUT,
-    NOT_HELLO,
-    PROTOCOL_VERSION,
-    RATE_LIMIT,
-    SUBPROTOCOL,
-    UNSUPPORTED,
-    AcquireResult,
-    BadFrame,
-    CheckRequest,
-    CheckResult,
-    ClientMessage,
-    Close,
-    ErrorBody,
-    ErrorReply,
-    Hello,
-    HelloResult,
-    LockAcquire,
-    LockRelease,
-    LockRenew,
-    OrderGet,
-    OrderPublish,
-    OrderResult,
-    OrderSnapshot,
-    PaymentComplete,
-    PaymentResult,
-    Ping,
-    PingResult,
-    PublishResult,
-    ReleaseResult,
-    RenewResult,
-    Request,
-    RpcResult,
-    StoreInfo,
-    Subscribe,
-    SubscribeResult,
-    TokenRefresh,
-    TokenRefreshResult,
-    Unsubscribe,
-    decode,
-    encode,
-    parse_channel,
-)
+from .model import StoreConfig
+from .protocol import DRAINING, SUBPROTOCOL, Close, Ping, RpcResult, Subscribe, Unsubscribe
 from .relay import PullLimited, Relay
-from .rules import (
-    Acquire,
-    Acquired,
-    Check,
-    Checked,
-    Command,
-    Complete,
-    Ingest,
-    Ingested,
-    Outcome,
-    Paid,
-    Publish,
-    Published,
-    Release,
-    Released,
-    Renew,
-    Renewed,
-    Result,
-    Tick,
-    capability,
-    sees_order,
-    sees_table,
-)
 from .settings import Settings
 from .wire import shed_handshake
 
 log = logging.getLogger("tablelock.gateway")
 
-RequestId = int | str | None
-
-
-class Refused(Exception):
-    """A request refused before it reached the core (scoping, bad parameters)."""
-
-    def __init__(self, code: str, detail: str = "") -> None:
-        super().__init__(code)
-        self.code = code
-        self.detail = detail
-
-
-def ok_frame(request_id: int | str, result: msgspec.Struct | None = None) -> bytes:
-    """`{"id": ..., "ok": true, ...result}`, spliced from the result's own encoding."""
-    head = b'{"id":' + encode(request_id) + b',"ok":true'
-    body = encode(result) if result is not None else b"{}"
-    return head + (b"," + body[1:] if len(body) > 2 else b"}")
-
-
-def error_frame(request_id: RequestId, code: str, locale: str, *, variant: str = "",
-                can_force: bool = False, lock: Lock | None = None, detail: str = "",
-                outcome: Literal["unknown"] | None = None) -> bytes:
-    message = prompt(code, locale, variant)
-    if detail:
-        message = f"{message} ({detail})"
-    body = ErrorBody(code, message, can_force, lock, outcome)
-    return encode(ErrorReply(request_id, body))
-
-
-Handler = Callable[[Connection, Any], Awaitable[None]]
+Receive = Callable[[], Awaitable[Any]]
 
 
 class Gateway:
@@ -145,28 +53,15 @@ class Gateway:
         self._arrivals = asyncio.Semaphore(32)
         # Sockets that have not said hello yet, oldest first (see _admit_anonymous).
         self._anonymous: dict[Connection, None] = {}
-        self._handlers: dict[type, Handler] = {
-            Ping: self._ping,
-            TokenRefresh: self._refresh,
-            Subscribe: self._subscribe,
-            Unsubscribe: self._unsubscribe,
-            OrderGet: self._order_get,
-            OrderPublish: self._publish,
-            CheckRequest: self._check,
-            LockAcquire: self._acquire,
-            LockRenew: self._renew,
-            LockRelease: self._release,
-            PaymentComplete: self._complete,
-        }
 
     # --- the connection's life ----------------------------------------------------------
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+    async def __call__(self, scope: dict[str, Any], receive: Receive,
                        send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        if not self._origin_allowed(scope):
+        if not origin_allowed(scope, self.settings.allowed_origins):
             await send({"type": "websocket.close", "code": Close.AUTH_FAILED})  # HTTP 403
             return
         offered = scope.get("subprotocols") or []
@@ -179,68 +74,32 @@ class Gateway:
         shed_handshake(send)
         conn = self.hub.connection(send)
         self._admit_anonymous(conn)
+        talk = Conversation(conn, self.hub, self.tokens, self.settings, self._anonymous)
         try:
-            if await self._hello(conn, receive):
-                await self._serve(conn, receive)
+            if await self._hello(talk, receive):
+                await self._serve(talk, receive)
         finally:
             await self._goodbye(conn)
             await conn.wait_closed()
 
-    async def _hello(self, conn: Connection, receive: Callable[[], Awaitable[Any]]) -> bool:
+    async def _hello(self, talk: Conversation, receive: Receive) -> bool:
+        conn = talk.conn
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
                 message = await receive()
         except TimeoutError:
-            _hello_refused("no_hello")
-            conn.close(*HELLO_TIMEOUT)
+            _say_goodbye(conn, talk.hello_timeout())
             return False
         finally:
             self._anonymous.pop(conn, None)  # whatever it said, it is no longer waiting
         if message["type"] != "websocket.receive":
             return False
-        try:
-            hello = decode(_payload(message))
-        except BadFrame as bad:
-            _hello_refused("bad_request", detail=bad.detail)
-            conn.send(error_frame(bad.request_id, "BAD_REQUEST", conn.locale, detail=bad.detail))
-            conn.close(*NOT_HELLO)
+        welcome = talk.hello(_payload(message))
+        if welcome.__class__ is Goodbye:
+            _say_goodbye(conn, welcome)
             return False
-        locale = getattr(hello, "locale", None) or conn.locale
-        if not isinstance(hello, Hello):
-            _hello_refused("bad_request", detail="the first frame must be hello")
-            conn.send(error_frame(getattr(hello, "id", None), "BAD_REQUEST", locale,
-                                  detail="the first frame must be hello"))
-            conn.close(*NOT_HELLO)
-            return False
-        if hello.protocol != PROTOCOL_VERSION:
-            _hello_refused("unsupported_protocol", detail=f"protocol {hello.protocol}")
-            conn.send(error_frame(hello.id, "UNSUPPORTED_PROTOCOL", locale,
-                                  detail=f"this broker speaks protocol {PROTOCOL_VERSION}"))
-            conn.close(*UNSUPPORTED)
-            return False
-        try:
-            terminal, expires = self.tokens.verify(hello.token)
-            if hello.store_id is not None and hello.store_id != terminal.store_id:
-                raise AuthError("store_id differs from the token's store")
-        except AuthError as exc:
-            _hello_refused("auth_failed", detail=str(exc))
-            conn.send(error_frame(hello.id, "AUTH_FAILED", locale, detail=str(exc)))
-            conn.close(*AUTH_REFUSED)
-            return False
-        if hello.order_authority and not capability(terminal.role).order_authority:
-            # Whoever answers order.fetch writes the orders the store pays against: only
-            # an ERP terminal may (a phone that said so answered pulls with forged bills).
-            _hello_refused("forbidden", terminal, "order_authority is for ERP terminals")
-            conn.send(error_frame(hello.id, "FORBIDDEN", locale,
-                                  detail="order_authority is for ERP terminals"))
-            conn.close(*AUTHORITY_REFUSED)
-            return False
-        full = self._full(terminal)
-        if full:
-            _hello_refused("limit_reached", terminal, full)
-            conn.send(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full))
-            conn.close(*CONNECTION_LIMIT)
-            return False
+        assert isinstance(welcome, Welcome)
+        terminal, hello = welcome.terminal, welcome.hello
         # Counted at once, before any await, so that simultaneous hellos see each other.
         session, resumed = self.hub.attach(conn, terminal, hello.resume, hello.order_authority)
         metrics.CONNECTIONS.labels(terminal.role).inc()
@@ -249,20 +108,15 @@ class Gateway:
         try:
             async with self._arrivals:
                 config = await self.backend.get_config(terminal.store_id)
-                conn.locale = hello.locale or config.locale
+                talk.store_read(welcome, config)
                 await self.backend.terminal_up(terminal, conn.authority)
                 missed, lost = await self._missed(conn, hello.seen) if resumed else ({}, [])
-                result = HelloResult(session.session_id, resumed, terminal,
-                                     StoreInfo(terminal.store_id, config),
-                                     self.settings.heartbeat_ms, await self.backend.now(), lost)
+                reply = talk.welcomed(welcome, session, resumed, config,
+                                      await self.backend.now(), lost)
         except Unavailable as exc:
-            _hello_refused("unavailable", terminal, str(exc))
-            # The store's locale could not be read: the hello's own, else the default.
-            conn.send(error_frame(hello.id, "UNAVAILABLE", locale))
-            conn.close(*BACKEND_UNAVAILABLE)
+            _say_goodbye(conn, talk.store_unreadable(welcome, exc))
             return False
-        conn.send(ok_frame(hello.id, result))
-        self._expire_at(conn, expires)
+        conn.send(reply)
         for channel, events in missed.items():  # then what the session missed, in order
             for seq, frame, table_id in events:
                 self.hub.replay(conn, channel, seq, frame, table_id)
@@ -287,7 +141,12 @@ class Gateway:
                 missed[channel] = events
         return missed, lost
 
-    async def _serve(self, conn: Connection, receive: Callable[[], Awaitable[Any]]) -> None:
+    async def _serve(self, talk: Conversation, receive: Receive) -> None:
+        conn = talk.conn
+        backend = self.backend
+        terminal = conn.terminal
+        assert terminal is not None
+        store_id = terminal.store_id
         while not conn.closed:  # once the broker closes a connection, it reads no more
             message = await receive()
             if conn.closed:
@@ -295,67 +154,105 @@ class Gateway:
             if message["type"] != "websocket.receive":
                 conn.close_code = conn.close_code or message.get("code")
                 return
-            problem = ""
-            try:
-                request: ClientMessage | None = decode(_payload(message))
-                request_id = getattr(request, "id", None)
-            except BadFrame as bad:
-                request, request_id, problem = None, bad.request_id, bad.detail
-            if not conn.take_token():  # every frame counts, good or bad
-                metrics.RATE_LIMITED.inc()
-                if isinstance(request, Request):
-                    _count(request, "RATE_LIMITED")
-                conn.send(error_frame(request_id, "RATE_LIMITED", conn.locale))
-                if conn.over_limit():
-                    conn.close(*RATE_LIMIT)
-                continue
-            if request is None:
-                conn.send(error_frame(request_id, "BAD_REQUEST", conn.locale, detail=problem))
-                continue
-            await self._dispatch(conn, request)
+            step = talk.receive(_payload(message))
+            if isinstance(step, Apply):  # the hot path, inline: no coroutine of its own
+                try:
+                    out = await backend.apply(store_id, step.order_id, step.command, terminal)
+                    answer = talk.answer(step, out)
+                except Exception as exc:
+                    conn.send(talk.failed(step.request, exc))
+                    continue
+                if isinstance(answer, bytes):
+                    conn.send(answer)
+                else:
+                    self._spawn(self._pull(talk, answer))
+            elif isinstance(step, bytes):
+                conn.send(step)
+            else:
+                await self._perform(talk, step)
 
-    async def _dispatch(self, conn: Connection, request: ClientMessage) -> None:
-        if isinstance(request, RpcResult):
-            self.relay.resolve(conn, request)
-            return
-        handler = self._handlers.get(type(request))
-        if handler is None:  # a second hello
-            conn.send(error_frame(request.id, "BAD_REQUEST", conn.locale,
-                                  detail="hello was already said"))
+    async def _perform(self, talk: Conversation,
+                       step: Goodbye | FindOrder | PullOrder | Ping | Subscribe | Unsubscribe
+                       | RpcResult) -> None:
+        """Carry out what a request asks besides applying a command."""
+        conn = talk.conn
+        if isinstance(step, Goodbye):
+            _say_goodbye(conn, step)
+        elif isinstance(step, PullOrder):
+            # The ERP's answer may take a while: don't hold up this connection's other frames.
+            self._spawn(self._pull(talk, step))
+        elif isinstance(step, FindOrder):
+            assert conn.terminal is not None
+            try:
+                order_id = await self.backend.find_order(conn.terminal.store_id, step.table_id)
+            except Exception as exc:
+                conn.send(talk.failed(step.request, exc))
+                return
+            await self._apply(talk, talk.found(step, order_id))
+        elif isinstance(step, Subscribe):
+            await self._subscribe(talk, step)
+        elif isinstance(step, Unsubscribe):
+            self.hub.unsubscribe(conn, step.channel)
+            conn.send(talk.left(step))
+        elif isinstance(step, Ping):
+            try:
+                conn.send(talk.pong(step, await self.backend.now()))
+            except Exception as exc:
+                conn.send(talk.failed(step, exc))
+        else:  # the ERP's answer to an order.fetch
+            self.relay.resolve(conn, step)
+
+    async def _apply(self, talk: Conversation, step: bytes | Apply) -> None:
+        """Apply a command off the hot path and send its answer (never a pull)."""
+        conn = talk.conn
+        if isinstance(step, bytes):
+            conn.send(step)
             return
         assert conn.terminal is not None
-        if request.store_id is not None and request.store_id != conn.terminal.store_id:
-            self._fail(conn, request, "FORBIDDEN", detail="another store")
-            return
-        await self._run(conn, request, handler(conn, request))
-
-    async def _run(self, conn: Connection, request: Request, work: Awaitable[None]) -> None:
-        """Run a request's handler; whatever it raises becomes that request's error reply."""
         try:
-            await work
-        except Refused as refused:
-            self._fail(conn, request, refused.code, detail=refused.detail)
-        except OutcomeUnknown:  # the write may have been applied: the client reads first
-            _count(request, "UNAVAILABLE")
-            conn.send(error_frame(request.id, "UNAVAILABLE", conn.locale, outcome="unknown"))
-        except Unavailable:
-            self._fail(conn, request, "UNAVAILABLE")
-        except Exception:
-            log.exception("request %s failed", type(request).__name__,
-                          extra={"request_id": str(request.id)})
-            self._fail(conn, request, "UNAVAILABLE", detail="internal error")
+            out = await self.backend.apply(conn.terminal.store_id, step.order_id, step.command,
+                                           conn.terminal)
+            answer = talk.answer(step, out)
+            assert isinstance(answer, bytes), "a command carrying the ERP's answer pulls no more"
+        except Exception as exc:
+            conn.send(talk.failed(step.request, exc))
+            return
+        conn.send(answer)
 
-    def _origin_allowed(self, scope: dict[str, Any]) -> bool:
-        """Browsers may connect from the broker's own origin or an allowed one."""
-        headers = dict(scope.get("headers") or [])
-        origin = headers.get(b"origin")
-        if origin is None:
-            return True  # not a browser: its token is its only credential
-        allowed = self.settings.allowed_origins
-        text = origin.decode("latin-1")
-        scheme = "https" if scope.get("scheme") == "wss" else "http"
-        own = f"{scheme}://{headers.get(b'host', b'').decode('latin-1')}"
-        return "*" in allowed or text in allowed or text == own
+    async def _pull(self, talk: Conversation, pull: PullOrder) -> None:
+        """Ask the store's ERP for the order, then apply what the pull was for."""
+        conn = talk.conn
+        terminal = conn.terminal
+        assert terminal is not None
+        try:
+            config = await self.backend.get_config(terminal.store_id)
+            order = await self.relay.fetch(terminal, pull.params, config.erp_fetch_timeout_ms)
+        except PullLimited:
+            conn.send(talk.pull_limited(pull))
+            return
+        except Exception as exc:
+            conn.send(talk.failed(pull.request, exc))
+            return
+        await self._apply(talk, talk.pulled(pull, order))
+
+    async def _subscribe(self, talk: Conversation, request: Subscribe) -> None:
+        conn, hub, channel = talk.conn, self.hub, request.channel
+        hub.begin_subscribe(conn, channel)
+        try:
+            seq, snapshot = await self.backend.snapshot(channel)
+            missed = (await self.backend.history(channel, request.since)
+                      if request.since is not None else None)
+            stands, reply = talk.subscribed(request, seq, snapshot, missed)
+        except Exception as exc:
+            stands, reply = False, talk.failed(request, exc)
+        except BaseException:
+            hub.unsubscribe(conn, channel)
+            raise
+        if not stands:
+            hub.unsubscribe(conn, channel)
+        conn.send(reply)
+        if stands:  # the events that came meanwhile follow the reply
+            hub.end_subscribe(conn, channel, seq)
 
     def _admit_anonymous(self, conn: Connection) -> None:
         """Sockets without hello have their own bound, apart from max_connections: past it,
@@ -368,35 +265,6 @@ class Gateway:
             del anonymous[oldest]
             metrics.ANONYMOUS_EVICTED.inc()
             oldest.close(Close.POLICY, "too many connections without hello")
-
-    def _full(self, terminal: Terminal) -> str:
-        """Why one more connection is refused, or '' when it is welcome."""
-        settings = self.settings
-        # Only terminals past hello count here: silent sockets have their own bound.
-        if len(self.hub.connections) - len(self._anonymous) > settings.max_connections:
-            return f"this broker holds {settings.max_connections} connections already"
-        if self.hub.store_connections(terminal.store_id) >= settings.max_connections_per_store:
-            return f"store {terminal.store_id} has {settings.max_connections_per_store} already"
-        if self.hub.online_connections(terminal) >= settings.max_connections_per_terminal:
-            return (f"terminal {terminal.terminal_id} has "
-                    f"{settings.max_connections_per_terminal} connections already")
-        return ""
-
-    @staticmethod
-    def _expire_at(conn: Connection, expires_s: int) -> None:
-        """Close the connection when its token ends (Hub.expire_tokens), unless
-        `token.refresh` moves the end."""
-        conn.expires_at = expires_s
-
-    async def _refresh(self, conn: Connection, request: TokenRefresh) -> None:
-        try:
-            terminal, expires = self.tokens.verify(request.token)
-        except AuthError as exc:
-            raise Refused("AUTH_FAILED", str(exc)) from None
-        if terminal != conn.terminal:
-            raise Refused("AUTH_FAILED", "the new token names another terminal")
-        self._expire_at(conn, expires)
-        self._ok(conn, request, TokenRefreshResult(expires * 1000))
 
     def drain(self, window_s: float) -> None:
         """SIGTERM: refuse newcomers and ask everyone to reconnect (1012), spread out over the
@@ -428,210 +296,19 @@ class Gateway:
         except Unavailable:
             log.warning("could not record %s going offline", terminal.terminal_id)
 
-    # --- helpers --------------------------------------------------------------------------
-
-    def _spawn(self, conn: Connection, request: Request, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> None:
         """Answer a request that waits for an ERP without holding up the connection."""
-        task = asyncio.ensure_future(self._run(conn, request, work))
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, conn: Connection, order_id: str, command: Command) -> Outcome:
-        assert conn.terminal is not None
-        return await self.backend.apply(conn.terminal.store_id, order_id, command, conn.terminal)
 
-    @staticmethod
-    def _ok(conn: Connection, request: Request, result: msgspec.Struct | None = None) -> None:
-        _count(request, "OK")
-        conn.send(ok_frame(request.id, result))
-
-    @staticmethod
-    def _fail(conn: Connection, request: Request, code: str, *, variant: str = "",
-              can_force: bool = False, lock: Lock | None = None, detail: str = "") -> None:
-        _count(request, code)
-        conn.send(error_frame(request.id, code, conn.locale, variant=variant,
-                              can_force=can_force, lock=lock, detail=detail))
-
-    def _answer(self, conn: Connection, request: Request, out: Outcome) -> None:
-        if out.refusal is not None:
-            r = out.refusal
-            self._fail(conn, request, r.code, variant=r.variant, can_force=r.can_force,
-                       lock=r.lock)
-        else:
-            assert out.result is not None
-            self._ok(conn, request, reply_of(out.result, conn.locale))
-
-    async def _fetch(self, terminal: Terminal, params: dict[str, str]) -> Order | None:
-        config = await self.backend.get_config(terminal.store_id)
-        try:
-            return await self.relay.fetch(terminal, params, config.erp_fetch_timeout_ms)
-        except PullLimited:
-            raise Refused("RATE_LIMITED", "too many order pulls from the ERP") from None
-
-    # --- requests ---------------------------------------------------------------------------
-
-    async def _ping(self, conn: Connection, request: Ping) -> None:
-        self._ok(conn, request, PingResult(await self.backend.now()))
-
-    async def _subscribe(self, conn: Connection, request: Subscribe) -> None:
-        terminal = conn.terminal
-        assert terminal is not None and conn.session is not None
-        parsed = parse_channel(request.channel)
-        if parsed is None:
-            raise Refused("BAD_REQUEST", "channel must be store:<store> or order:<store>:<order>")
-        store_id, order_id = parsed
-        if store_id != terminal.store_id:
-            raise Refused("FORBIDDEN", "a channel of another store")
-        if order_id is None and not capability(terminal.role).store_channel:
-            raise Refused("FORBIDDEN", "the store channel is for ERP and manager terminals")
-        if (request.channel not in conn.session.subs
-                and self.hub.subscription_count(conn) >= self.settings.max_subscriptions):
-            raise Refused("LIMIT_REACHED", "too many subscriptions on this connection")
-        self.hub.begin_subscribe(conn, request.channel)
-        seq = 0
-        try:
-            seq, snapshot = await self.backend.snapshot(request.channel)
-            # An h5's scope is checked on the very record the snapshot shows, not on an
-            # earlier read that the order could have moved away from (or come into) since.
-            if (isinstance(snapshot, OrderSnapshot) and snapshot.order is not None
-                    and not sees_order(terminal, snapshot.order)):
-                raise Refused("FORBIDDEN", "an order of another table")
-            result = SubscribeResult(request.channel, seq, snapshot)
-            if request.since is not None:
-                missed = await self.backend.history(request.channel, request.since)
-                result.recovered = missed is not None
-                # Each event carries its order's table at the time: an h5 is not shown what
-                # happened while the order belonged to another table.
-                result.missed = [msgspec.Raw(m.frame) for m in missed or ()
-                                 if m.seq <= seq and sees_table(terminal, m.table_id)]
-            self._ok(conn, request, result)
-        except BaseException:
-            self.hub.unsubscribe(conn, request.channel)
-            raise
-        self.hub.end_subscribe(conn, request.channel, seq)
-
-    async def _unsubscribe(self, conn: Connection, request: Unsubscribe) -> None:
-        self.hub.unsubscribe(conn, request.channel)
-        self._ok(conn, request)
-
-    async def _order_get(self, conn: Connection, request: OrderGet) -> None:
-        terminal = conn.terminal
-        assert terminal is not None
-        if request.order_id is None and request.table_id is None:
-            raise Refused("BAD_REQUEST", "order_id or table_id is needed")
-        if not sees_table(terminal, request.table_id):
-            raise Refused("FORBIDDEN", "another table")
-        if request.fresh:
-            # The ERP's answer may take a while: don't hold up this connection's other frames.
-            self._spawn(conn, request, self._order_get_fresh(conn, request))
-            return
-        order_id = request.order_id or await self.backend.find_order(
-            terminal.store_id, request.table_id or "")
-        if order_id is None:
-            raise Refused("NOT_FOUND")
-        self._send_order(conn, request, await self._apply(conn, order_id, Tick()))
-
-    async def _order_get_fresh(self, conn: Connection, request: OrderGet) -> None:
-        terminal = conn.terminal
-        assert terminal is not None
-        params = ({"order_id": request.order_id} if request.order_id
-                  else {"table_id": request.table_id or ""})
-        order = await self._fetch(terminal, params)
-        if order is None:
-            raise Refused("ERP_UNAVAILABLE")
-        self._send_order(conn, request, await self._apply(conn, order.order_id, Ingest(order)))
-
-    def _send_order(self, conn: Connection, request: OrderGet, out: Outcome) -> None:
-        terminal = conn.terminal
-        assert terminal is not None
-        rec = out.record
-        if rec is None:
-            raise Refused("NOT_FOUND")
-        if not sees_order(terminal, rec.order):
-            raise Refused("FORBIDDEN", "an order of another table")
-        self._ok(conn, request, OrderResult(rec.order, list(rec.locks.values())))
-
-    async def _publish(self, conn: Connection, request: OrderPublish) -> None:
-        command = Publish(request.order.to_order(), request.change, request.token, request.force,
-                          request.operator, request.reason)
-        out = await self._apply(conn, request.order.order_id, command)
-        self._answer(conn, request, out)
-
-    async def _check(self, conn: Connection, request: CheckRequest) -> None:
-        self._answer(conn, request, await self._apply(conn, request.order_id,
-                                                      Check(request.action)))
-
-    async def _acquire(self, conn: Connection, request: LockAcquire) -> None:
-        command = Acquire(request.kind, request.force, request.operator, request.reason)
-        out = await self._apply(conn, request.order_id, command)
-        if out.need_fetch:
-            self._spawn(conn, request, self._acquire_fresh(conn, request, command))
-            return
-        self._answer(conn, request, out)
-
-    async def _acquire_fresh(self, conn: Connection, request: LockAcquire,
-                             command: Acquire) -> None:
-        """Strong link: pull the order from the ERP, then decide again on the fresh copy."""
-        assert conn.terminal is not None
-        order = await self._fetch(conn.terminal, {"order_id": request.order_id})
-        retry = Acquire(command.kind, command.force, command.operator, command.reason,
-                        fetched=order, fetch_failed=order is None)
-        out = await self._apply(conn, request.order_id, retry)
-        self._answer(conn, request, out)
-
-    async def _renew(self, conn: Connection, request: LockRenew) -> None:
-        out = await self._apply(conn, request.order_id, Renew(request.kind, request.token))
-        self._answer(conn, request, out)
-
-    async def _release(self, conn: Connection, request: LockRelease) -> None:
-        command = Release(request.kind, request.token, request.force, request.operator,
-                          request.reason)
-        out = await self._apply(conn, request.order_id, command)
-        self._answer(conn, request, out)
-
-    async def _complete(self, conn: Connection, request: PaymentComplete) -> None:
-        command = Complete(request.token, request.version, request.amount_cents,
-                           request.payment_ref)
-        out = await self._apply(conn, request.order_id, command)
-        self._answer(conn, request, out)
-
-
-def reply_of(result: Result, locale: str) -> msgspec.Struct:
-    """The wire reply of a command's result (a refusal `check` reports reads `locale`)."""
-    match result:
-        case Acquired(enforced, lock, order, released, forced):
-            return AcquireResult(lock, order, enforced, released, forced)
-        case Renewed(enforced, lock):
-            return RenewResult(lock, enforced)
-        case Released(lock):
-            return ReleaseResult(lock)
-        case Published(order):
-            return PublishResult(order)
-        case Paid(order, payment):
-            return PaymentResult(order, payment)
-        case Ingested(order, locks):
-            return OrderResult(order, locks)
-        case Checked(refusal):
-            if refusal is None:
-                return CheckResult(True)
-            return CheckResult(False, refusal.code, prompt(refusal.code, locale, refusal.variant),
-                               refusal.can_force, refusal.lock)
-
-
-def _hello_refused(reason: str, terminal: Terminal | None = None, detail: str = "") -> None:
-    """Count and log a refused hello: why, and who when the token was good; never the token."""
-    metrics.HELLO_REFUSED.labels(reason).inc()
-    extra = {"reason": reason}
-    if terminal is not None:
-        extra.update(store=terminal.store_id, terminal=terminal.terminal_id, role=terminal.role)
-    log.info("hello refused%s", f": {detail}" if detail else "", extra=extra)
-
-
-def _count(request: Request, code: str) -> None:
-    metrics.REQUESTS.inc(str(request.__struct_config__.tag), code)
+def _say_goodbye(conn: Connection, goodbye: Goodbye) -> None:
+    if goodbye.frame is not None:
+        conn.send(goodbye.frame)
+    conn.close(goodbye.code, goodbye.reason)
 
 
 def _payload(message: dict[str, Any]) -> str | bytes:
     text = message.get("text")
     return text if text is not None else (message.get("bytes") or b"")
-

@@ -204,14 +204,20 @@ def _token_is_credential(actor: Terminal) -> bool:
 # --- commands -----------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
+class Pulled:
+    """What the store's ERP answered to the order pull: the order, or None when it gave none."""
+
+    order: Order | None
+
+
+@dataclass(frozen=True, slots=True)
 class Acquire:
     kind: LockKind
     force: bool = False
     operator: str | None = None
     reason: str | None = None
-    # Set on the second pass of an h5 payment lock, after the ERP pull.
-    fetched: Order | None = None
-    fetch_failed: bool = False
+    # Set on the second pass of a lock taken on the ERP's copy (Outcome.pull_first).
+    pulled: Pulled | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +358,9 @@ class Outcome:
     direct: list[tuple[str, Event]] = field(default_factory=list)  # (holder_key, event)
     audit: list[AuditEntry] = field(default_factory=list)
     deadline: int | None = None
-    need_fetch: bool = False
+    # The command must first have the ERP's latest order: pull it, then apply the command
+    # again carrying the answer (Acquire.pulled). Nothing else in the outcome counts.
+    pull_first: bool = False
     changed: bool = False
 
 
@@ -552,17 +560,18 @@ def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) 
     cap = CAPABILITIES[actor.role]
     if cmd.kind not in cap.lock_kinds or (cmd.force and not cap.force):
         return _refuse(out, "FORBIDDEN")
-    if cmd.fetched is not None:
-        rec = out.record = _ingest_order(rec, cmd.fetched, ctx, out, actor.store_id)
+    pulled = cmd.pulled
+    if pulled is not None and pulled.order is not None:
+        rec = out.record = _ingest_order(rec, pulled.order, ctx, out, actor.store_id)
     if rec is None:
         if not cap.pulls_order:
             return _refuse(out, "NOT_FOUND")
         if not ctx.config.strong_link:
             out.result = Acquired(enforced=False, lock=None, order=None)
-        elif cmd.fetch_failed:
+        elif pulled is not None:  # the ERP gave no order
             _refuse(out, "ERP_UNAVAILABLE")
         else:
-            out.need_fetch = True
+            out.pull_first = True
         return None
     if not sees_order(actor, rec.order):
         return _refuse(out, "FORBIDDEN")
@@ -584,11 +593,11 @@ def _acquire(rec: OrderRecord | None, cmd: Acquire, ctx: Context, out: Outcome) 
                                 cmd.operator, cmd.reason)
     if forced is None:
         return None
-    if cap.pulls_order and cmd.fetched is None:
+    if cap.pulls_order and (pulled is None or pulled.order is None):
         # Strong link: the customer pays against the ERP's latest order, decided again after.
-        if cmd.fetch_failed:
+        if pulled is not None:
             return _refuse(out, "ERP_UNAVAILABLE")
-        out.need_fetch = True
+        out.pull_first = True
         return None
     released = []
     if cmd.kind == "payment":
