@@ -38,6 +38,7 @@ Row = dict[str, Any]
 class Options:
     quick: bool = False
     seconds: float | None = None  # overrides each run's length
+    rounds_wanted: int | None = None  # overrides the paired rounds
     targets: tuple[str, ...] = ALL_TARGETS
     secret: str = "bench-secret-0123456789abcdef0123456789"
 
@@ -47,6 +48,8 @@ class Options:
     @property
     def rounds(self) -> int:
         """Turns of the paired closed loops (each target once a round)."""
+        if self.rounds_wanted is not None:
+            return self.rounds_wanted
         return 2 if self.quick else 7
 
     @property
