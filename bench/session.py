@@ -129,7 +129,7 @@ class Session:
         assert self.gens is not None
         server0, redis0, gen0 = (self.servers.user_sys_s(), self.servers.redis_cpu_s(),
                                  self.gens.cpu_s())
-        idle0 = [(n.servers.cpu_s(), n.idle_gen_cpu_s()) for n in neighbours]
+        idle0 = [(n.servers.cpu_s(), n.gen_cpu_s()) for n in neighbours]
         busy0, t0 = core_busy(), time.monotonic()
         answers = self.gens.command(cmd, timeout=float(cmd.get("seconds", 0)) + 120)
         wall = time.monotonic() - t0
@@ -138,13 +138,14 @@ class Session:
         split = (user1 - server0[0], sys1 - server0[1])
         redis_cpu = self.servers.redis_cpu_s() - redis0
         gen_cpu = self.gens.cpu_s() - gen0
-        idle1 = [(n.servers.cpu_s(), n.idle_gen_cpu_s()) for n in neighbours]
+        idle1 = [(n.servers.cpu_s(), n.gen_cpu_s()) for n in neighbours]
         idle_cpu = (sum(b[0] - a[0] for a, b in zip(idle0, idle1, strict=True)),
                     sum(b[1] - a[1] for a, b in zip(idle0, idle1, strict=True)))
         return self._row(label, cmd, answers, wall, split, redis_cpu, gen_cpu,
                          busy0, busy1, idle_cpu)
 
-    def idle_gen_cpu_s(self) -> float:
+    def gen_cpu_s(self) -> float:
+        """Its load generators' CPU seconds so far."""
         return self.gens.cpu_s() if self.gens is not None else 0.0
 
     def _row(self, label: str, cmd: dict[str, Any], answers: list[dict[str, Any]], wall: float,
