@@ -91,7 +91,8 @@ def paired_section(rows: list[Row]) -> list[str]:
         "median over rounds, with min–max. `others` is CPU taken by processes not ours on "
         "the server core (c0) and the load-generator core (c1) during the loops: how loaded "
         "the shared machine was. `idle neighbours` is what the idle targets (servers, load "
-        "generators) used meanwhile.",
+        "generators) used meanwhile. This section alone: "
+        f"`.venv/bin/python -m bench --scenario paired --rounds {rounds}`.",
         "",
         "| target | pairs/s | server µs/pair | user µs/pair | kernel µs/pair | "
         "load-gen µs/frame (machine-speed check) | others c0 % | others c1 % | "

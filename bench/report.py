@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -259,6 +260,9 @@ def targets(rows: list[Row]) -> list[str]:
         status = (shown + f" (this open loop ran over capacity: {opened['open_loop_missed']} "
                   "starts found no idle actor, so it is no half-capacity figure)",
                   "not measured validly")
+    if opened and not quiet(opened) and status[1] != "-":
+        others = ", ".join(f"c{c}: {p}%" for c, p in opened["other_load_pct"].items())
+        status = (status[0], status[1] + f" (on a shared machine: others {others})")
     checks.append(("reply and fan-out p99 ≤ 5 ms in open loop at half capacity", status))
     ok = bool(idle and idle["connections"] >= 15_000 and not idle["error_count"])
     checks.append(("`idle`: 15,000 connections with no errors",
@@ -284,6 +288,23 @@ def targets(rows: list[Row]) -> list[str]:
     return lines
 
 
+def load(rows: list[Row]) -> str:
+    """Other processes' CPU on each core over every measured run: median and range."""
+    per_core: dict[str, list[float]] = {}
+    for r in rows:
+        for core, pct in r["other_load_pct"].items():
+            per_core.setdefault(str(core), []).append(pct)
+    if not per_core:
+        return "not measured (nothing pinned)"
+    parts = []
+    for core, values in sorted(per_core.items()):
+        values.sort()
+        parts.append(f"core {core} median {statistics.median(values):.0f}% "
+                     f"({values[0]:.0f}-{values[-1]:.0f}%)")
+    return ("other processes (not this benchmark's) took " + ", ".join(parts)
+            + " of a core over the runs")
+
+
 def render(rows: list[Row], quick: bool) -> str:
     dates = sorted({r["date"] for r in rows})
     pin = (f"server processes on core {SERVER_CORE}, load generators on core {LOADGEN_CORE}; "
@@ -303,6 +324,7 @@ def render(rows: list[Row], quick: bool) -> str:
         f"- Pinning: {pin}.",
         "- `others on cores` is CPU that processes other than ours used on the two cores "
         "during the run: where it is high, the machine was shared and the figures are noisy.",
+        f"- How loaded the machine was: {load(rows)}.",
         "- `load-gen µs/frame` (the load generator's CPU per frame it received) is the "
         "machine-speed check: the same code doing the same work, so when it moves, the "
         "machine moved, and a slow machine's common per-pair cost dilutes every ratio.",
