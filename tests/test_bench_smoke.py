@@ -1,6 +1,6 @@
 """The benchmark's quick form runs end to end: `store` on tablelock (memory) and on the
-raw-websockets baseline, about 2 s each. It asserts that it ran and that nothing errored,
-never a timing: the figures belong to bench/RESULTS.md, made on a quiet machine."""
+raw-websockets baseline, about 2 s each, and the paired mode's alternation. It asserts that
+it ran and that nothing errored, never a timing: the figures belong to bench/RESULTS.md."""
 
 from __future__ import annotations
 
