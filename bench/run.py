@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--scenario NAME ...] [--targets A,B] [--seconds S] [--out DIR]`
+"""`python -m bench [--quick] [--scenario NAME ...] [--targets A,B] [--seconds S] [--rounds N]
+[--out DIR]`
 
 Runs the scenarios, prints one JSON line per measured run, and writes RESULTS.md and
 results.json into the output folder: bench/ for the full form, bench/out/ for --quick. A
@@ -32,6 +33,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(ALL_TARGETS),
                         help=f"comma-separated subset of: {', '.join(ALL_TARGETS)}")
     parser.add_argument("--seconds", type=float, help="length of every measured run")
+    parser.add_argument("--rounds", type=int,
+                        help="paired closed-loop rounds (default 7; --quick: 2)")
     parser.add_argument("--out", type=Path, help="folder for RESULTS.md and results.json")
     return parser.parse_args(argv)
 
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.exit(f"unknown targets: {', '.join(unknown)}")
     pin_self(LOADGEN_CORE)
-    opts = Options(quick=args.quick, seconds=args.seconds, targets=targets)
+    opts = Options(quick=args.quick, seconds=args.seconds, targets=targets,
+                   rounds_wanted=args.rounds)
     out = args.out or (HERE / "out" if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
     names = args.scenario or list(SCENARIOS)

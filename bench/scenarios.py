@@ -10,11 +10,16 @@ fanout  one order with 500 subscribers (499 phones on its channel, 1 ERP on the 
 expiry  10,000 h5 payment locks (5 s TTL) taken over 10 s; how late each lock.expired is.
 redis   `store` on the Redis backend: one broker process; two with connections round-robin
         (a store's events cross brokers through Redis); two with each store on one broker.
+paired  `store` on tablelock, raw-websockets and uvicorn-direct at once, each with its own
+        load generator, short closed loops taking turns (7 rounds of 3 s), then an open loop
+        each at half its median capacity: the ratios, from runs seconds apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .session import Session
-from .targets import ALL_TARGETS, RAW, SOCKETIO, STARLETTE, TABLELOCK
+from .targets import ALL_TARGETS, RAW, SOCKETIO, STARLETTE, TABLELOCK, UVICORN_DIRECT
 from .workload import Workload
 
 log = logging.getLogger("bench")
@@ -33,11 +38,19 @@ Row = dict[str, Any]
 class Options:
     quick: bool = False
     seconds: float | None = None  # overrides each run's length
+    rounds_wanted: int | None = None  # overrides the paired rounds
     targets: tuple[str, ...] = ALL_TARGETS
     secret: str = "bench-secret-0123456789abcdef0123456789"
 
     def length(self, full: float, quick: float = 2.0) -> float:
         return self.seconds if self.seconds is not None else (quick if self.quick else full)
+
+    @property
+    def rounds(self) -> int:
+        """Turns of the paired closed loops (each target once a round)."""
+        if self.rounds_wanted is not None:
+            return self.rounds_wanted
+        return 2 if self.quick else 7
 
     @property
     def repeat(self) -> int:
@@ -79,9 +92,18 @@ def _run(scenario: str, target: str, workloads: list[Workload], opts: Options,
         finally:
             session.close()
     for row in rows:
-        log.info("  %s: %.0f pairs/s, %d errors, bottleneck: %s", row["mode"],
-                 row["pairs_per_s"], row["error_count"], row["bottleneck"])
+        log_row(row)
     return rows
+
+
+def log_row(row: Row) -> None:
+    """The summary on stderr, with the machine-speed check: the load generator's µs/frame."""
+    log.info("  %s %s: %.0f pairs/s, server %s µs/pair (user %s + kernel %s), load-gen %s "
+             "µs/frame, others on cores %s%%, %d errors, bottleneck: %s", row["target"],
+             row["mode"], row["pairs_per_s"], row["server_cpu_us_per_pair"],
+             row["server_user_us_per_pair"], row["server_sys_us_per_pair"],
+             row["loadgen_us_per_frame"], row["other_load_pct"], row["error_count"],
+             row["bottleneck"])
 
 
 def store_workload(opts: Options) -> Workload:
@@ -127,8 +149,10 @@ def idle(opts: Options) -> list[Row]:
     total = 2_000 if opts.quick else 15_000
     half = total // 2
     rows: list[Row] = []
-    for target in opts.wanted((TABLELOCK, RAW, STARLETTE[0], SOCKETIO)):
-        active = Workload(urls=[], stores=2, orders=10, erp=3, h5=2, actors=20, idle=half,
+    for target in opts.wanted((TABLELOCK, RAW, UVICORN_DIRECT, STARLETTE[0], SOCKETIO)):
+        # 100 actors, one connection each: 20 would each need ~300 requests/s on a fast
+        # machine, where the broker's per-connection rate limit starts refusing
+        active = Workload(urls=[], stores=10, orders=10, erp=3, h5=2, actors=100, idle=half,
                           connect_concurrency=100)
         second = Workload(urls=[], idle=total - half, idle_first=half, part=1,
                           connect_concurrency=100)
@@ -150,6 +174,46 @@ def expiry(opts: Options) -> list[Row]:
                                      f"expiry {count} locks")])
 
 
+PAIRED = (TABLELOCK, RAW, UVICORN_DIRECT)
+
+
+def paired(opts: Options) -> list[Row]:
+    """The compared servers all up at once (servers on the server core, one load generator
+    each on the other), closed loops taking turns, the order rotating every round so that
+    no target always follows the same one. Only one server works at a time; the idle ones'
+    CPU is reported apart. Ratios are taken round by round (see report.py)."""
+    names = opts.wanted(PAIRED)
+    seconds, rounds = opts.length(3, 1), opts.rounds
+    with contextlib.ExitStack() as stack:
+        sessions: dict[str, Session] = {}
+        for name in names:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tablelock-bench-")))
+            log.info("paired: %s up ...", name)
+            session = Session("paired", name, [store_workload(opts)], opts.secret, tmp)
+            stack.callback(session.close)
+            sessions[name] = session
+        rows: list[Row] = []
+        for turn in range(rounds):
+            order = names[turn % len(names):] + names[:turn % len(names)]
+            for name in order:
+                row = sessions[name].measure(
+                    {"cmd": "closed", "seconds": seconds}, f"closed loop, round {turn + 1}",
+                    [sessions[n] for n in names if n != name])
+                row["round"] = turn + 1
+                log_row(row)
+                rows.append(row)
+        for name in names:  # latency at half of each one's median capacity
+            capacity = statistics.median(r["pairs_per_s"] for r in rows if r["target"] == name)
+            rate = max(1.0, capacity / 2)
+            row = sessions[name].measure({"cmd": "open", "rate": rate, "seconds": 2 * seconds},
+                                         f"open loop {rate:.0f}/s",
+                                         [sessions[n] for n in names if n != name])
+            log_row(row)
+            rows.append(row)
+    return rows
+
+
 SCENARIOS: dict[str, Callable[[Options], list[Row]]] = {
-    "store": store, "idle": idle, "fanout": fanout, "expiry": expiry, "redis": redis,
+    "paired": paired, "store": store, "idle": idle, "fanout": fanout, "expiry": expiry,
+    "redis": redis,
 }

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +122,37 @@ class Session:
             self.gens.stop()
         self.servers.stop()
 
-    def measure(self, cmd: dict[str, Any], label: str) -> dict[str, Any]:
+    def measure(self, cmd: dict[str, Any], label: str,
+                neighbours: Sequence[Session] = ()) -> dict[str, Any]:
+        """One command, timed. `neighbours` are sessions of ours left idle meanwhile (the
+        paired mode's other servers): their CPU is reported apart, not as other people's."""
         assert self.gens is not None
-        server0, redis0, gen0 = (self.servers.cpu_s(), self.servers.redis_cpu_s(),
+        server0, redis0, gen0 = (self.servers.user_sys_s(), self.servers.redis_cpu_s(),
                                  self.gens.cpu_s())
+        idle0 = [(n.servers.cpu_s(), n.gen_cpu_s()) for n in neighbours]
         busy0, t0 = core_busy(), time.monotonic()
         answers = self.gens.command(cmd, timeout=float(cmd.get("seconds", 0)) + 120)
         wall = time.monotonic() - t0
         busy1 = core_busy()
-        server_cpu = self.servers.cpu_s() - server0
+        user1, sys1 = self.servers.user_sys_s()
+        split = (user1 - server0[0], sys1 - server0[1])
         redis_cpu = self.servers.redis_cpu_s() - redis0
         gen_cpu = self.gens.cpu_s() - gen0
-        return self._row(label, cmd, answers, wall, server_cpu, redis_cpu, gen_cpu,
-                         busy0, busy1)
+        idle1 = [(n.servers.cpu_s(), n.gen_cpu_s()) for n in neighbours]
+        idle_cpu = (sum(b[0] - a[0] for a, b in zip(idle0, idle1, strict=True)),
+                    sum(b[1] - a[1] for a, b in zip(idle0, idle1, strict=True)))
+        return self._row(label, cmd, answers, wall, split, redis_cpu, gen_cpu,
+                         busy0, busy1, idle_cpu)
+
+    def gen_cpu_s(self) -> float:
+        """Its load generators' CPU seconds so far."""
+        return self.gens.cpu_s() if self.gens is not None else 0.0
 
     def _row(self, label: str, cmd: dict[str, Any], answers: list[dict[str, Any]], wall: float,
-             server_cpu: float, redis_cpu: float, gen_cpu: float, busy0: dict[int, float],
-             busy1: dict[int, float]) -> dict[str, Any]:
+             split: tuple[float, float], redis_cpu: float, gen_cpu: float,
+             busy0: dict[int, float], busy1: dict[int, float],
+             idle_cpu: tuple[float, float]) -> dict[str, Any]:
+        server_cpu = split[0] + split[1]
         reply, fanout, expiry = Hist(), Hist(), Hist()
         errors: dict[str, int] = {}
         pairs = pairs_window = events = frames = expired = 0
@@ -164,9 +179,11 @@ class Session:
         if not self.servers.alive():
             errors["server died"] = 1
         server_util, gen_util = server_cpu / wall, gen_cpu / wall
+        # ours: this run's server (core 0), its load generators and redis (core 1), and the
+        # idle neighbours' servers and load generators on the same cores
         other = {core: round(max(0.0, (busy1[core] - busy0[core]) / wall - ours) * 100)
-                 for core, ours in ((SERVER_CORE, server_util),
-                                    (LOADGEN_CORE, gen_util + redis_cpu / wall))
+                 for core, ours in ((SERVER_CORE, server_util + idle_cpu[0] / wall),
+                                    (LOADGEN_CORE, gen_util + (redis_cpu + idle_cpu[1]) / wall))
                  if core is not None and core in busy0}
         connections = self.connections
         return {
@@ -186,11 +203,17 @@ class Session:
             if connections else None,
             "server_cpu_pct": round(server_util * 100, 1),
             "server_cpu_us_per_pair": round(server_cpu / pairs * 1e6, 1) if pairs else None,
+            "server_user_us_per_pair": round(split[0] / pairs * 1e6, 1) if pairs else None,
+            "server_sys_us_per_pair": round(split[1] / pairs * 1e6, 1) if pairs else None,
+            "server_sys_share": round(split[1] / server_cpu, 3) if server_cpu else None,
             "redis_cpu_pct": round(redis_cpu / wall * 100, 1) if self.backend == "redis"
             else None,
             "loadgen_cpu_pct": round(gen_util * 100, 1),
             "loadgen_us_per_frame": round(gen_cpu / frames * 1e6, 2) if frames else None,
-            "other_load_pct": other, "server_start_s": round(self.start_s, 1),
+            "other_load_pct": other,
+            "idle_neighbours_cpu_pct": [round(idle_cpu[0] / wall * 100, 1),
+                                        round(idle_cpu[1] / wall * 100, 1)],
+            "server_start_s": round(self.start_s, 1),
             "setup_s": round(self.setup_s, 1), "setup_phases_s": self.phases,
             "bottleneck": bottleneck(label, server_util, gen_util, redis_cpu / wall, other,
                                      missed),

@@ -1,9 +1,11 @@
 """What the load generator is pointed at: tablelock (memory or Redis, one or more processes)
-and the baselines of bench/baselines/, each started on the server core."""
+and the baselines of bench/baselines/, each started on the server core. `raw-websockets` is the
+limit issue 6 measured against; `uvicorn-direct` is the ceiling of tablelock's own stack."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +14,21 @@ from .procs import SERVER_CORE, Child, free_port, python, start_redis, tcp_ready
 
 TABLELOCK = "tablelock"
 RAW = "raw-websockets"
+UVICORN_DIRECT = "uvicorn-direct"
 SOCKETIO = "python-socketio"
 STARLETTE = ("starlette/websockets-sansio", "starlette/websockets", "starlette/wsproto")
-BASELINES = (RAW, *STARLETTE, SOCKETIO)
+BASELINES = (RAW, UVICORN_DIRECT, *STARLETTE, SOCKETIO)
 ALL_TARGETS = (TABLELOCK, *BASELINES)
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def user_sys_s(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds so far, from /proc (0, 0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 def dialect_of(target: str) -> str:
@@ -32,6 +45,11 @@ class Servers:
 
     def cpu_s(self) -> float:
         return sum(b.cpu_s() for b in self.brokers)
+
+    def user_sys_s(self) -> tuple[float, float]:
+        """Server CPU seconds split: in user space, and in the kernel (syscalls, faults)."""
+        split = [user_sys_s(b.pid) for b in self.brokers]
+        return sum(u for u, _ in split), sum(s for _, s in split)
 
     def rss_kib(self) -> int:
         return sum(b.rss_kib() for b in self.brokers)
@@ -62,6 +80,8 @@ def start(target: str, secret: str, workdir: Path, redis: bool = False,
                        "--backend", backend]
             elif target == RAW:
                 cmd = [python(), "-m", "bench.baselines.raw_ws", "--port", str(port)]
+            elif target == UVICORN_DIRECT:
+                cmd = [python(), "-m", "bench.baselines.uvicorn_direct", "--port", str(port)]
             elif target == SOCKETIO:
                 cmd = [python(), "-m", "bench.baselines.socketio_app", "--port", str(port)]
             elif target in STARLETTE:
