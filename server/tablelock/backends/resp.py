@@ -216,11 +216,9 @@ class RespConnection:
         return await self.execute("EVALSHA", script.sha, *call)
 
     def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        """Close now: calls still in the write buffer fail with NotSent (they never go out),
+        written ones with MaybeApplied."""
         if self._protocol is not None:
-            self._protocol.flush()
             self._protocol.abort(ConnectionLostError("closed by the client"))
 
     def _on_reply(self, reply: Any) -> None:
