@@ -84,7 +84,7 @@ async def test_an_error_reply_fails_that_call_only(conn: RespConnection) -> None
 
 async def test_resp3_and_auth(redis: RedisServer) -> None:
     cli(redis, "config", "set", "requirepass", "s3cret")
-    with pytest.raises(ReplyError, match="WRONGPASS|invalid"):
+    with pytest.raises(ReplyError, match=r"WRONGPASS|invalid"):
         await RespConnection.open("127.0.0.1", redis.port, password="wrong")
     conn = await RespConnection.open("127.0.0.1", redis.port, password="s3cret", protocol=3,
                                      db=2)
@@ -263,5 +263,27 @@ async def test_a_paused_redis_fails_a_subscribe_as_maybe_applied(redis: RedisSer
         with pytest.raises(MaybeApplied):
             await sub.subscribe(["a"], lambda _c, _d: None, timeout=0.3)
         assert not sub.is_connected
+    finally:
+        sub.close()
+
+
+async def test_a_failing_handler_does_not_drop_the_subscription(
+        redis: RedisServer, conn: RespConnection) -> None:
+    got: list[bytes] = []
+    second = asyncio.Event()
+
+    def on(_channel: bytes, data: bytes) -> None:
+        if data == b"bad":
+            raise ValueError("cannot decode")
+        got.append(data)
+        second.set()
+
+    sub = await PubSubConnection.open("127.0.0.1", redis.port)
+    try:
+        await sub.subscribe(["a"], on)
+        await conn.execute("PUBLISH", "a", "bad")
+        await conn.execute("PUBLISH", "a", "good")
+        await asyncio.wait_for(second.wait(), 5)
+        assert got == [b"good"] and sub.is_connected
     finally:
         sub.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ Handler = Callable[[bytes, bytes], None]  # (channel, message data)
 LostHandler = Callable[[BaseException], None]
 
 DEFAULT_TIMEOUT = 5.0
+
+log = logging.getLogger("tablelock.resp")
 
 
 class RespError(Exception):
@@ -222,8 +225,8 @@ class RespConnection:
             self._protocol.abort(ConnectionLostError("closed by the client"))
 
     def _on_reply(self, reply: Any) -> None:
-        if not self._pending:  # a push we did not ask for (RESP3), or a reply after a timeout
-            return
+        if isinstance(reply, hiredis.PushNotification) or not self._pending:
+            return  # a RESP3 push nobody asked for here (say, client tracking)
         future, _ = self._pending.popleft()
         if future.done():  # the caller was cancelled meanwhile
             return
@@ -264,8 +267,9 @@ _CONFIRM_KINDS = {b"subscribe", b"unsubscribe", b"ssubscribe", b"sunsubscribe"}
 
 
 class PubSubConnection:
-    """One subscriber connection. Each channel has the handler registered when subscribing;
-    a handler gets (channel, data) for every message, in order, and must not block."""
+    """One subscriber connection. Each channel has one handler, the one given when it was
+    last subscribed; it gets (channel, data) for every message, in order, and must not block
+    (it runs inside the socket's read callback)."""
 
     def __init__(self, on_lost: LostHandler | None) -> None:
         self._handlers: dict[bytes, Handler] = {}
@@ -279,8 +283,8 @@ class PubSubConnection:
                    username: str | None = None, password: str | None = None,
                    on_lost: LostHandler | None = None, timeout: float = DEFAULT_TIMEOUT
                    ) -> PubSubConnection:
-        """Connect (and AUTH first, over a short-lived command connection's rules: the reply
-        to AUTH is an ordinary one). `on_lost` is called once if the connection drops."""
+        """Connect and AUTH if asked (RESP2: messages are plain arrays). `on_lost` is called
+        once if the connection drops; subscriptions do not survive it."""
         conn = cls(on_lost)
         auth: asyncio.Future[None] | None = None
         conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout)
@@ -371,7 +375,10 @@ class PubSubConnection:
             if kind in _MESSAGE_KINDS:
                 handler = self._handlers.get(reply[1])
                 if handler is not None:
-                    handler(reply[1], reply[2])
+                    try:
+                        handler(reply[1], reply[2])
+                    except Exception:  # one bad message must not drop the connection
+                        log.exception("pub/sub handler failed on %r", reply[1])
                 return
             if kind in _CONFIRM_KINDS:
                 self._confirmed(kind, reply[1])
