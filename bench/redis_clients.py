@@ -9,6 +9,8 @@ same round are what count), and the median round of each is printed:
 
 - `evalsha x1`: one caller, EVALSHA of a small script (HINCRBY one field), call after call;
 - `evalsha x100`: 100 concurrent callers, as when many connections commit at once;
+- `commit x100`: the same with a commit's size: 14 keys and 40 arguments (~1.6 kB), as the
+  broker's COMMIT script is called (packing the command is then a cost of its own);
 - `hget x100`: 100 concurrent callers of a plain HGET (the broker's record read);
 - `pubsub recv`: messages of ~300 bytes published by another process on one channel, received
   and each decoded with msgspec (the broker decodes every event once).
@@ -40,6 +42,10 @@ from .procs import SERVER_CORE, pin_self, start_redis
 
 SCRIPT = "return redis.call('HINCRBY', KEYS[1], 'n', 1)"
 KEY = "bench:rec"
+# A commit-sized call: the keys and arguments of backends/redis.py's COMMIT, roughly.
+COMMIT_KEYS = [KEY] + [f"tl:{{store-0001}}:key-{n}" for n in range(13)]
+COMMIT_ARGS: list[bytes | str | int] = (
+    [n * 7 for n in range(20)] + [f"arg-{n}" for n in range(16)] + [b"x" * 300] * 4)
 CHANNEL = "bench:ev"
 PAYLOAD = msgspec.json.encode({
     "type": "event", "channel": "order:store-0001:order-00042", "seq": 123456,
@@ -77,6 +83,7 @@ class Client:
     name = ""
 
     async def evalsha(self) -> Any: ...
+    async def commit(self) -> Any: ...
     async def hget(self) -> Any: ...
     async def subscribe(self, on_message: Callable[[bytes], None]) -> None: ...
     async def close(self) -> None: ...
@@ -107,6 +114,9 @@ class RedisPy(Client):
 
     async def evalsha(self) -> Any:
         return await self.redis.evalsha(self.sha, 1, KEY)
+
+    async def commit(self) -> Any:
+        return await self.redis.evalsha(self.sha, len(COMMIT_KEYS), *COMMIT_KEYS, *COMMIT_ARGS)
 
     async def hget(self) -> Any:
         return await self.redis.hget(KEY, "n")
@@ -146,6 +156,9 @@ class Coredis(Client):
     async def evalsha(self) -> Any:
         return await self.redis.evalsha(self.sha, keys=[KEY])
 
+    async def commit(self) -> Any:
+        return await self.redis.evalsha(self.sha, keys=COMMIT_KEYS, args=COMMIT_ARGS)
+
     async def hget(self) -> Any:
         return await self.redis.hget(KEY, "n")
 
@@ -182,6 +195,11 @@ class Glide(Client):
 
     async def evalsha(self) -> Any:
         return await self.redis.invoke_script(self.script, keys=[KEY])
+
+    async def commit(self) -> Any:
+        return await self.redis.invoke_script(
+            self.script, keys=COMMIT_KEYS, args=[str(a) if isinstance(a, int) else a
+                                                 for a in COMMIT_ARGS])
 
     async def hget(self) -> Any:
         return await self.redis.hget(KEY, "n")
@@ -220,6 +238,9 @@ class Resp(Client):
 
     async def evalsha(self) -> Any:
         return await self.conn.evalsha(self.script, (KEY,))
+
+    async def commit(self) -> Any:
+        return await self.conn.evalsha(self.script, COMMIT_KEYS, COMMIT_ARGS)
 
     async def hget(self) -> Any:
         return await self.conn.execute("HGET", KEY, "n")
@@ -284,7 +305,7 @@ async def pubsub(client: Client, port: int, count: int) -> Sample:
         publisher.wait(30)
 
 
-WORKLOADS = ["evalsha x1", "evalsha x100", "hget x100", "pubsub recv"]
+WORKLOADS = ["evalsha x1", "evalsha x100", "commit x100", "hget x100", "pubsub recv"]
 
 
 async def one_client(make: Callable[[], Client], port: int, scale: float
@@ -297,6 +318,7 @@ async def one_client(make: Callable[[], Client], port: int, scale: float
         samples = {
             "evalsha x1": await callers(client.evalsha, 1, int(4000 * scale)),
             "evalsha x100": await callers(client.evalsha, 100, int(20000 * scale)),
+            "commit x100": await callers(client.commit, 100, int(10000 * scale)),
             "hget x100": await callers(client.hget, 100, int(20000 * scale)),
             "pubsub recv": await pubsub(client, port, int(20000 * scale)),
         }
