@@ -287,3 +287,13 @@ async def test_a_failing_handler_does_not_drop_the_subscription(
         assert got == [b"good"] and sub.is_connected
     finally:
         sub.close()
+
+
+async def test_a_resp3_false_is_a_reply_not_a_wait(redis: RedisServer) -> None:
+    conn = await RespConnection.open("127.0.0.1", redis.port, protocol=3)
+    try:
+        assert await conn.evalsha(Script("return false")) is None  # Lua false is RESP nil
+        assert await conn.execute("EVAL", "redis.setresp(3); return false", 0) is False
+        assert await conn.execute("PING") == b"PONG"
+    finally:
+        conn.close()

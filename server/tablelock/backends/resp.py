@@ -61,7 +61,7 @@ class ReplyError(RespError):
 
 
 class ConnectionLostError(RespError):
-    """The connection is gone; `cause` says why."""
+    """The connection is gone (the message says why)."""
 
 
 class NotSent(ConnectionLostError):
@@ -80,7 +80,11 @@ class Script:
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        digest = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        object.__setattr__(self, "sha", digest)
+
+
+_INCOMPLETE = object()  # hiredis's "no whole reply yet" (its default, False, is a RESP3 value)
 
 
 def _pack(args: tuple[Arg, ...]) -> bytes:
@@ -95,7 +99,7 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, on_reply: Callable[[Any], None], on_lost: Callable[[Exception], None]
                  ) -> None:
-        self._reader = hiredis.Reader()
+        self._reader = hiredis.Reader(notEnoughData=_INCOMPLETE)
         self._on_reply = on_reply
         self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
@@ -124,7 +128,7 @@ class _Protocol(asyncio.Protocol):
         reader = self._reader
         try:
             reader.feed(data)
-            while (reply := reader.gets()) is not False:
+            while (reply := reader.gets()) is not _INCOMPLETE:
                 self._on_reply(reply)
         except hiredis.ProtocolError as exc:
             self.abort(ConnectionLostError(f"RESP protocol error: {exc}"))
