@@ -23,7 +23,7 @@ from tablelock.backends.resp import (
     _Protocol,
 )
 
-from .redis_support import REDIS_CLI, RedisServer
+from .redis_support import REDIS_CLI, RedisServer, create_cluster
 
 
 @pytest.fixture
@@ -297,3 +297,37 @@ async def test_a_resp3_false_is_a_reply_not_a_wait(redis: RedisServer) -> None:
         assert await conn.execute("PING") == b"PONG"
     finally:
         conn.close()
+
+
+async def test_sharded_pubsub_on_a_cluster_goes_to_the_slots_owner(tmp_path: Path) -> None:
+    """On Redis Cluster only the node owning a channel's slot takes its SSUBSCRIBE; the others
+    answer MOVED, which fails that subscribe alone and leaves the connection in service."""
+    nodes = [RedisServer(tmp_path / f"node{n}", cluster=True).start() for n in range(3)]
+    subs: list[PubSubConnection] = []
+    try:
+        create_cluster(nodes)
+        channel = "{store-1}:order:1"
+        got = asyncio.Event()
+        owners = []
+        for node in nodes:
+            sub = await PubSubConnection.open("127.0.0.1", node.port)
+            subs.append(sub)
+            try:
+                await sub.ssubscribe([channel], lambda _c, _d: got.set())
+                owners.append(node)
+            except ReplyError as exc:
+                assert str(exc).startswith("MOVED")
+                assert sub.channels == set()
+                await sub.ping()
+        assert len(owners) == 1
+        publisher = await RespConnection.open("127.0.0.1", owners[0].port)
+        try:
+            assert await publisher.execute("SPUBLISH", channel, "x") == 1
+            await asyncio.wait_for(got.wait(), 5)
+        finally:
+            publisher.close()
+    finally:
+        for sub in subs:
+            sub.close()
+        for node in nodes:
+            node.stop()

@@ -279,6 +279,9 @@ class PubSubConnection:
         self._handlers: dict[bytes, Handler] = {}
         self._confirming: dict[tuple[bytes, bytes], deque[asyncio.Future[None]]] = {}
         self._pings: deque[asyncio.Future[None]] = deque()
+        # (S)(UN)SUBSCRIBE commands in the order sent, so that an error reply (a MOVED on a
+        # cluster node that does not own the slot, say) fails the one it answers.
+        self._requests: deque[tuple[list[bytes], list[asyncio.Future[None]]]] = deque()
         self._protocol: _Protocol | None = None
         self._lost_handler = on_lost
 
@@ -355,8 +358,14 @@ class PubSubConnection:
             future: asyncio.Future[None] = loop.create_future()
             self._confirming.setdefault((kind, name), deque()).append(future)
             futures.append(future)
+        self._drop_answered()
+        self._requests.append((names if handler is not None else [], futures))
         protocol.queue(_pack((kind.decode(), *names)))
         await self._wait(asyncio.gather(*futures), timeout)
+
+    def _drop_answered(self) -> None:
+        while self._requests and all(f.done() for f in self._requests[0][1]):
+            self._requests.popleft()
 
     def _live(self) -> _Protocol:
         protocol = self._protocol
@@ -387,6 +396,16 @@ class PubSubConnection:
             if kind in _CONFIRM_KINDS:
                 self._confirmed(kind, reply[1])
                 return
+        if isinstance(reply, hiredis.ReplyError):
+            self._drop_answered()
+            if self._requests:
+                names, futures = self._requests.popleft()
+                for name in names:  # never subscribed: no handler
+                    self._handlers.pop(name, None)
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(ReplyError(str(reply)))
+                return
         if self._pings:  # PONG (["pong", ""] in subscriber mode), or the reply to AUTH
             future = self._pings.popleft()
             if future.done():
@@ -400,12 +419,13 @@ class PubSubConnection:
         if kind in (b"unsubscribe", b"sunsubscribe"):
             self._handlers.pop(channel, None)
         waiting = self._confirming.get((kind, channel))
-        if waiting:
+        while waiting:
             future = waiting.popleft()
-            if not waiting:
-                del self._confirming[(kind, channel)]
-            if not future.done():
+            if not future.done():  # done: failed by an error reply, so never confirmed
                 future.set_result(None)
+                break
+        if waiting is not None and not waiting:
+            del self._confirming[(kind, channel)]
 
     def _on_lost(self, cause: Exception) -> None:
         error = MaybeApplied(f"pub/sub connection lost: {cause!r}")
@@ -418,6 +438,7 @@ class PubSubConnection:
                 future.set_exception(error)
         self._confirming.clear()
         self._pings.clear()
+        self._requests.clear()
         if self._lost_handler is not None:
             with contextlib.suppress(Exception):
                 self._lost_handler(cause)
