@@ -17,6 +17,7 @@ from tablelock.backends.resp import (
     MaybeApplied,
     NotSent,
     PubSubConnection,
+    Reconnecting,
     ReplyError,
     RespConnection,
     Script,
@@ -331,3 +332,34 @@ async def test_sharded_pubsub_on_a_cluster_goes_to_the_slots_owner(tmp_path: Pat
             sub.close()
         for node in nodes:
             node.stop()
+
+
+async def test_reconnecting_opens_one_new_connection_after_a_loss(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "a").start()
+    opened = 0
+
+    async def opener() -> RespConnection:
+        nonlocal opened
+        opened += 1
+        return await RespConnection.open("127.0.0.1", server.port, timeout=1)
+
+    client = Reconnecting(opener)
+    try:
+        first = await client.connection()
+        assert await first.execute("SET", "k", "1") == b"OK"
+        pause(server)
+        in_flight = first.execute("GET", "k")
+        await asyncio.sleep(0.05)  # written, unanswered
+        server.stop()
+        with pytest.raises(MaybeApplied):
+            await in_flight
+        with pytest.raises(NotSent):  # nothing listens: no connection can be had
+            await client.connection()
+        server = RedisServer(tmp_path / "b", port=server.port).start()
+        again = await asyncio.gather(*(client.connection() for _ in range(5)))
+        assert all(conn is again[0] for conn in again) and again[0] is not first
+        assert await again[0].execute("PING") == b"PONG"
+        assert opened == 3  # the first, the one refused, and one for all five callers
+    finally:
+        client.close()
+        server.stop()

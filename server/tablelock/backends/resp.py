@@ -8,6 +8,7 @@ bench/README.md, "Redis client"), and the Redis-backed broker is client-CPU boun
   iteration goes out in one write (auto-pipelining); replies come back in order and resolve
   the callers' futures. `evalsha` runs a `Script` by its SHA1 and, on NOSCRIPT, loads it with
   SCRIPT LOAD and runs it again (a NOSCRIPT reply means it did not run, so that is safe).
+- `Reconnecting`: holds one live `RespConnection`, opening a new one after a loss.
 - `PubSubConnection`: one TCP connection in subscriber mode, SUBSCRIBE / UNSUBSCRIBE and the
   sharded SSUBSCRIBE / SUNSUBSCRIBE (Redis 7), each channel with the handler registered for it.
 
@@ -24,8 +25,9 @@ What it does not do (the caller's job, said so the adapter does not assume other
   cluster, keep one connection per master and route by slot yourself; a MOVED or ASK reply
   surfaces as a `ReplyError`. SSUBSCRIBE must go to the node owning the channel's slot.
 - No reconnection inside a connection: a lost connection stays lost (every later call fails
-  with `NotSent` at once); the owner opens a new one, and re-subscribes on a new
-  `PubSubConnection`, and treats whatever a subscriber missed meanwhile as a gap.
+  with `NotSent` at once). `Reconnecting` opens a new command connection on the next call;
+  for pub/sub the owner opens a new `PubSubConnection` from its `on_lost`, re-subscribes,
+  and treats whatever a subscriber missed meanwhile as a gap.
 - No TLS, no client-side caching, no MULTI/EXEC helper, no blocking commands (BLPOP and the
   like would hold up every pipelined caller behind them).
 """
@@ -37,7 +39,7 @@ import contextlib
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -264,6 +266,37 @@ class RespConnection:
             self._protocol.abort(TimeoutError(f"no reply within {self._timeout} s"))
             return
         self._arm_watchdog()
+
+
+class Reconnecting:
+    """One live `RespConnection` at a time: when the last one is lost, the next caller opens
+    a new one, and every caller meanwhile shares that attempt. `opener` decides where to
+    connect (for Sentinel, it asks the sentinels for the master first)."""
+
+    def __init__(self, opener: Callable[[], Awaitable[RespConnection]]) -> None:
+        self._opener = opener
+        self._conn: RespConnection | None = None
+        self._opening: asyncio.Future[RespConnection] | None = None
+
+    async def connection(self) -> RespConnection:
+        """The live connection, or a new one; NotSent if none can be opened now."""
+        conn = self._conn
+        if conn is not None and conn.is_connected:
+            return conn
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self._opening)
+
+    async def _open(self) -> RespConnection:
+        try:
+            self._conn = await self._opener()
+            return self._conn
+        finally:
+            self._opening = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 _MESSAGE_KINDS = {b"message", b"smessage"}
