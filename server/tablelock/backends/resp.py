@@ -176,8 +176,8 @@ class RespConnection:
     async def open(cls, host: str = "127.0.0.1", port: int = 6379, *, db: int = 0,
                    username: str | None = None, password: str | None = None,
                    protocol: int = 2, timeout: float = DEFAULT_TIMEOUT) -> RespConnection:
-        """Connect, then HELLO (RESP3 or with credentials), AUTH and SELECT as asked.
-        `timeout` bounds the connect and how long any reply may be overdue."""
+        """Connect; then HELLO 3 (with the credentials) for RESP3, or AUTH for RESP2; then
+        SELECT. `timeout` bounds the connect and how long any reply may be overdue."""
         conn = cls(timeout)
         conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout)
         conn._arm_watchdog()
