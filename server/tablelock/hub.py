@@ -54,17 +54,18 @@ class Session:
 
 
 class Connection:
-    __slots__ = ("_batch", "_closing", "_flusher", "_queue", "_queued_bytes", "_send", "_stamp",
-                 "_tokens", "_write_now", "authority", "close_code", "closed", "expires_at", "hub",
-                 "locale", "max_bytes", "max_messages", "pending", "session", "table_id",
-                 "terminal")
+    __slots__ = ("_batch", "_closing", "_flusher", "_framed", "_queue", "_queued_bytes", "_send",
+                 "_stamp", "_tokens", "_write_now", "authority", "close_code", "closed",
+                 "expires_at", "hub", "locale", "max_bytes", "max_messages", "pending", "session",
+                 "table_id", "terminal")
 
     def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
         self.hub = hub
         self._send = send
         self._write_now = direct_writer(send)
-        # Frames for this turn's write, with their WebSocket header: (frame, framed).
-        self._batch: list[tuple[bytes, bytes]] | None = None
+        # The frames for this turn's write, and the same with their WebSocket headers.
+        self._batch: list[bytes] | None = None
+        self._framed: list[bytes] | None = None
         self._queue: deque[bytes] | None = None  # made when a frame must wait (760 bytes)
         self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -113,25 +114,27 @@ class Connection:
         if self._queue or self._flusher is not None or self._write_now is None:
             self._enqueue(frame)
             return
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = []
+        batch, framed_batch = self._batch, self._framed
+        if batch is None or framed_batch is None:
+            batch, framed_batch = self._batch, self._framed = [], []
             self.hub.write_soon(self)
-        batch.append((frame, framed if framed is not None else text_frame(frame)))
+        batch.append(frame)
+        framed_batch.append(framed if framed is not None else text_frame(frame))
 
     def write_batch(self) -> None:
         """This turn's frames in one write; the slow way, in order, if the socket is not
         taking any (paused, or closed under us)."""
-        batch, self._batch = self._batch, None
-        if not batch:
+        batch, framed = self._batch, self._framed
+        self._batch = self._framed = None
+        if not batch or not framed:
             return
         assert self._write_now is not None
-        if self._write_now(b"", b"".join([framed for _, framed in batch])):
-            for frame, _ in batch:
+        if self._write_now(b"", b"".join(framed)):
+            for frame in batch:
                 if frame.__class__ is TimedFrame:
                     metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)
             return
-        for frame, _ in batch:
+        for frame in batch:
             self._enqueue(frame)
 
     def _enqueue(self, frame: bytes) -> None:
@@ -177,7 +180,7 @@ class Connection:
             return
         self.close_code = code
         if code == Close.SLOW_CONSUMER:
-            self._batch = None
+            self._batch = self._framed = None
         if code == Close.SLOW_CONSUMER and self._queue is not None:
             self._queue.clear()
             self._queued_bytes = 0
