@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .hist import Hist
 from .http import get_ok
 from .procs import _TICK, LOADGEN_CORE, SERVER_CORE, Child, free_port, pin_self, python
 from .scenarios import Options, store_workload
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm", type=float, default=1.0,
                         help="seconds of load on each before measuring: histories and the "
                         "audit log fill to their bound in about a minute")
+    parser.add_argument("--open-rate", type=float, default=0.0,
+                        help="then, pairs/s of an open loop run on each in turn (e.g. half "
+                        "the closed loop's): reply and fan-out latency")
     parser.add_argument("--logs", type=Path, help="keep the brokers' logs here")
     args = parser.parse_args(argv)
     pin_self(LOADGEN_CORE)
@@ -122,6 +126,17 @@ def main(argv: list[str] | None = None) -> None:
                               "B/A sys": round(summary["B"]["sys_us"]
                                                / max(1e-9, summary["A"]["sys_us"]), 3),
                               "rounds": len(ratios)}, indent=1), flush=True)
+            for r in range(args.rounds if args.open_rate else 0):
+                for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                    answer = gens[name].command({"cmd": "open", "rate": args.open_rate,
+                                                 "seconds": args.seconds},
+                                                timeout=args.seconds + 120)[0]
+                    stats = answer["stats"]
+                    print(json.dumps({"open_round": r, "broker": name,
+                                      "rate": args.open_rate, "missed": answer.get("missed"),
+                                      "reply_ms": Hist.from_json(stats["reply"]).summary_ms(),
+                                      "fanout_ms": Hist.from_json(stats["fanout"]).summary_ms()}),
+                          flush=True)
         finally:
             for gen in gens.values():
                 gen.stop()
