@@ -1,10 +1,13 @@
 """Who is connected to this process, what they subscribe to, and fan-out.
 
 The hub is the backend's event sink: a numbered frame arrives once per channel,
-is written to every subscribed connection as it came, bytes encoded once. Each
-connection has a bounded outbound queue drained by a writer task that exists
-only while there is something to write; a consumer that falls behind its bound
-is closed with 4010 rather than allowed to grow memory.
+is written to every subscribed connection as it came, bytes encoded once. What a
+connection is sent during one turn of the event loop goes out in one write at its
+end: under load, a socket subscribed to a busy store gets several frames a turn, and
+each write costs a system call and a wake-up of the reader. Each connection has a
+bounded outbound queue, drained by a writer task that exists only while there is
+something to write, for when the socket takes nothing more; a consumer that falls
+behind its bound is closed with 4010 rather than allowed to grow memory.
 """
 
 from __future__ import annotations
@@ -51,15 +54,18 @@ class Session:
 
 
 class Connection:
-    __slots__ = ("_closing", "_flusher", "_queue", "_queued_bytes", "_send", "_stamp",
-                 "_tokens", "_write_now", "authority", "close_code", "closed", "expires_at", "hub",
-                 "locale", "max_bytes", "max_messages", "pending", "session", "table_id",
-                 "terminal")
+    __slots__ = ("_batch", "_closing", "_flusher", "_framed", "_queue", "_queued_bytes", "_send",
+                 "_stamp", "_tokens", "_write_now", "authority", "close_code", "closed",
+                 "expires_at", "hub", "locale", "max_bytes", "max_messages", "pending", "session",
+                 "table_id", "terminal")
 
     def __init__(self, hub: Hub, send: AsgiSend, max_messages: int, max_bytes: int) -> None:
         self.hub = hub
         self._send = send
         self._write_now = direct_writer(send)
+        # The frames for this turn's write, and the same with their WebSocket headers.
+        self._batch: list[bytes] | None = None
+        self._framed: list[bytes] | None = None
         self._queue: deque[bytes] | None = None  # made when a frame must wait (760 bytes)
         self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -100,17 +106,39 @@ class Connection:
         return self._tokens < -self.hub.rate_burst
 
     def send(self, frame: bytes, framed: bytes | None = None) -> None:
-        """Write a frame now if the socket takes it, else queue it; never blocks. Past the
-        queue's bound the connection is closed (4010). `framed`: the frame with its
-        WebSocket header, when a fan-out made it once for all."""
+        """Write a frame at the end of this turn of the loop if the socket takes it, else
+        queue it; never blocks. Past the queue's bound the connection is closed (4010).
+        `framed`: the frame with its WebSocket header, when a fan-out made it once for all."""
         if self.closed:
             return
-        queue = self._queue
-        if not queue and self._flusher is None and self._write_now is not None and (
-                self._write_now(frame, framed)):
-            if frame.__class__ is TimedFrame:
-                metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)
+        if self._queue or self._flusher is not None or self._write_now is None:
+            self._enqueue(frame)
             return
+        batch, framed_batch = self._batch, self._framed
+        if batch is None or framed_batch is None:
+            batch, framed_batch = self._batch, self._framed = [], []
+            self.hub.write_soon(self)
+        batch.append(frame)
+        framed_batch.append(framed if framed is not None else text_frame(frame))
+
+    def write_batch(self) -> None:
+        """This turn's frames in one write; the slow way, in order, if the socket is not
+        taking any (paused, or closed under us)."""
+        batch, framed = self._batch, self._framed
+        self._batch = self._framed = None
+        if not batch or not framed:
+            return
+        assert self._write_now is not None
+        if self._write_now(b"", b"".join(framed)):
+            for frame in batch:
+                if frame.__class__ is TimedFrame:
+                    metrics.FANOUT_SECONDS.observe(time.perf_counter() - frame.t0)
+            return
+        for frame in batch:
+            self._enqueue(frame)
+
+    def _enqueue(self, frame: bytes) -> None:
+        queue = self._queue
         if queue is None:
             queue = self._queue = deque()
         queue.append(frame)
@@ -142,6 +170,7 @@ class Connection:
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written (used before closing)."""
+        self.write_batch()
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
 
@@ -150,6 +179,8 @@ class Connection:
         if self.closed:
             return
         self.close_code = code
+        if code == Close.SLOW_CONSUMER:
+            self._batch = self._framed = None
         if code == Close.SLOW_CONSUMER and self._queue is not None:
             self._queue.clear()
             self._queued_bytes = 0
@@ -226,6 +257,7 @@ class Hub:
         self._per_store: dict[str, int] = {}
         self._fanouts = 0
         self._notices = Coalescer(contended_window_ms / 1000, max_coalesced)
+        self._unwritten: list[Connection] = []  # connections with frames for this turn's end
         # Told when the last local subscriber of a channel leaves (Backend.channel_idle).
         self.on_channel_idle: Callable[[str], None] = _ignore
 
@@ -233,6 +265,17 @@ class Hub:
         conn = Connection(self, send, self.max_queue_messages, self.max_queue_bytes)
         self.connections.add(conn)
         return conn
+
+    def write_soon(self, conn: Connection) -> None:
+        """Have `conn`'s frames of this turn written once it ends."""
+        if not self._unwritten:
+            asyncio.get_running_loop().call_soon(self._write_batches)
+        self._unwritten.append(conn)
+
+    def _write_batches(self) -> None:
+        unwritten, self._unwritten = self._unwritten, []
+        for conn in unwritten:
+            conn.write_batch()
 
     # --- sessions ---------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - a uvicorn without it: see websocket_pr
 # What GuardedWebSocket overrides or reads of uvicorn's class: another uvicorn without them
 # gets the fallback rather than a guard that silently does nothing.
 _SANSIO_HOOKS = ("connection_made", "handle_ping", "handle_pong", "pause_writing",
-                 "resume_writing", "receive")
+                 "resume_writing", "receive", "send")
 if _SansIO is not None and not all(hasattr(_SansIO, hook) for hook in _SANSIO_HOOKS):
     _SansIO = None  # type: ignore[assignment,misc]  # pragma: no cover
 
@@ -218,6 +218,18 @@ if _SansIO is not None:
             else:
                 self.transport.abort()
             return False
+
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.accept" and self.handshake_complete:
+                self._shed_handshake()
+
+        def _shed_handshake(self) -> None:
+            """Nothing reads the handshake once the socket is open, but it lives as long as
+            the connection: websockets' parser keeps the request (a local of its generator)
+            and the scope keeps a copy of its headers. Emptied, they free about 3 KiB."""
+            self.request.headers.clear()
+            self.scope["headers"] = []
 
         def pause_writing(self) -> None:
             super().pause_writing()
