@@ -4,10 +4,11 @@
                        [--a-env K=V ...] [--b-env K=V ...]
 
 Broker A runs the code in DIR (a checkout of the revision to compare, made with `git worktree
-add`; with its own venv's python if it has one), broker B this checkout's. Both run at once on the server core, each with its own load
-generator (bench's `store` workload) on the other core; short closed loops take turns, the
-order swapped every round, so that the machine's drift falls on both alike. Prints one line
-per turn and the medians, with B/A: below 1 is B cheaper.
+add`; with its own venv's python if it has one), broker B this checkout's. Both run at once
+on the server core, each with its own load generator (bench's `store` workload) on the other
+core; short closed loops take turns, the order swapped every round, so that the machine's
+drift falls on both alike. Prints one line per turn and the medians, with B/A: below 1 is B
+cheaper.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Python heap per idle connection, by tracemalloc, for two brokers one after the other.
 
-    python -m bench.connmem [--a-src DIR] [--a-python PY] [--connections N]
+    python -m bench.connmem --a-src DIR [--a-python PY] [--connections N]
 
-Each broker (A: the code in DIR, a checkout of the revision to compare; B: this checkout's) runs with
-tracemalloc on; bench's load generator opens N authenticated h5 connections, each
+Each broker (A: the code in DIR, a checkout of the revision to compare; B: this checkout's)
+runs with tracemalloc on; bench's load generator opens N authenticated h5 connections, each
 subscribed to an order channel, and the broker reports its traced heap before and after.
 Prints KiB per connection for each, and B - A.
 """
