@@ -1,0 +1,330 @@
+"""A broker dies behind the shipped load balancer, and nobody notices more than they should.
+
+A real redis-server, two real brokers on it, and nginx (or HAProxy) from docs/deploy in
+front of them, round-robin. Every terminal of a store (erp_main, erp_secondary, an h5 of a
+table, a manager's dashboard) connects through the proxy with the Python SDK, as a client
+author would. While locks are held and the ERP publishes, one broker is SIGKILLed. Then:
+
+- every SDK client is fresh again, through the proxy, on the survivor;
+- every mirror applied exactly the events of its channel, in seq order, with no gap it had
+  to paper over with a snapshot, and shows the true state;
+- the holder that came back within the disconnect grace keeps its lock and token; the
+  terminal that never came back loses its lock to `holder_disconnected` once the grace is
+  over; its stale token is then FENCED, and each order is paid once.
+
+The truth is told by an auditor: a raw protocol client connected to each broker directly,
+not through the proxy, subscribed before any terminal connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tablelock_client as tl
+
+from .redis_support import RedisServer
+from .support import BrokerProcess, WsClient, ahttp, free_port, mint, order, unique
+from .test_deploy_kit import get, needs_haproxy, needs_nginx, proxy_command, running
+
+BrokerFactory = Callable[..., BrokerProcess]
+GRACE_MS = 2_000  # the store's disconnect grace: short, and still longer than a reconnect
+# The SDK's reconnect backoff, kept short so that the test stays quick; the grace above
+# leaves room for several attempts (HAProxy sends some to the dead broker until its health
+# check notices, nginx skips it at once).
+BACKOFF = {"backoff_initial": 0.1, "backoff_max": 0.5}
+RECOVERY_S = 20.0
+PUBLISH_EVERY_S = 0.02
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def connections(broker: BrokerProcess) -> int:
+    """The broker's open authenticated connections, from its own /metrics."""
+    text = get(f"{broker.http}/metrics")[1]
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("tablelock_connections{")))
+
+
+@dataclass
+class Recorded:
+    """What one SDK mirror did: the seq it started from, then every change, in order."""
+
+    mirror: tl.Mirror
+    start: int
+    applied: list[tuple[int, str]] = field(default_factory=list)  # (seq, event)
+    snapshots: list[int] = field(default_factory=list)  # seqs of wholesale replacements
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def follow(cls, mirror: tl.Mirror) -> Recorded:
+        # No await between the subscribe and this: no change can slip past.
+        recorded = cls(mirror, mirror.seq)
+        mirror.on_change(recorded.change)
+        return recorded
+
+    def change(self, change: tl.Change) -> None:
+        if change.event == "snapshot":
+            self.snapshots.append(change.seq or 0)
+        elif change.event not in ("stale", "fresh"):
+            assert change.seq is not None
+            self.applied.append((change.seq, change.event))
+        self.moved.set()
+
+    async def reach(self, seq: int) -> None:
+        while self.mirror.seq < seq or self.mirror.stale:
+            self.moved.clear()
+            await asyncio.wait_for(self.moved.wait(), RECOVERY_S)
+
+
+class Auditor:
+    """A raw client on one broker that hears every event of the channels under watch."""
+
+    def __init__(self, client: WsClient, starts: dict[str, int]) -> None:
+        self.client = client
+        self.starts = starts
+
+    @classmethod
+    async def watch(cls, broker: BrokerProcess, store: str, channels: list[str]) -> Auditor:
+        client = await WsClient.connect(broker.url, mint(store, "manager", unique("audit")))
+        starts = {}
+        for channel in channels:
+            starts[channel] = (await client.request("subscribe", channel=channel))["seq"]
+        return cls(client, starts)
+
+    def events(self, channel: str) -> list[dict[str, Any]]:
+        return [f for f in self.client.frames
+                if f.get("type") == "event" and f.get("channel") == channel]
+
+    def last_seq(self, channel: str) -> int:
+        return max([self.starts[channel], *(f["seq"] for f in self.events(channel))])
+
+    def check_contiguous(self, channel: str) -> None:
+        seqs = [f["seq"] for f in self.events(channel)]
+        first = self.starts[channel] + 1
+        assert seqs == list(range(first, first + len(seqs))), (channel, seqs)
+
+    def after(self, channel: str, seq: int) -> list[tuple[int, str]]:
+        return [(f["seq"], f["event"]) for f in self.events(channel) if f["seq"] > seq]
+
+
+async def sdk(front: str, store: str, role: str, sub: str, table: str | None = None,
+              **kw: Any) -> tl.Client:
+    return await tl.connect(f"ws://{front}/ws", mint(store, role, sub, table), locale="en",
+                            **BACKOFF, **kw)
+
+
+async def placed(brokers: list[BrokerProcess], connect: Any) -> tuple[Any, int]:
+    """Open one connection through the proxy; returns it and the index of its broker."""
+    before = [await asyncio.to_thread(connections, b) for b in brokers]
+    client = await connect
+    after = [await asyncio.to_thread(connections, b) for b in brokers]
+    grown = [n for n, (b, a) in enumerate(zip(before, after, strict=True)) if a == b + 1]
+    assert len(grown) == 1 and sum(after) == sum(before) + 1, (before, after)
+    return client, grown[0]
+
+
+@pytest.mark.parametrize("kind", [pytest.param("nginx", marks=needs_nginx),
+                                  pytest.param("haproxy", marks=needs_haproxy)])
+async def test_a_broker_killed_behind_the_proxy(kind: str, tmp_path: Path, redis: RedisServer,
+                                                broker_factory: BrokerFactory) -> None:
+    brokers = [broker_factory(backend=redis.url).start(),
+               broker_factory(backend=redis.url).start()]
+    port = free_port()
+    front = f"127.0.0.1:{port}"
+    with running(proxy_command(kind, tmp_path, brokers, port), front):
+        await failover(front, brokers)
+
+
+async def failover(front: str, brokers: list[BrokerProcess]) -> None:
+    store = unique()
+    store_channel, phone_channel = f"store:{store}", f"order:{store}:o3"
+    auditors = [await Auditor.watch(b, store, [store_channel, phone_channel]) for b in brokers]
+    orders = {f"o{n}": order(f"o{n}", table_id=f"t{n}") for n in range(1, 5)}
+
+    # The terminal that will never come back: its token source stops working.
+    revoked = False
+
+    def leaver_token() -> str:
+        return "revoked" if revoked else mint(store, "erp_secondary", "till-gone")
+
+    leaver, victim = await placed(brokers, tl.connect(f"ws://{front}/ws", leaver_token,
+                                                      locale="en", **BACKOFF))
+    cashier, _ = await placed(brokers, sdk(front, store, "erp_main", "till-1",
+                                           order_fetch=lambda params: orders.get(
+                                               params.get("order_id", ""))))
+    holder, at = await placed(brokers, sdk(front, store, "erp_secondary", "till-2"))
+    assert at == victim, "round-robin put the two ERPs of the dead broker apart"
+    manager, _ = await placed(brokers, sdk(front, store, "manager", "boss"))
+    phone, _ = await placed(brokers, sdk(front, store, "h5", "phone", table="t3"))
+    survivor = brokers[1 - victim]
+    audit = auditors[1 - victim]
+
+    await manager.ping()
+    service = tl.PaymentService(f"http://{front}", mint(store, "service", "pay"))
+    status, _ = await ahttp("PUT", f"http://{front}/v1/stores/{store}/config",
+                            mint(store, "manager", "boss"), {"disconnect_grace_ms": GRACE_MS})
+    assert status == 200
+    for body in orders.values():
+        await cashier.publish_order(body, "modify")
+
+    recorded = {name: Recorded.follow(await client.subscribe_store())
+                for name, client in (("cashier", cashier), ("holder", holder),
+                                     ("manager", manager))}
+    recorded["phone"] = Recorded.follow(await phone.subscribe_order("o3"))
+
+    held = await holder.acquire("o1", "order")
+    gone = await leaver.acquire("o2", "payment")
+    paying = await phone.acquire("o3", "payment")
+
+    # The ERP keeps publishing o4 through the kill: events flow while the broker dies.
+    published = {"after_kill": 0}
+    killed = asyncio.Event()
+
+    async def publish_o4() -> None:
+        version = 1
+        while True:
+            version += 1
+            try:
+                await cashier.publish_order(order("o4", table_id="t4", version=version),
+                                            "modify")
+            except (tl.Disconnected, tl.Unavailable, tl.OutcomeUnknown):
+                await cashier.wait_fresh(RECOVERY_S)
+                continue
+            if killed.is_set():
+                published["after_kill"] += 1
+            await asyncio.sleep(PUBLISH_EVERY_S)  # a till's pace, well under the rate limit
+
+    publisher = asyncio.create_task(publish_o4())
+    try:
+        start = audit.last_seq(store_channel)
+        while audit.last_seq(store_channel) < start + 5:  # events are flowing
+            await audit.client.event("order.updated", timeout=RECOVERY_S)
+        revoked = True
+        dead = brokers[victim]
+        assert dead.proc is not None
+        dead.proc.send_signal(signal.SIGKILL)
+        dead.proc.wait()
+        killed.set()
+
+        # Everyone still meant to be here is back, through the proxy, on the survivor.
+        await asyncio.wait_for(leaver.wait_closed(), RECOVERY_S)
+        assert isinstance(leaver.error, tl.AuthFailed)
+        for client in (cashier, holder, manager, phone):
+            await client.wait_fresh(RECOVERY_S)
+        assert await asyncio.to_thread(connections, survivor) == 4 + 1  # and the auditor
+
+        # The one that did not come back loses its lock once the grace is over.
+        released = await audit.client.event(
+            "lock.released", timeout=RECOVERY_S,
+            where=lambda e: e["lock"]["order_id"] == "o2")
+        assert released["reason"] == "holder_disconnected"
+        assert released["lock"]["token"] == gone.token
+        while published["after_kill"] < 3:
+            await audit.client.event("order.updated", timeout=RECOVERY_S)
+    finally:
+        publisher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publisher
+
+    # A last event, then every mirror has seen all the auditor saw.
+    await cashier.publish_order(order("o4", table_id="t4", version=10_000), "modify")
+    await audit.client.event("order.updated", timeout=RECOVERY_S,
+                             where=lambda e: e["order"]["version"] == 10_000)
+    audit.check_contiguous(store_channel)
+    for name, record in recorded.items():
+        channel = phone_channel if name == "phone" else store_channel
+        await record.reach(audit.last_seq(channel))
+        assert record.start >= audit.starts[channel]
+        assert record.applied == audit.after(channel, record.start), name
+        # Recovered by replay: never a gap papered over with a new snapshot.
+        assert record.snapshots == [], (name, record.snapshots)
+
+    # The holder that came back within the grace kept its lock, its token still works.
+    assert not held.lost.is_set() and held.held
+    assert not [e for e in audit.events(store_channel)
+                if e["event"] != "lock.acquired" and e.get("lock", {}).get("order_id") == "o1"]
+    assert (await held.renew()) is not None
+    view = await manager.get_order("o1")
+    assert [(lk.kind, lk.token) for lk in view.locks] == [("order", held.token)]
+
+    # The phone's payment lock outlived the drop (an h5 lock ends only at its TTL or by
+    # payment); the payment service records the payment with its token, once.
+    assert not paying.lost.is_set()
+    o3 = orders["o3"]
+    receipt = await service.complete_payment(store, "o3", token=paying.token,
+                                          version=o3["version"],
+                                          amount_cents=o3["amount_cents"], payment_ref="wx-3")
+    assert receipt.order.status == "paid"
+    await asyncio.wait_for(paying.lost.wait(), RECOVERY_S)
+    assert paying.lost_reason == "paid"
+
+    # The lock lost to the grace: taken over, its token is FENCED; the order is paid once.
+    o2 = orders["o2"]
+    takeover = await cashier.acquire("o2", "payment")
+    assert takeover.token != gone.token
+    with pytest.raises(tl.Fenced):
+        await service.complete_payment(store, "o2", token=gone.token, version=o2["version"],
+                                       amount_cents=o2["amount_cents"], payment_ref="wx-stale")
+    await takeover.complete_payment("till-1-2")
+    with pytest.raises(tl.OrderPaid):
+        await service.complete_payment(store, "o2", token=gone.token, version=o2["version"],
+                                       amount_cents=o2["amount_cents"], payment_ref="wx-late")
+    while len(paid(audit, store_channel)) < 2:
+        await audit.client.event("order.paid", timeout=RECOVERY_S)
+
+    # Every mirror shows the truth: the survivor's snapshots, taken once the last event
+    # (the truth-teller's own arrival) has reached every mirror.
+    sub = unique("truth")
+    truth = await WsClient.connect(survivor.url, mint(store, "manager", sub))
+    await audit.client.event("terminal.online", timeout=RECOVERY_S,
+                             where=lambda e: e["terminal"]["terminal_id"] == sub)
+    for name, record in recorded.items():
+        channel = phone_channel if name == "phone" else store_channel
+        await record.reach(audit.last_seq(channel))
+        snapshot = (await truth.request("subscribe", channel=channel))["snapshot"]
+        assert state_of(record.mirror) == true_state(snapshot), name
+    assert sorted(paid(audit, store_channel)) == ["o2", "o3"]  # each paid once
+    audit.check_contiguous(store_channel)
+    audit.check_contiguous(phone_channel)
+    for client in (cashier, holder, manager, phone):
+        await client.close()
+    for client in (truth, *(a.client for a in auditors)):
+        if client.close_code is None:
+            await client.close()
+
+
+def paid(audit: Auditor, channel: str) -> list[str]:
+    return [e["order"]["order_id"] for e in audit.events(channel) if e["event"] == "order.paid"]
+
+
+def state_of(mirror: tl.Mirror) -> tuple[Any, ...]:
+    """What a screen shows from a mirror: orders (id, version, status), locks, terminals."""
+    if isinstance(mirror, tl.StoreMirror):
+        orders = [(o.order_id, o.version, o.status) for o in mirror.orders.values()]
+        locks = [(lk.order_id, lk.kind, lk.token) for lk in mirror.locks.values()]
+        return sorted(orders), sorted(locks), sorted(mirror.terminals)
+    assert isinstance(mirror, tl.OrderMirror) and mirror.order is not None
+    order_ = mirror.order
+    locks = [(lk.order_id, lk.kind, lk.token) for lk in mirror.locks.values()]
+    return [(order_.order_id, order_.version, order_.status)], sorted(locks), []
+
+
+def true_state(snapshot: dict[str, Any]) -> tuple[Any, ...]:
+    """The same, from a subscribe snapshot."""
+    orders = snapshot["orders"] if "orders" in snapshot else [snapshot["order"]]
+    locks = [(lk["order_id"], lk["kind"], lk["token"]) for lk in snapshot["locks"]]
+    terminals = [t["terminal_id"] for t in snapshot.get("terminals", [])]
+    return (sorted((o["order_id"], o["version"], o["status"]) for o in orders), sorted(locks),
+            sorted(terminals))
