@@ -65,6 +65,7 @@ class Recorded:
     start: int
     applied: list[tuple[int, str]] = field(default_factory=list)  # (seq, event)
     snapshots: list[int] = field(default_factory=list)  # seqs of wholesale replacements
+    replayed: int = 0  # events applied while stale: what `since` brought back after a drop
     moved: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -80,6 +81,7 @@ class Recorded:
         elif change.event not in ("stale", "fresh"):
             assert change.seq is not None
             self.applied.append((change.seq, change.event))
+            self.replayed += self.mirror.stale
         self.moved.set()
 
     async def reach(self, seq: int) -> None:
@@ -120,9 +122,15 @@ class Auditor:
 
 
 async def sdk(front: str, store: str, role: str, sub: str, table: str | None = None,
-              **kw: Any) -> tl.Client:
-    return await tl.connect(f"ws://{front}/ws", mint(store, role, sub, table), locale="en",
-                            **BACKOFF, **kw)
+              gate: asyncio.Event | None = None, **kw: Any) -> tl.Client:
+    """An SDK client through the proxy. With `gate`, its token source (asked at every
+    reconnect) waits for it, as one that fetches a token from a slow sign-in service."""
+    async def token() -> str:
+        if gate is not None:
+            await gate.wait()
+        return mint(store, role, sub, table)
+
+    return await tl.connect(f"ws://{front}/ws", token, locale="en", **BACKOFF, **kw)
 
 
 async def placed(brokers: list[BrokerProcess], connect: Any) -> tuple[Any, int]:
@@ -161,17 +169,21 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
     def leaver_token() -> str:
         return "revoked" if revoked else mint(store, "erp_secondary", "till-gone")
 
+    # Two of the dead broker's clients come back only once the channels they follow have
+    # moved on without them, so that there is something to recover.
+    gate = asyncio.Event()
+    gate.set()
     # Round-robin alternates: the 1st, 3rd, 5th and 7th land on the broker that dies.
     leaver, victim = await placed(brokers, tl.connect(f"ws://{front}/ws", leaver_token,
                                                       locale="en", **BACKOFF))
     cashier, _ = await placed(brokers, sdk(front, store, "erp_main", "till-1",
                                            order_fetch=lambda params: orders.get(
                                                params.get("order_id", ""))))
-    holder, _ = await placed(brokers, sdk(front, store, "erp_secondary", "till-2"))
+    holder, _ = await placed(brokers, sdk(front, store, "erp_secondary", "till-2", gate=gate))
     manager, _ = await placed(brokers, sdk(front, store, "manager", "boss"))
     phone, _ = await placed(brokers, sdk(front, store, "h5", "phone", table="t3"))
     till, _ = await placed(brokers, sdk(front, store, "erp_secondary", "till-3"))
-    diner, at = await placed(brokers, sdk(front, store, "h5", "diner", table="t4"))
+    diner, at = await placed(brokers, sdk(front, store, "h5", "diner", table="t4", gate=gate))
     assert at == victim
     clients = {"cashier": cashier, "holder": holder, "manager": manager, "phone": phone,
                "till": till, "diner": diner}
@@ -221,11 +233,15 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
         while audit.last_seq(store_channel) < start + 10:  # events are flowing
             await audit.client.event("order.updated", timeout=RECOVERY_S)
         revoked = True
+        gate.clear()
         dead = brokers[victim]
         assert dead.proc is not None
         dead.proc.send_signal(signal.SIGKILL)
         dead.proc.wait()
         killed.set()
+        while published["o4"] < 1:  # on the survivor, unheard by the dead broker's clients
+            await audit.client.event("order.updated", timeout=RECOVERY_S)
+        gate.set()
 
         # Everyone still meant to be here is back, through the proxy, on the survivor.
         await asyncio.wait_for(leaver.wait_closed(), RECOVERY_S)
@@ -261,6 +277,8 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
         assert applied == audit.after(channel, record.start, end), name
         # Recovered by replay: never a gap papered over with a new snapshot.
         assert record.snapshots == [], (name, record.snapshots)
+    for name in ("holder", "diner"):  # what they missed came back through `since`
+        assert recorded[name].replayed >= 1, name
 
     # The holder that came back within the grace kept its lock, its token still works.
     assert not held.lost.is_set() and held.held
