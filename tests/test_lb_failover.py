@@ -238,6 +238,7 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
         assert dead.proc is not None
         dead.proc.send_signal(signal.SIGKILL)
         dead.proc.wait()
+        killed_at = asyncio.get_running_loop().time()
         killed.set()
         while published["o4"] < 1:  # on the survivor, unheard by the dead broker's clients
             await audit.client.event("order.updated", timeout=RECOVERY_S)
@@ -256,6 +257,7 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
             where=lambda e: e["lock"]["order_id"] == "o2")
         assert released["reason"] == "holder_disconnected"
         assert released["lock"]["token"] == gone.token
+        assert asyncio.get_running_loop().time() - killed_at >= GRACE_MS / 1000  # not before
         while min(published.values()) < 3:
             await audit.client.event("order.updated", timeout=RECOVERY_S)
     finally:
@@ -287,6 +289,15 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
     assert (await held.renew()) is not None
     view = await manager.get_order("o1")
     assert [(lk.kind, lk.token) for lk in view.locks] == [("order", held.token)]
+    # Taken over by the manager, it is gone, and its token is FENCED from then on.
+    stale = held.token
+    assert stale is not None
+    forced = await manager.acquire("o1", "order", force=True, reason="till-2 walked away")
+    await asyncio.wait_for(held.lost.wait(), RECOVERY_S)
+    assert held.lost_reason == "forced"
+    with pytest.raises(tl.Fenced):
+        await holder.renew("o1", "order", stale)
+    await forced.release()
 
     # The phone's payment lock outlived the drop (an h5 lock ends only at its TTL or by
     # payment); the payment service records the payment with its token, once.
