@@ -3,14 +3,17 @@
 A real redis-server, two real brokers on it, and nginx (or HAProxy) from docs/deploy in
 front of them, round-robin. Every terminal of a store (erp_main, erp_secondary, an h5 of a
 table, a manager's dashboard) connects through the proxy with the Python SDK, as a client
-author would. While locks are held and the ERP publishes, one broker is SIGKILLed. Then:
+author would. While locks are held and two ERPs (one on each broker) publish, the broker
+that serves half of them is SIGKILLed. Then:
 
 - every SDK client is fresh again, through the proxy, on the survivor;
 - every mirror applied exactly the events of its channel, in seq order, with no gap it had
-  to paper over with a snapshot, and shows the true state;
-- the holder that came back within the disconnect grace keeps its lock and token; the
-  terminal that never came back loses its lock to `holder_disconnected` once the grace is
-  over; its stale token is then FENCED, and each order is paid once.
+  to paper over with a snapshot (what the dead broker's clients missed came back through
+  `since` on the other broker), and shows the true state;
+- the holder that came back within the disconnect grace keeps its lock and token (until a
+  forced takeover, after which its token is FENCED); the phone keeps its payment lock; the
+  terminal that never came back loses its lock to `holder_disconnected`, not before the
+  grace is over; its stale token is then FENCED, and each order is paid once.
 
 The truth is told by an auditor: a raw protocol client connected to each broker directly,
 not through the proxy, subscribed before any terminal connected.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +136,8 @@ async def sdk(front: str, store: str, role: str, sub: str, table: str | None = N
     return await tl.connect(f"ws://{front}/ws", token, locale="en", **BACKOFF, **kw)
 
 
-async def placed(brokers: list[BrokerProcess], connect: Any) -> tuple[Any, int]:
+async def placed(brokers: list[BrokerProcess], connect: Awaitable[tl.Client],
+                 ) -> tuple[tl.Client, int]:
     """Open one connection through the proxy; returns it and the index of its broker."""
     before = [await asyncio.to_thread(connections, b) for b in brokers]
     client = await connect
