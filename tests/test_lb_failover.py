@@ -210,6 +210,7 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
     held = await holder.acquire("o1", "order")
     gone = await leaver.acquire("o2", "payment")
     paying = await phone.acquire("o3", "payment")
+    await contended(held, cashier)  # a direct event, from the survivor to the doomed broker
 
     # Two ERPs keep publishing through the kill, one on each broker: events flow while the
     # broker dies, and the writes in flight on it die with it.
@@ -293,6 +294,7 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
     assert (await held.renew()) is not None
     view = await manager.get_order("o1")
     assert [(lk.kind, lk.token) for lk in view.locks] == [("order", held.token)]
+    await contended(held, cashier)  # and to where the holder is now
     # Taken over by the manager, it is gone, and its token is FENCED from then on.
     stale = held.token
     assert stale is not None
@@ -345,6 +347,16 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
     for client in (truth, *(a.client for a in auditors)):
         if client.close_code is None:
             await client.close()
+
+
+async def contended(held: tl.LockHandle, rival: tl.Client) -> None:
+    """`rival` is refused the held lock, and its holder hears of it (`lock.contended`)."""
+    heard = asyncio.Event()
+    stop = held.on_contended(lambda contention: heard.set())
+    with pytest.raises(tl.OrderLocked):
+        await rival.acquire(held.order_id, held.kind)
+    await asyncio.wait_for(heard.wait(), RECOVERY_S)
+    stop()
 
 
 def paid(audit: Auditor, channel: str) -> list[str]:
