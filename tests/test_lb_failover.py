@@ -183,12 +183,14 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
     cashier, _ = await placed(brokers, sdk(front, store, "erp_main", "till-1",
                                            order_fetch=lambda params: orders.get(
                                                params.get("order_id", ""))))
-    holder, _ = await placed(brokers, sdk(front, store, "erp_secondary", "till-2", gate=gate))
+    holder, at = await placed(brokers, sdk(front, store, "erp_secondary", "till-2", gate=gate))
+    assert at == victim, "round-robin did not alternate"
     manager, _ = await placed(brokers, sdk(front, store, "manager", "boss"))
-    phone, _ = await placed(brokers, sdk(front, store, "h5", "phone", table="t3"))
+    phone, at = await placed(brokers, sdk(front, store, "h5", "phone", table="t3"))
+    assert at == victim, "round-robin did not alternate"
     till, _ = await placed(brokers, sdk(front, store, "erp_secondary", "till-3"))
     diner, at = await placed(brokers, sdk(front, store, "h5", "diner", table="t4", gate=gate))
-    assert at == victim
+    assert at == victim, "round-robin did not alternate"
     clients = {"cashier": cashier, "holder": holder, "manager": manager, "phone": phone,
                "till": till, "diner": diner}
     survivor = brokers[1 - victim]
@@ -245,7 +247,9 @@ async def failover(front: str, brokers: list[BrokerProcess]) -> None:
         dead.proc.wait()
         killed_at = asyncio.get_running_loop().time()
         killed.set()
-        while published["o4"] < 1:  # on the survivor, unheard by the dead broker's clients
+        # The second publish counted was sent after the kill: committed on the survivor,
+        # unheard by the dead broker's clients (the first may have been sent before).
+        while published["o4"] < 2:
             await audit.client.event("order.updated", timeout=RECOVERY_S)
         gate.set()
 
