@@ -95,7 +95,16 @@ class Session:
     async def request(self, type_: str, params: dict[str, Any]) -> Frame:
         if self.closed:
             raise Disconnected("the client is closed")
-        return await self.connection.request(type_, params)
+        ws = self.connection.ws
+        try:
+            return await self.connection.request(type_, params)
+        except Disconnected:
+            # The socket died before the reader saw it close: not fresh from now on, so
+            # that a caller retrying after wait_fresh() waits for the next connection
+            # instead of spinning on the dead one (the reader never gets to run).
+            if ws is not None and self.connection.ws is ws:
+                self._fresh.clear()
+            raise
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` in the background; it is cancelled when the client shuts."""
