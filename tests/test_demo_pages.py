@@ -444,9 +444,11 @@ async def test_erp_force_continue_when_the_phone_pays(demo: DemoBroker, pages: P
 
     # Accepting a scanned order is blocked, with the seed's toast word for word.
     await erp.click('[data-testid="accept"]')
-    toast = erp.locator('[data-testid="toast"]')
+    # Toasts stack: the new order's own may still be showing, so find the one that says it.
+    blocked = prompt("ACCEPT_BLOCKED", "zh-CN")
+    toast = erp.locator('[data-testid="toast"]', has_text=blocked)
     await toast.wait_for()
-    assert await toast.text_content() == prompt("ACCEPT_BLOCKED", "zh-CN")
+    assert await toast.text_content() == blocked
 
     # Going to the cashier: the force-continue dialog with the exact PAYMENT_LOCKED prompt.
     await erp.click('[data-testid="checkout"]')
