@@ -16,7 +16,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -57,6 +57,18 @@ OrderKey = tuple[str, str]  # (store_id, order_id)
 _NONE: frozenset[str] = frozenset()
 
 
+class Clock(Protocol):
+    """The backend's one clock (a test passes one it moves by hand)."""
+
+    def now(self) -> int:
+        """Epoch milliseconds."""
+        ...
+
+    def loop_time_of(self, ms: int) -> float:
+        """The event-loop time at which the clock reads `ms`."""
+        ...
+
+
 class MonotonicClock:
     """Epoch milliseconds that never go back: wall time at start plus monotonic time since.
 
@@ -83,7 +95,7 @@ class Deadlines:
     heap push, not a loop timer created and cancelled for every lock.
     """
 
-    def __init__(self, clock: MonotonicClock, wake: Callable[[OrderKey], None]) -> None:
+    def __init__(self, clock: Clock, wake: Callable[[OrderKey], None]) -> None:
         self._clock = clock
         self._wake = wake
         self._due: dict[OrderKey, int] = {}
@@ -110,10 +122,14 @@ class Deadlines:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         # +1 ms: a timer may fire a hair early, and the step must see the deadline passed.
-        self._timer = loop.call_at(self._clock.loop_time_of(deadline + 1), self._fire)
+        self._timer = loop.call_at(self._clock.loop_time_of(deadline + 1), self.fire)
         self._timer_at = deadline
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
+        """Wake every record whose deadline the clock passed (the timer's job; a test that
+        moves its clock by hand calls it too)."""
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = self._timer_at = None
         now = self._clock.now()
         heap = self._heap
@@ -168,10 +184,11 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 class MemoryBackend(Backend):
     def __init__(self, history_size: int = 512, audit_size: int = 10_000,
                  h5_presence_linger_ms: int = 3_000, max_unhandled_per_terminal: int = 100,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, clock: Clock | None = None) -> None:
+        super().__init__()
         self._journal = journal
         saved = journal.load(audit_size) if journal is not None else None
-        self.clock = MonotonicClock(saved.latest_ms if saved is not None else 0)
+        self.clock = clock or MonotonicClock(saved.latest_ms if saved is not None else 0)
         self._linger_s = h5_presence_linger_ms / 1000
         self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._max_unhandled = max_unhandled_per_terminal
@@ -181,7 +198,7 @@ class MemoryBackend(Backend):
         self._orders_of_store: dict[str, set[str]] = {}
         # (store, table) -> its orders: order.get by table_id reads a table's, not a store's
         self._orders_of_table: dict[tuple[str, str], set[str]] = {}
-        self._deadlines = Deadlines(self.clock, self._wake)
+        self.deadlines = Deadlines(self.clock, self._wake)
         self._channels: dict[str, Channel] = {}
         self._configs: dict[str, StoreConfig] = {}
         # Terminals by store and holder_key (role and sub: model.holder_key says why).
@@ -238,7 +255,7 @@ class MemoryBackend(Backend):
         return self.clock.now()
 
     async def close(self) -> None:
-        self._deadlines.close()
+        self.deadlines.close()
         if self._journal is not None:
             await self._journal.close()
 
@@ -266,7 +283,7 @@ class MemoryBackend(Backend):
             if self._journal is not None:
                 self._journal.put_record(store_id, order_id, out.record)
         self._publish(store_id, order_id, out)
-        self._deadlines.set(key, out.deadline)
+        self.deadlines.set(key, out.deadline)
         observe(store_id, order_id, out, ctx.now, started, type(command).__name__)
         return out
 
@@ -347,7 +364,7 @@ class MemoryBackend(Backend):
         await self._synced()
         return config
 
-    async def _put_config(self, store_id: str, config: StoreConfig) -> None:
+    async def put_config(self, store_id: str, config: StoreConfig) -> None:
         if self._journal is not None:
             self._journal.check()
             self._journal.put_config(store_id, config)
