@@ -21,7 +21,7 @@ from tablelock.backends.memory import MemoryBackend
 from tablelock.backends.redis import RedisBackend
 from tablelock.model import Event, Order, StoreConfig, Terminal, holder_key
 from tablelock.protocol import order_channel, store_channel
-from tablelock.rules import Acquire, Ingest, Publish, Release, Tick
+from tablelock.rules import Acquire, Ingest, Release
 
 from .redis_support import RedisServer
 from .support import unique

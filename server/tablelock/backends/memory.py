@@ -182,6 +182,7 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 
 
 class MemoryBackend(Backend):
+
     def __init__(self, history_size: int = 512, audit_size: int = 10_000,
                  h5_presence_linger_ms: int = 3_000, max_unhandled_per_terminal: int = 100,
                  journal: Journal | None = None, clock: Clock | None = None) -> None:
@@ -242,6 +243,11 @@ class MemoryBackend(Backend):
             self.apply_now(store_id, order_id, Tick(), None)
         await self._synced()
 
+    async def close(self) -> None:
+        self.deadlines.close()
+        if self._journal is not None:
+            await self._journal.close()
+
     async def ready(self) -> bool:
         return self._journal is None or self._journal.failed is None
 
@@ -251,15 +257,10 @@ class MemoryBackend(Backend):
         if self._journal is not None:
             await self._journal.synced()
 
+    # --- order state ---------------------------------------------------------------------------
+
     async def now(self) -> int:
         return self.clock.now()
-
-    async def close(self) -> None:
-        self.deadlines.close()
-        if self._journal is not None:
-            await self._journal.close()
-
-    # --- transitions -----------------------------------------------------------
 
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
@@ -320,6 +321,103 @@ class MemoryBackend(Backend):
         for holder in new - old:
             self._holdings.setdefault((store_id, holder), set()).add(order_id)
 
+    def _wake(self, key: OrderKey) -> None:
+        self.apply_now(key[0], key[1], Tick(), None)
+
+    def _retick(self, store_id: str, order_ids: Iterable[str]) -> None:
+        for order_id in list(order_ids):
+            self.apply_now(store_id, order_id, Tick(), None)
+
+    async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
+        rec = self._records.get((store_id, order_id))
+        await self._synced()
+        return rec
+
+    async def find_order(self, store_id: str, table_id: str) -> str | None:
+        order_ids = self._orders_of_table.get((store_id, table_id), ())
+        best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
+        await self._synced()
+        return best.order_id if best else None
+
+    async def order_ids(self, store_id: str) -> list[str]:
+        return list(self._orders_of_store.get(store_id, ()))
+
+    async def get_config(self, store_id: str) -> StoreConfig:
+        config = self._configs.get(store_id, self._default_config)
+        await self._synced()
+        return config
+
+    async def put_config(self, store_id: str, config: StoreConfig) -> None:
+        if self._journal is not None:
+            self._journal.check()
+            self._journal.put_config(store_id, config)
+        self._configs[store_id] = config
+        # The grace may have changed: every deadline of the store is recomputed.
+        self._retick(store_id, self._orders_of_store.get(store_id, ()))
+        await self._synced()
+
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
+        log = self._audit.get(store_id)
+        entries = self._entries(log) if log is not None else []
+        if kind:
+            entries = [e for e in entries if e.kind == kind]
+        await self._synced()
+        return entries[:limit]
+
+    def _append_audit(self, store_id: str, entries: list[AuditEntry]) -> None:
+        log = self._audit.get(store_id)
+        if log is None:
+            log = self._audit[store_id] = StoreAudit(self._audit_size)
+        for entry in entries:
+            self._audit_seq += 1
+            pin = unhandled_for(entry)
+            if pin and log.unhandled_by.get(pin, 0) >= self._max_unhandled:
+                entry, pin = untracked(entry), ""
+            entry.id = str(self._audit_seq)
+            raw = _audit_encoder.encode(entry)
+            if self._journal is not None:
+                if len(log.entries) == log.entries.maxlen:
+                    evicted = _audit_decoder.decode(log.entries[0]).id
+                    self._journal.evict_audit(store_id, int(evicted))
+                self._journal.add_audit(store_id, self._audit_seq, raw, bool(pin))
+            log.entries.append(raw)
+            if pin:
+                log.unhandled[entry.id] = raw
+                log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
+
+    def _entries(self, log: StoreAudit) -> list[AuditEntry]:
+        """Every kept entry, newest first; evicted but unhandled ones stay listed."""
+        found = {entry.id: entry for entry in map(_audit_decoder.decode, log.entries)}
+        for entry_id, raw in log.unhandled.items():
+            found.setdefault(entry_id, _audit_decoder.decode(raw))
+        for entry in found.values():
+            if entry.handled is not None:
+                entry.handled = entry.id not in log.unhandled
+        return sorted(found.values(), key=lambda e: int(e.id), reverse=True)
+
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
+        log = self._audit.get(store_id)
+        if log is None:
+            return False
+        raw = log.unhandled.pop(entry_id, None)
+        if raw is not None:
+            pin = unhandled_for(_audit_decoder.decode(raw))
+            left = log.unhandled_by.get(pin, 1) - 1
+            if left > 0:
+                log.unhandled_by[pin] = left
+            else:
+                log.unhandled_by.pop(pin, None)
+            if self._journal is not None:
+                self._journal.mark_handled(store_id, int(entry_id))
+                await self._journal.synced()
+            return True
+        return any(entry.id == entry_id for entry in self._entries(log))
+
+    # --- event streams -------------------------------------------------------------------------
+
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        self._number(store_channel(store_id), event_body(event))
+
     def _publish(self, store_id: str, order_id: str, out: Outcome) -> None:
         if out.audit:  # first: with a data file, what is sent below waits for its entries too
             self._append_audit(store_id, out.audit)
@@ -350,46 +448,6 @@ class MemoryBackend(Backend):
         channel.append(Numbered(channel.seq, frame, table_id))
         self.sink.publish(name, channel.seq, frame, table_id)
 
-    def _wake(self, key: OrderKey) -> None:
-        self.apply_now(key[0], key[1], Tick(), None)
-
-    def _retick(self, store_id: str, order_ids: Iterable[str]) -> None:
-        for order_id in list(order_ids):
-            self.apply_now(store_id, order_id, Tick(), None)
-
-    # --- store state --------------------------------------------------------------
-
-    async def get_config(self, store_id: str) -> StoreConfig:
-        config = self._configs.get(store_id, self._default_config)
-        await self._synced()
-        return config
-
-    async def put_config(self, store_id: str, config: StoreConfig) -> None:
-        if self._journal is not None:
-            self._journal.check()
-            self._journal.put_config(store_id, config)
-        self._configs[store_id] = config
-        # The grace may have changed: every deadline of the store is recomputed.
-        self._retick(store_id, self._orders_of_store.get(store_id, ()))
-        await self._synced()
-
-    async def publish_store_event(self, store_id: str, event: Event) -> None:
-        self._number(store_channel(store_id), event_body(event))
-
-    async def order_ids(self, store_id: str) -> list[str]:
-        return list(self._orders_of_store.get(store_id, ()))
-
-    async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
-        rec = self._records.get((store_id, order_id))
-        await self._synced()
-        return rec
-
-    async def find_order(self, store_id: str, table_id: str) -> str | None:
-        order_ids = self._orders_of_table.get((store_id, table_id), ())
-        best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
-        await self._synced()
-        return best.order_id if best else None
-
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         parsed = parse_channel(channel)
         assert parsed is not None
@@ -412,13 +470,6 @@ class MemoryBackend(Backend):
         await self._synced()
         return seq, snap
 
-    def channel_idle(self, channel: str) -> None:
-        """An order channel numbers nothing until its order exists: one subscribed to for an
-        order never seen goes with its last subscriber (a new one starts from the clock)."""
-        parsed = parse_channel(channel)
-        if parsed is not None and parsed[1] is not None and (parsed not in self._records):
-            self._channels.pop(channel, None)
-
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)
         if found is None:
@@ -436,7 +487,14 @@ class MemoryBackend(Backend):
         await self._synced()
         return missed
 
-    # --- presence -------------------------------------------------------------------
+    def channel_idle(self, channel: str) -> None:
+        """An order channel numbers nothing until its order exists: one subscribed to for an
+        order never seen goes with its last subscriber (a new one starts from the clock)."""
+        parsed = parse_channel(channel)
+        if parsed is not None and parsed[1] is not None and (parsed not in self._records):
+            self._channels.pop(channel, None)
+
+    # --- presence ------------------------------------------------------------------------------
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         online = self._online.setdefault(terminal.store_id, {})
@@ -474,6 +532,9 @@ class MemoryBackend(Backend):
             return
         self._went_offline(terminal)
 
+    async def online_terminals(self, store_id: str) -> list[Terminal]:
+        return [t for t, _ in self._online.get(store_id, {}).values()]
+
     def _linger_ended(self, terminal: Terminal) -> None:
         key = holder_key(terminal)
         self._lingering.pop((terminal.store_id, key), None)
@@ -494,65 +555,3 @@ class MemoryBackend(Backend):
 
     def _held_by(self, terminal: Terminal) -> set[str]:
         return set(self._holdings.get((terminal.store_id, holder_key(terminal)), ()))
-
-    async def online_terminals(self, store_id: str) -> list[Terminal]:
-        return [t for t, _ in self._online.get(store_id, {}).values()]
-
-    # --- audit ------------------------------------------------------------------------
-
-    def _append_audit(self, store_id: str, entries: list[AuditEntry]) -> None:
-        log = self._audit.get(store_id)
-        if log is None:
-            log = self._audit[store_id] = StoreAudit(self._audit_size)
-        for entry in entries:
-            self._audit_seq += 1
-            pin = unhandled_for(entry)
-            if pin and log.unhandled_by.get(pin, 0) >= self._max_unhandled:
-                entry, pin = untracked(entry), ""
-            entry.id = str(self._audit_seq)
-            raw = _audit_encoder.encode(entry)
-            if self._journal is not None:
-                if len(log.entries) == log.entries.maxlen:
-                    evicted = _audit_decoder.decode(log.entries[0]).id
-                    self._journal.evict_audit(store_id, int(evicted))
-                self._journal.add_audit(store_id, self._audit_seq, raw, bool(pin))
-            log.entries.append(raw)
-            if pin:
-                log.unhandled[entry.id] = raw
-                log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
-
-    def _entries(self, log: StoreAudit) -> list[AuditEntry]:
-        """Every kept entry, newest first; evicted but unhandled ones stay listed."""
-        found = {entry.id: entry for entry in map(_audit_decoder.decode, log.entries)}
-        for entry_id, raw in log.unhandled.items():
-            found.setdefault(entry_id, _audit_decoder.decode(raw))
-        for entry in found.values():
-            if entry.handled is not None:
-                entry.handled = entry.id not in log.unhandled
-        return sorted(found.values(), key=lambda e: int(e.id), reverse=True)
-
-    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
-        log = self._audit.get(store_id)
-        entries = self._entries(log) if log is not None else []
-        if kind:
-            entries = [e for e in entries if e.kind == kind]
-        await self._synced()
-        return entries[:limit]
-
-    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
-        log = self._audit.get(store_id)
-        if log is None:
-            return False
-        raw = log.unhandled.pop(entry_id, None)
-        if raw is not None:
-            pin = unhandled_for(_audit_decoder.decode(raw))
-            left = log.unhandled_by.get(pin, 1) - 1
-            if left > 0:
-                log.unhandled_by[pin] = left
-            else:
-                log.unhandled_by.pop(pin, None)
-            if self._journal is not None:
-                self._journal.mark_handled(store_id, int(entry_id))
-                await self._journal.synced()
-            return True
-        return any(entry.id == entry_id for entry in self._entries(log))

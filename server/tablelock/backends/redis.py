@@ -241,6 +241,7 @@ def connect(url: str) -> tuple[Any, bool]:
 
 
 class RedisBackend(Backend):
+
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
                  heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
@@ -297,8 +298,6 @@ class RedisBackend(Backend):
         self.due_stores = f"{prefix}due-stores"
         self.brokers = f"{prefix}brokers"
 
-    # --- life -------------------------------------------------------------------------
-
     async def start(self, sink: Any) -> None:
         await super().start(sink)
         self._tasks = [asyncio.create_task(self._listen(), name="redis-pubsub"),
@@ -340,7 +339,13 @@ class RedisBackend(Backend):
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable(str(exc) or type(exc).__name__) from None
 
-    # --- the clock ---------------------------------------------------------------------
+    # --- order state ---------------------------------------------------------------------------
+
+    async def now(self) -> int:
+        if self._offset_ms is None:
+            seconds, micros = await self._guard(self._redis.time())
+            self._learn_time(seconds * 1000 + micros // 1000)
+        return self._now()
 
     def _learn_time(self, real_ms: int, reset: bool = False) -> None:
         sample = real_ms - time.monotonic() * 1000
@@ -351,14 +356,6 @@ class RedisBackend(Backend):
         if self._offset_ms is None:
             return 0  # unknown yet: the commit refuses it and teaches us the time
         return int(time.monotonic() * 1000 + self._offset_ms)
-
-    async def now(self) -> int:
-        if self._offset_ms is None:
-            seconds, micros = await self._guard(self._redis.time())
-            self._learn_time(seconds * 1000 + micros // 1000)
-        return self._now()
-
-    # --- transitions --------------------------------------------------------------------
 
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
@@ -601,37 +598,6 @@ class RedisBackend(Backend):
             raise
         return conn, release
 
-    # --- store state ---------------------------------------------------------------------
-
-    async def _state(self, store_id: str) -> StoreState:
-        state = self._states.get(store_id)
-        if state is None:
-            fields = await self._guard(self._redis.hgetall(self.keys(store_id).state))
-            state = self._states[store_id] = _state_of(
-                [x for pair in fields.items() for x in pair])
-        return state
-
-    async def get_config(self, store_id: str) -> StoreConfig:
-        return (await self._state(store_id)).config
-
-    async def put_config(self, store_id: str, config: StoreConfig) -> None:
-        keys = self.keys(store_id)
-        await self._guard(self._scripts["PUT_CONFIG"](
-            keys=[keys.state], args=[encode(config), keys.config_news, self._publish_command]))
-        self._states.pop(store_id, None)
-        await self._retick_store(store_id)
-
-    async def publish_store_event(self, store_id: str, event: Event) -> None:
-        keys = self.keys(store_id)
-        await self._guard(self._scripts["PUBLISH_STORE"](
-            keys=[keys.seqs, keys.hist_store],
-            args=[keys.store_channel, event_body(event), keys.store_events,
-                  self._history_size, self._publish_command]))
-
-    async def order_ids(self, store_id: str) -> list[str]:
-        members = await self._guard(self._redis.smembers(self.keys(store_id).orders))
-        return sorted(_text(m) for m in members)
-
     async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
         raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
         return _record_decoder.decode(raw) if raw else None
@@ -642,6 +608,68 @@ class RedisBackend(Backend):
             keys=[keys.table(table_id)], args=[keys.prefix + ":o:"]))
         best = best_for_table(map(_record_decoder.decode, raws), table_id)
         return best.order_id if best else None
+
+    async def order_ids(self, store_id: str) -> list[str]:
+        members = await self._guard(self._redis.smembers(self.keys(store_id).orders))
+        return sorted(_text(m) for m in members)
+
+    async def get_config(self, store_id: str) -> StoreConfig:
+        return (await self._state(store_id)).config
+
+    async def _state(self, store_id: str) -> StoreState:
+        state = self._states.get(store_id)
+        if state is None:
+            fields = await self._guard(self._redis.hgetall(self.keys(store_id).state))
+            state = self._states[store_id] = _state_of(
+                [x for pair in fields.items() for x in pair])
+        return state
+
+    async def put_config(self, store_id: str, config: StoreConfig) -> None:
+        keys = self.keys(store_id)
+        await self._guard(self._scripts["PUT_CONFIG"](
+            keys=[keys.state], args=[encode(config), keys.config_news, self._publish_command]))
+        self._states.pop(store_id, None)
+        await self._retick_store(store_id)
+
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
+        keys = self.keys(store_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(keys.audit, "+", "-", count=limit if not kind else self._audit_size)
+            pipe.hgetall(keys.unhandled)
+            entries, unhandled = await self._guard(pipe.execute())
+        found: dict[str, AuditEntry] = {}
+        for entry_id, fields in entries:
+            found[_text(entry_id)] = _audit_decoder.decode(fields[b"e"])
+        for entry_id, raw in unhandled.items():
+            found.setdefault(_text(entry_id), _audit_decoder.decode(raw))
+        open_ids = {_text(i) for i in unhandled}
+        result = []
+        for entry_id, entry in found.items():
+            entry.id = entry_id
+            if entry.handled is not None:  # one kept to be handled (see untracked)
+                entry.handled = entry_id not in open_ids
+            if not kind or entry.kind == kind:
+                result.append(entry)
+        result.sort(key=lambda e: tuple(int(p) for p in e.id.split("-")), reverse=True)
+        return result[:limit]
+
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
+        keys = self.keys(store_id)
+        if await self._guard(self._scripts["MARK_HANDLED"](
+                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
+            return True
+        if not _STREAM_ID.match(entry_id):
+            return False
+        return bool(await self._guard(self._redis.xrange(keys.audit, entry_id, entry_id)))
+
+    # --- event streams -------------------------------------------------------------------------
+
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        keys = self.keys(store_id)
+        await self._guard(self._scripts["PUBLISH_STORE"](
+            keys=[keys.seqs, keys.hist_store],
+            args=[keys.store_channel, event_body(event), keys.store_events,
+                  self._history_size, self._publish_command]))
 
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         parsed = parse_channel(channel)
@@ -710,117 +738,18 @@ class RedisBackend(Backend):
         self._seen[channel] = max(self._seen.get(channel, 0), seq)
         return [entry for entry in frames if entry.seq <= seq]
 
-    # --- presence ---------------------------------------------------------------------------
-
-    async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
-        key = (terminal.store_id, holder_key(terminal))
-        lingering = self._lingering.pop(key, None)
-        if lingering is not None:  # a phone back within its linger: Redis never saw it go
-            lingering.cancel()
-        _, count, was_authority = self._local.get(key, (terminal, 0, False))
-        self._local[key] = (terminal, count + 1, authority or was_authority)
-        await self._listen_to_store(terminal.store_id, +1)
-        await self._sync_presence(key, terminal)
-
-    async def terminal_down(self, terminal: Terminal) -> None:
-        key = (terminal.store_id, holder_key(terminal))
-        entry = self._local.get(key)
-        if entry is None:
+    def channel_idle(self, channel: str) -> None:
+        """The last local subscriber left: its events need no longer come here."""
+        parsed = parse_channel(channel)
+        if parsed is None or self.sink.has_subscribers(channel):
             return
-        if entry[1] > 1:
-            self._local[key] = (entry[0], entry[1] - 1, entry[2])
-        elif presence_lingers(terminal.role) and self._linger_s > 0:
-            # As in the memory backend: a phone is said gone only after the linger, so that
-            # one reconnecting in a loop cannot flush the store channel's history.
-            self._local[key] = (entry[0], 0, entry[2])
-            self._lingering[key] = asyncio.get_running_loop().call_later(
-                self._linger_s, self._linger_ended, key, terminal)
-            await self._listen_to_store(terminal.store_id, -1)
-            return
-        else:
-            del self._local[key]
-        try:
-            await self._sync_presence(key, terminal)
-        finally:
-            await self._listen_to_store(terminal.store_id, -1)
+        self._seen.pop(channel, None)
+        self._forget([self.keys(parsed[0]).events(channel)])
 
-    def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
-        self._lingering.pop(key, None)
-        entry = self._local.get(key)
-        if entry is None or entry[1] > 0:
-            return
-        del self._local[key]
-        task = asyncio.get_running_loop().create_task(self._say_gone(key, terminal))
-        self._linger_tasks.add(task)
-        task.add_done_callback(self._linger_tasks.discard)
-
-    async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
-        with contextlib.suppress(Unavailable):  # said again once Redis is back (_presence_unsent)
-            await self._sync_presence(key, terminal)
-
-    async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
-        """Tell Redis how many connections this broker has for the terminal *now*. One at a
-        time per terminal, so that a goodbye's count can't land after the next hello's; one
-        that fails is said again after Redis returns (see _resync)."""
-        lock = self._presence_locks.get(key)
-        if lock is None:
-            lock = self._presence_locks[key] = asyncio.Lock()
-        async with lock:
-            entry = self._local.get(key)
-            count, authority = (entry[1], entry[2]) if entry else (0, False)
-            try:
-                await self._announce(terminal, count, authority)
-            except Unavailable:
-                self._presence_unsent[key] = terminal
-                raise
-            self._presence_unsent.pop(key, None)
-        if key not in self._local and not lock.locked():
-            self._presence_locks.pop(key, None)
-
-    async def _announce(self, terminal: Terminal, count: int, authority: bool,
-                        broker_id: str | None = None, since: int | None = None) -> None:
-        keys = self.keys(terminal.store_id)
-        holder = holder_key(terminal)
-        now = await self.now()
-        online = event_body(Event("terminal.online", now, terminal=terminal))
-        offline = event_body(Event("terminal.offline", now, terminal=terminal))
-        before, after = await self._guard(self._scripts["PRESENCE"](
-            keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store,
-                  keys.holders + holder],
-            args=[holder, broker_id or self.broker_id, count, encode(terminal),
-                  terminal.role, "1" if authority else "0", keys.store_channel, online,
-                  keys.store_events, self._history_size, "" if since is None else since,
-                  "1" if has_grace(terminal.role) else "0", offline, self._publish_command]))
-        if has_grace(terminal.role) and (before == 0) != (after == 0):
-            self._states.pop(terminal.store_id, None)
-            await self._retick_store(terminal.store_id)
-
-    async def _retick_store(self, store_id: str) -> None:
-        """Recompute every pending deadline of a store (its grace or presence changed)."""
-        order_ids = await self._guard(self._redis.zrange(self.keys(store_id).due, 0, -1))
-        for order_id in order_ids:
-            await self.apply(store_id, _text(order_id), Tick(), None)
-
-    async def online_terminals(self, store_id: str) -> list[Terminal]:
-        values = await self._guard(self._redis.hvals(self.keys(store_id).terms))
-        return [_terminal_decoder.decode(v) for v in values]
-
-    async def authority(self, store_id: str) -> str | None:
-        """The broker holding the store's order authority: an erp_main first, ours first."""
-        fields = await self._guard(self._redis.hgetall(self.keys(store_id).auths))
-        best: tuple[bool, bool, str] | None = None
-        for name, role in fields.items():
-            broker = _text(name).rsplit("|", 1)[-1]
-            rank = (is_first_authority(_text(role)), broker == self.broker_id, broker)
-            if best is None or rank > best:
-                best = rank
-        return best[2] if best else None
-
-    async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
-        await self._guard(self._redis.execute_command(
-            self._publish_command, f"{self._prefix}rpc:{broker_id}", payload))
-
-    # --- interest: what this broker hears ------------------------------------------------
+    async def _follow(self, channel: str, keys: Keys) -> None:
+        """Hear a channel's events from now on: nobody reads history or takes a snapshot
+        before the subscription is live, or events slip between the two."""
+        await self._hear({keys.events(channel): ("events", channel)})
 
     async def _listen_to_store(self, store_id: str, delta: int) -> None:
         """While any local connection belongs to a store: hear its direct notices for this
@@ -841,19 +770,6 @@ class RedisBackend(Backend):
         else:
             self._stores_heard.pop(store_id, None)
             self._forget(names)
-
-    async def _follow(self, channel: str, keys: Keys) -> None:
-        """Hear a channel's events from now on: nobody reads history or takes a snapshot
-        before the subscription is live, or events slip between the two."""
-        await self._hear({keys.events(channel): ("events", channel)})
-
-    def channel_idle(self, channel: str) -> None:
-        """The last local subscriber left: its events need no longer come here."""
-        parsed = parse_channel(channel)
-        if parsed is None or self.sink.has_subscribers(channel):
-            return
-        self._seen.pop(channel, None)
-        self._forget([self.keys(parsed[0]).events(channel)])
 
     async def _hear(self, routes: dict[str, tuple[str, str]]) -> None:
         """Subscribe to these pub/sub channels and wait until Redis confirmed each one (ours
@@ -900,41 +816,6 @@ class RedisBackend(Backend):
         confirming = self._confirming.pop(name, None)
         if confirming is not None and not confirming.done():
             confirming.set_result(None)
-
-    # --- audit --------------------------------------------------------------------------------
-
-    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
-        keys = self.keys(store_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(keys.audit, "+", "-", count=limit if not kind else self._audit_size)
-            pipe.hgetall(keys.unhandled)
-            entries, unhandled = await self._guard(pipe.execute())
-        found: dict[str, AuditEntry] = {}
-        for entry_id, fields in entries:
-            found[_text(entry_id)] = _audit_decoder.decode(fields[b"e"])
-        for entry_id, raw in unhandled.items():
-            found.setdefault(_text(entry_id), _audit_decoder.decode(raw))
-        open_ids = {_text(i) for i in unhandled}
-        result = []
-        for entry_id, entry in found.items():
-            entry.id = entry_id
-            if entry.handled is not None:  # one kept to be handled (see untracked)
-                entry.handled = entry_id not in open_ids
-            if not kind or entry.kind == kind:
-                result.append(entry)
-        result.sort(key=lambda e: tuple(int(p) for p in e.id.split("-")), reverse=True)
-        return result[:limit]
-
-    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
-        keys = self.keys(store_id)
-        if await self._guard(self._scripts["MARK_HANDLED"](
-                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
-            return True
-        if not _STREAM_ID.match(entry_id):
-            return False
-        return bool(await self._guard(self._redis.xrange(keys.audit, entry_id, entry_id)))
-
-    # --- background work --------------------------------------------------------------------------
 
     async def _listen(self) -> None:
         """Deliver what this broker hears; after a lost subscription, resynchronise from
@@ -1039,6 +920,106 @@ class RedisBackend(Backend):
                 del self._seen[channel]
         await self._reannounce()
 
+    # --- presence ------------------------------------------------------------------------------
+
+    async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
+        key = (terminal.store_id, holder_key(terminal))
+        lingering = self._lingering.pop(key, None)
+        if lingering is not None:  # a phone back within its linger: Redis never saw it go
+            lingering.cancel()
+        _, count, was_authority = self._local.get(key, (terminal, 0, False))
+        self._local[key] = (terminal, count + 1, authority or was_authority)
+        await self._listen_to_store(terminal.store_id, +1)
+        await self._sync_presence(key, terminal)
+
+    async def terminal_down(self, terminal: Terminal) -> None:
+        key = (terminal.store_id, holder_key(terminal))
+        entry = self._local.get(key)
+        if entry is None:
+            return
+        if entry[1] > 1:
+            self._local[key] = (entry[0], entry[1] - 1, entry[2])
+        elif presence_lingers(terminal.role) and self._linger_s > 0:
+            # As in the memory backend: a phone is said gone only after the linger, so that
+            # one reconnecting in a loop cannot flush the store channel's history.
+            self._local[key] = (entry[0], 0, entry[2])
+            self._lingering[key] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_ended, key, terminal)
+            await self._listen_to_store(terminal.store_id, -1)
+            return
+        else:
+            del self._local[key]
+        try:
+            await self._sync_presence(key, terminal)
+        finally:
+            await self._listen_to_store(terminal.store_id, -1)
+
+    async def online_terminals(self, store_id: str) -> list[Terminal]:
+        values = await self._guard(self._redis.hvals(self.keys(store_id).terms))
+        return [_terminal_decoder.decode(v) for v in values]
+
+    async def authority(self, store_id: str) -> str | None:
+        """The broker holding the store's order authority: an erp_main first, ours first."""
+        fields = await self._guard(self._redis.hgetall(self.keys(store_id).auths))
+        best: tuple[bool, bool, str] | None = None
+        for name, role in fields.items():
+            broker = _text(name).rsplit("|", 1)[-1]
+            rank = (is_first_authority(_text(role)), broker == self.broker_id, broker)
+            if best is None or rank > best:
+                best = rank
+        return best[2] if best else None
+
+    def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
+        self._lingering.pop(key, None)
+        entry = self._local.get(key)
+        if entry is None or entry[1] > 0:
+            return
+        del self._local[key]
+        task = asyncio.get_running_loop().create_task(self._say_gone(key, terminal))
+        self._linger_tasks.add(task)
+        task.add_done_callback(self._linger_tasks.discard)
+
+    async def _say_gone(self, key: tuple[str, str], terminal: Terminal) -> None:
+        with contextlib.suppress(Unavailable):  # said again once Redis is back (_presence_unsent)
+            await self._sync_presence(key, terminal)
+
+    async def _sync_presence(self, key: tuple[str, str], terminal: Terminal) -> None:
+        """Tell Redis how many connections this broker has for the terminal *now*. One at a
+        time per terminal, so that a goodbye's count can't land after the next hello's; one
+        that fails is said again after Redis returns (see _resync)."""
+        lock = self._presence_locks.get(key)
+        if lock is None:
+            lock = self._presence_locks[key] = asyncio.Lock()
+        async with lock:
+            entry = self._local.get(key)
+            count, authority = (entry[1], entry[2]) if entry else (0, False)
+            try:
+                await self._announce(terminal, count, authority)
+            except Unavailable:
+                self._presence_unsent[key] = terminal
+                raise
+            self._presence_unsent.pop(key, None)
+        if key not in self._local and not lock.locked():
+            self._presence_locks.pop(key, None)
+
+    async def _announce(self, terminal: Terminal, count: int, authority: bool,
+                        broker_id: str | None = None, since: int | None = None) -> None:
+        keys = self.keys(terminal.store_id)
+        holder = holder_key(terminal)
+        now = await self.now()
+        online = event_body(Event("terminal.online", now, terminal=terminal))
+        offline = event_body(Event("terminal.offline", now, terminal=terminal))
+        before, after = await self._guard(self._scripts["PRESENCE"](
+            keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store,
+                  keys.holders + holder],
+            args=[holder, broker_id or self.broker_id, count, encode(terminal),
+                  terminal.role, "1" if authority else "0", keys.store_channel, online,
+                  keys.store_events, self._history_size, "" if since is None else since,
+                  "1" if has_grace(terminal.role) else "0", offline, self._publish_command]))
+        if has_grace(terminal.role) and (before == 0) != (after == 0):
+            self._states.pop(terminal.store_id, None)
+            await self._retick_store(terminal.store_id)
+
     async def _reannounce(self) -> None:
         """Say every local connection again, and what Redis missed (idempotent)."""
         terminals = {key: entry[0] for key, entry in self._local.items()}
@@ -1046,6 +1027,20 @@ class RedisBackend(Backend):
         for key, terminal in terminals.items():
             with contextlib.suppress(Unavailable):
                 await self._sync_presence(key, terminal)
+
+    async def _retick_store(self, store_id: str) -> None:
+        """Recompute every pending deadline of a store (its grace or presence changed)."""
+        order_ids = await self._guard(self._redis.zrange(self.keys(store_id).due, 0, -1))
+        for order_id in order_ids:
+            await self.apply(store_id, _text(order_id), Tick(), None)
+
+    # --- broker-to-broker control --------------------------------------------------------------
+
+    async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
+        await self._guard(self._redis.execute_command(
+            self._publish_command, f"{self._prefix}rpc:{broker_id}", payload))
+
+    # --- background work: deadlines and broker liveness ----------------------------------------
 
     async def _sweep(self) -> None:
         """Expire what is due, whoever granted it; each broker polls the store index."""
