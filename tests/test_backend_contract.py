@@ -433,3 +433,31 @@ async def test_a_broker_hears_only_the_channels_its_connections_follow(setup: Se
     assert out.refusal is None
     await a.follow(order_channel(store, "o2"))  # a round trip after the event: it'd be here
     assert a.backend.received["events"] - before_a == 3
+
+
+async def test_a_followed_store_covers_its_order_channels(setup: Setup) -> None:
+    if setup.kind != "redis":
+        pytest.skip("one process hears nothing over the network")
+    a, b = setup.a, setup.b
+    assert isinstance(a.backend, RedisBackend)
+    store = setup.store
+    order_ch, store_ch = order_channel(store, "o1"), store_channel(store)
+    keys = a.backend.keys(store)
+    await a.follow(order_ch)
+    assert keys.events(order_ch) in a.backend._routes
+    await a.follow(store_ch)  # the store's messages carry the order's events: one is enough
+    assert keys.events(order_ch) not in a.backend._routes
+    await asyncio.gather(*a.backend._unsubscribing)
+    before = a.backend.received["events"]
+    await b.backend.apply(store, "o1", Ingest(an_order()), None)
+    await a.sink.until(lambda: a.sink.on(order_ch) and a.sink.on(store_ch))
+    assert a.backend.received["events"] - before == 1
+    # The store left, the order stays followed: it is heard on its own again.
+    a.leave(store_ch)
+    await asyncio.gather(*a.backend._unsubscribing)
+    await asyncio.gather(*a.backend._unsubscribing)
+    assert keys.events(order_ch) in a.backend._routes
+    assert keys.store_events not in a.backend._routes
+    await b.backend.apply(store, "o1", Ingest(an_order(version=2)), None)
+    await a.sink.until(lambda: len(a.sink.on(order_ch)) == 2)
+    assert a.backend.received["events"] - before == 2

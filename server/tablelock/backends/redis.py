@@ -36,7 +36,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -283,7 +283,8 @@ class RedisBackend(Backend):
             f"{prefix}rpc:{self.broker_id}": ("rpc", "")}
         self._confirming: dict[str, asyncio.Future[None]] = {}  # subscribed, not confirmed yet
         self._pubsub_lock = asyncio.Lock()
-        self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._unsubscribing: set[asyncio.Task[None]] = set()  # interest changes under way
+        self._orders_followed: dict[str, set[str]] = {}  # store -> order channels followed
         # Pub/sub messages received, by route kind: what interest by channel saves.
         self.received: collections.Counter[str] = collections.Counter()
         # Presence by (store, holder_key): role and sub (model.holder_key says why).
@@ -744,12 +745,56 @@ class RedisBackend(Backend):
         if parsed is None or self.sink.has_subscribers(channel):
             return
         self._seen.pop(channel, None)
-        self._forget([self.keys(parsed[0]).events(channel)])
+        keys = self.keys(parsed[0])
+        orders = self._orders_followed.get(keys.store_id, set())
+        if parsed[1] is not None:
+            orders.discard(channel)
+            if not orders:
+                self._orders_followed.pop(keys.store_id, None)
+            if keys.events(channel) in self._routes:
+                self._forget([keys.events(channel)])
+        elif orders:  # its order channels are no longer covered: hear them on their own
+            self._spawn(self._uncover(keys))
+        else:
+            self._forget([keys.store_events])
 
     async def _follow(self, channel: str, keys: Keys) -> None:
         """Hear a channel's events from now on: nobody reads history or takes a snapshot
-        before the subscription is live, or events slip between the two."""
-        await self._hear({keys.events(channel): ("events", channel)})
+        before the subscription is live, or events slip between the two. The store's
+        messages carry its orders' events too: while the store channel is heard, its order
+        channels need no subscription of their own (they are covered)."""
+        if channel == keys.store_channel:
+            await self._hear({keys.store_events: ("events", channel)})
+            covered = [keys.events(c) for c in self._orders_followed.get(keys.store_id, ())]
+            self._forget([name for name in covered if name in self._routes])
+            return
+        self._orders_followed.setdefault(keys.store_id, set()).add(channel)
+        if keys.store_events in self._routes:  # covered (wait until the store's is live)
+            await self._hear({keys.store_events: ("events", keys.store_channel)})
+        else:
+            await self._hear({keys.events(channel): ("events", channel)})
+
+    async def _uncover(self, keys: Keys) -> None:
+        """Subscribe to each followed order channel of a store no longer heard as a whole;
+        only then leave the store's (so nothing slips), unless it is followed again."""
+        while True:  # an order channel followed meanwhile is heard too before the store goes
+            routes = {keys.events(c): ("events", c)
+                      for c in self._orders_followed.get(keys.store_id, ())}
+            if all(name in self._routes and name not in self._confirming for name in routes):
+                break
+            try:
+                await self._hear(routes)
+            except Unavailable:
+                return  # the store's subscription stays: it covers them still
+        if self.sink.has_subscribers(keys.store_channel):
+            self._forget(list(routes))
+        else:
+            self._forget([keys.store_events])
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._unsubscribing.add(task)
+        task.add_done_callback(self._unsubscribing.discard)
 
     async def _listen_to_store(self, store_id: str, delta: int) -> None:
         """While any local connection belongs to a store: hear its direct notices for this
@@ -792,9 +837,7 @@ class RedisBackend(Backend):
         coroutine); one heard again meanwhile stays."""
         for name in names:
             self._routes.pop(name, None)
-        task = asyncio.get_running_loop().create_task(self._unsubscribe(names))
-        self._unsubscribing.add(task)
-        task.add_done_callback(self._unsubscribing.discard)
+        self._spawn(self._unsubscribe(names))
 
     async def _unsubscribe(self, names: list[str]) -> None:
         async with self._pubsub_lock:

@@ -132,6 +132,9 @@ local i = 27
 for _ = 1, tonumber(ARGV[17]) do
   local body, table_id, notify, notice = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   emit(order_out, KEYS[3], KEYS[6], ARGV[10], body, table_id, maxlen)
+  -- The store's message carries the order channel's numbering too: a broker that hears
+  -- the store hears every order of it, without a subscription per order.
+  store_out[#store_out + 1] = order_out[#order_out]
   emit(store_out, KEYS[3], KEYS[7], ARGV[12], body, table_id, maxlen)
   if notify ~= '' then
     direct(notify, {1, '', '0', notice, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]})
