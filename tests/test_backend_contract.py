@@ -208,9 +208,9 @@ async def test_read_and_find_by_table(setup: Setup) -> None:
 async def test_config_is_shared_and_its_change_is_an_event(setup: Setup) -> None:
     store = setup.store
     a, b = setup.a.backend, setup.b.backend
-    assert await b.get_config(store) == StoreConfig()  # cached by b from here
     await setup.a.follow(store_channel(store))
     await b.terminal_up(setup.terminal("manager", "m"))  # b hears the store's config news
+    assert await b.get_config(store) == StoreConfig()  # cached by b from here
     new = await a.update_config(store, {"locale": "en"})
     assert new.locale == "en"
     await setup.a.sink.until(lambda: [f for f in setup.a.sink.on(store_channel(store))
