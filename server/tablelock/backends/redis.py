@@ -820,6 +820,9 @@ class RedisBackend(Backend):
         """Subscribe to these pub/sub channels and wait until Redis confirmed each one (ours
         or another caller's subscription still on its way). Without a subscription now, the
         listener subscribes to every route once it has one again, and resynchronises."""
+        await self._guard(self._hear_now(routes))
+
+    async def _hear_now(self, routes: dict[str, tuple[str, str]]) -> None:
         loop = asyncio.get_running_loop()
         async with self._pubsub_lock:
             new = [name for name in routes if name not in self._routes]
@@ -827,10 +830,10 @@ class RedisBackend(Backend):
             if new and self._pubsub is not None:
                 for name in new:
                     self._confirming.setdefault(name, loop.create_future())
-                await self._guard(self._subscribe(self._pubsub, new))
+                await self._subscribe(self._pubsub, new)
         waits = [self._confirming[name] for name in routes if name in self._confirming]
         if waits:
-            await self._guard(asyncio.gather(*map(asyncio.shield, waits)))
+            await asyncio.gather(*map(asyncio.shield, waits))
 
     def _forget(self, names: list[str]) -> None:
         """Stop hearing these pub/sub channels (in the background: channel_idle is not a
