@@ -8,6 +8,7 @@ release) driven through the brokers in turn. Prints, per layout, the messages ea
 received per pair (the most and the mean) and the process CPU per pair.
 
     .venv/bin/python -m bench.interest --brokers 2 --pairs 2000
+    .venv/bin/python -m bench.interest --brokers 3 --erp 0   # phones only: interest shows
 
 It counts by wrapping the backend's `_on_message`, so the same script measures the code
 before interest by channel (run it with PYTHONPATH pointing at an older tree's `server`).
@@ -152,11 +153,14 @@ def main() -> None:
     parser.add_argument("--brokers", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--stores", type=int, default=10)
+    parser.add_argument("--erp", type=int, default=3,
+                        help="ERP terminals per store on its store channel (0: phones only)")
     args = parser.parse_args()
     with redis_server() as url:
         for brokers, affinity in ((1, "round-robin"), (args.brokers, "round-robin"),
                                   (args.brokers, "store")):
-            row = asyncio.run(run(url, brokers, affinity, args.stores, 10, 3, 2, args.pairs))
+            row = asyncio.run(run(url, brokers, affinity, args.stores, 10, args.erp, 2,
+                                  args.pairs))
             print(row, flush=True)
 
 
