@@ -413,7 +413,7 @@ async def test_retention_takes_an_order_out_of_its_table_and_numbering(
     await backend.start(Hub())
     erp = Terminal("erp", "erp_main", "ERP", store_id)
     try:
-        await backend._put_config(store_id, StoreConfig(order_retention_ms=50))
+        await backend.put_config(store_id, StoreConfig(order_retention_ms=50))
         paid = Order("gone", "t1", 1, 100, status="paid")
         assert (await backend.apply(store_id, "gone", Publish(paid, "status"), erp)).record
         assert await backend.find_order(store_id, "t1") == "gone"

@@ -86,7 +86,7 @@ class Relay:
         # (store, params) -> the pull under way: whoever asks the same meanwhile shares it
         self._inflight: dict[tuple[str, tuple[tuple[str, str], ...]],
                              asyncio.Future[Order | None]] = {}
-        backend.on_broker_message = self._on_broker_message
+        backend.on_broker_message(self._on_broker_message)
 
     async def fetch(self, requester: Terminal, params: dict[str, str],
                     timeout_ms: int) -> Order | None:

@@ -1,10 +1,12 @@
 """What a backend must do: keep state, step it atomically, number and carry events.
 
-A backend never decides a lock rule: `apply` runs `rules.step` on one order's
-record inside the backend's own atomic section, stores the new record, numbers
-the outcome's events on their channels (order and store), keeps a bounded
-history per channel, hands the frames to the sink, and wakes the record again
-at its next deadline. Every time comes from the backend's one clock.
+A backend serves four narrow parts (as centrifuge splits its engine into broker, presence
+manager and node control): order state, event streams, presence and broker-to-broker
+control. It never decides a lock rule: `apply` runs `rules.step` on one order's record
+inside the backend's own atomic section, stores the new record, numbers the outcome's
+events on their channels (order and store), keeps a bounded history per channel, hands
+the frames to the sink, and wakes the record again at its next deadline. Every time
+comes from the backend's one clock.
 """
 
 from __future__ import annotations
@@ -111,20 +113,12 @@ def _log_audit(store_id: str, order_id: str, entry: AuditEntry) -> None:
         "operator": detail.get("operator"), "payment_ref": detail.get("payment_ref")})
 
 
-class Backend(abc.ABC):
-    sink: EventSink
-    broker_id = "local"
-    # Set by the relay: messages other brokers addressed to this one.
-    on_broker_message: Callable[[bytes], Awaitable[None]] | None = None
+BrokerHandler = Callable[[bytes], Awaitable[None]]
 
-    async def start(self, sink: EventSink) -> None:
-        self.sink = sink
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        pass
-
-    async def ready(self) -> bool:
-        return True
+class OrderState(abc.ABC):
+    """Order state: one clock, the atomic step, reads, the table index, store config, and
+    the audit log the steps write."""
 
     @abc.abstractmethod
     async def now(self) -> int:
@@ -136,20 +130,6 @@ class Backend(abc.ABC):
         """Step one order atomically and publish what it produced."""
 
     @abc.abstractmethod
-    async def get_config(self, store_id: str) -> StoreConfig: ...
-
-    @abc.abstractmethod
-    async def _put_config(self, store_id: str, config: StoreConfig) -> None: ...
-
-    @abc.abstractmethod
-    async def publish_store_event(self, store_id: str, event: Event) -> None:
-        """Number and publish an event of the store channel alone."""
-
-    @abc.abstractmethod
-    async def order_ids(self, store_id: str) -> list[str]:
-        """Every order the store's state still holds."""
-
-    @abc.abstractmethod
     async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
         """The record as stored (expiry not applied: use apply(Tick) for that)."""
 
@@ -158,15 +138,51 @@ class Backend(abc.ABC):
         """The open order of a table, or the latest one if none is open."""
 
     @abc.abstractmethod
-    async def snapshot(self, channel: str) -> tuple[int, Any]:
-        """(seq, snapshot) of a channel, consistent with each other."""
+    async def order_ids(self, store_id: str) -> list[str]:
+        """Every order the store's state still holds."""
 
-    def channel_idle(self, channel: str) -> None:  # noqa: B027 - optional hook
-        """The last local subscriber of `channel` left: what only it kept may go."""
+    @abc.abstractmethod
+    async def get_config(self, store_id: str) -> StoreConfig: ...
+
+    @abc.abstractmethod
+    async def put_config(self, store_id: str, config: StoreConfig) -> None:
+        """Store a config as is and recompute the store's deadlines (no event: see
+        Backend.update_config)."""
+
+    @abc.abstractmethod
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]: ...
+
+    @abc.abstractmethod
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool: ...
+
+
+class EventStreams(abc.ABC):
+    """Event streams: numbering per channel, bounded history, delivery to the sink. Events
+    travel as opaque bodies (protocol.event_body) with their table; the frame a client
+    reads is built in one place, protocol.numbered_frame."""
+
+    @abc.abstractmethod
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        """Number and publish an event of the store channel alone."""
+
+    @abc.abstractmethod
+    async def snapshot(self, channel: str) -> tuple[int, Any]:
+        """(seq, snapshot) of a channel, consistent with each other; from here on the
+        channel's events reach the sink."""
 
     @abc.abstractmethod
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
-        """The events after `since`, or None when the history no longer reaches back."""
+        """The events after `since`, or None when the history no longer reaches back; from
+        here on the channel's events reach the sink."""
+
+    def channel_idle(self, channel: str) -> None:  # noqa: B027 - optional hook
+        """The last local subscriber of `channel` left: what only it kept may go, and its
+        events need no longer come here."""
+
+
+class Presence(abc.ABC):
+    """Presence: which terminals are connected, through which broker, and who answers
+    order.fetch."""
 
     @abc.abstractmethod
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
@@ -182,14 +198,41 @@ class Backend(abc.ABC):
         """The broker connected to the store's order authority; None: look in the local hub."""
         return None
 
+
+class BrokerControl:
+    """Broker-to-broker control: opaque messages addressed to one broker, handed to the
+    handlers registered with `on_broker_message`."""
+
+    broker_id = "local"
+
+    def __init__(self) -> None:
+        self._broker_handlers: list[BrokerHandler] = []
+
+    def on_broker_message(self, handler: BrokerHandler) -> None:
+        """Register `handler` for every message another broker sends to this one."""
+        self._broker_handlers.append(handler)
+
     async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
         raise Unavailable("a single broker has no peers")
 
-    @abc.abstractmethod
-    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]: ...
+    async def _broker_message(self, payload: bytes) -> None:
+        for handler in self._broker_handlers:
+            await handler(payload)
 
-    @abc.abstractmethod
-    async def mark_handled(self, store_id: str, entry_id: str) -> bool: ...
+
+class Backend(OrderState, EventStreams, Presence, BrokerControl):
+    """The four parts one backend serves, and their life: `start` names the sink."""
+
+    sink: EventSink
+
+    async def start(self, sink: EventSink) -> None:
+        self.sink = sink
+
+    async def close(self) -> None:
+        pass
+
+    async def ready(self) -> bool:
+        return True
 
     async def update_config(self, store_id: str, patch: Mapping[str, Any]) -> StoreConfig:
         """Validate and store a config patch; turning strong link off frees every lock."""
@@ -197,7 +240,7 @@ class Backend(abc.ABC):
         new = patch_config(old, patch)
         if new == old:
             return new
-        await self._put_config(store_id, new)
+        await self.put_config(store_id, new)
         await self.publish_store_event(store_id, Event("config.updated", await self.now(),
                                                        config=new))
         if old.strong_link and not new.strong_link:

@@ -16,7 +16,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -57,6 +57,18 @@ OrderKey = tuple[str, str]  # (store_id, order_id)
 _NONE: frozenset[str] = frozenset()
 
 
+class Clock(Protocol):
+    """The backend's one clock (a test passes one it moves by hand)."""
+
+    def now(self) -> int:
+        """Epoch milliseconds."""
+        ...
+
+    def loop_time_of(self, ms: int) -> float:
+        """The event-loop time at which the clock reads `ms`."""
+        ...
+
+
 class MonotonicClock:
     """Epoch milliseconds that never go back: wall time at start plus monotonic time since.
 
@@ -83,7 +95,7 @@ class Deadlines:
     heap push, not a loop timer created and cancelled for every lock.
     """
 
-    def __init__(self, clock: MonotonicClock, wake: Callable[[OrderKey], None]) -> None:
+    def __init__(self, clock: Clock, wake: Callable[[OrderKey], None]) -> None:
         self._clock = clock
         self._wake = wake
         self._due: dict[OrderKey, int] = {}
@@ -110,10 +122,14 @@ class Deadlines:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         # +1 ms: a timer may fire a hair early, and the step must see the deadline passed.
-        self._timer = loop.call_at(self._clock.loop_time_of(deadline + 1), self._fire)
+        self._timer = loop.call_at(self._clock.loop_time_of(deadline + 1), self.fire)
         self._timer_at = deadline
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
+        """Wake every record whose deadline the clock passed (the timer's job; a test that
+        moves its clock by hand calls it too)."""
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = self._timer_at = None
         now = self._clock.now()
         heap = self._heap
@@ -166,12 +182,14 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 
 
 class MemoryBackend(Backend):
+
     def __init__(self, history_size: int = 512, audit_size: int = 10_000,
                  h5_presence_linger_ms: int = 3_000, max_unhandled_per_terminal: int = 100,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, clock: Clock | None = None) -> None:
+        super().__init__()
         self._journal = journal
         saved = journal.load(audit_size) if journal is not None else None
-        self.clock = MonotonicClock(saved.latest_ms if saved is not None else 0)
+        self.clock = clock or MonotonicClock(saved.latest_ms if saved is not None else 0)
         self._linger_s = h5_presence_linger_ms / 1000
         self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._max_unhandled = max_unhandled_per_terminal
@@ -181,7 +199,7 @@ class MemoryBackend(Backend):
         self._orders_of_store: dict[str, set[str]] = {}
         # (store, table) -> its orders: order.get by table_id reads a table's, not a store's
         self._orders_of_table: dict[tuple[str, str], set[str]] = {}
-        self._deadlines = Deadlines(self.clock, self._wake)
+        self.deadlines = Deadlines(self.clock, self._wake)
         self._channels: dict[str, Channel] = {}
         self._configs: dict[str, StoreConfig] = {}
         # Terminals by store and holder_key (role and sub: model.holder_key says why).
@@ -225,6 +243,11 @@ class MemoryBackend(Backend):
             self.apply_now(store_id, order_id, Tick(), None)
         await self._synced()
 
+    async def close(self) -> None:
+        self.deadlines.close()
+        if self._journal is not None:
+            await self._journal.close()
+
     async def ready(self) -> bool:
         return self._journal is None or self._journal.failed is None
 
@@ -234,15 +257,10 @@ class MemoryBackend(Backend):
         if self._journal is not None:
             await self._journal.synced()
 
+    # --- order state ---------------------------------------------------------------------------
+
     async def now(self) -> int:
         return self.clock.now()
-
-    async def close(self) -> None:
-        self._deadlines.close()
-        if self._journal is not None:
-            await self._journal.close()
-
-    # --- transitions -----------------------------------------------------------
 
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
@@ -266,7 +284,7 @@ class MemoryBackend(Backend):
             if self._journal is not None:
                 self._journal.put_record(store_id, order_id, out.record)
         self._publish(store_id, order_id, out)
-        self._deadlines.set(key, out.deadline)
+        self.deadlines.set(key, out.deadline)
         observe(store_id, order_id, out, ctx.now, started, type(command).__name__)
         return out
 
@@ -303,6 +321,103 @@ class MemoryBackend(Backend):
         for holder in new - old:
             self._holdings.setdefault((store_id, holder), set()).add(order_id)
 
+    def _wake(self, key: OrderKey) -> None:
+        self.apply_now(key[0], key[1], Tick(), None)
+
+    def _retick(self, store_id: str, order_ids: Iterable[str]) -> None:
+        for order_id in list(order_ids):
+            self.apply_now(store_id, order_id, Tick(), None)
+
+    async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
+        rec = self._records.get((store_id, order_id))
+        await self._synced()
+        return rec
+
+    async def find_order(self, store_id: str, table_id: str) -> str | None:
+        order_ids = self._orders_of_table.get((store_id, table_id), ())
+        best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
+        await self._synced()
+        return best.order_id if best else None
+
+    async def order_ids(self, store_id: str) -> list[str]:
+        return list(self._orders_of_store.get(store_id, ()))
+
+    async def get_config(self, store_id: str) -> StoreConfig:
+        config = self._configs.get(store_id, self._default_config)
+        await self._synced()
+        return config
+
+    async def put_config(self, store_id: str, config: StoreConfig) -> None:
+        if self._journal is not None:
+            self._journal.check()
+            self._journal.put_config(store_id, config)
+        self._configs[store_id] = config
+        # The grace may have changed: every deadline of the store is recomputed.
+        self._retick(store_id, self._orders_of_store.get(store_id, ()))
+        await self._synced()
+
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
+        log = self._audit.get(store_id)
+        entries = self._entries(log) if log is not None else []
+        if kind:
+            entries = [e for e in entries if e.kind == kind]
+        await self._synced()
+        return entries[:limit]
+
+    def _append_audit(self, store_id: str, entries: list[AuditEntry]) -> None:
+        log = self._audit.get(store_id)
+        if log is None:
+            log = self._audit[store_id] = StoreAudit(self._audit_size)
+        for entry in entries:
+            self._audit_seq += 1
+            pin = unhandled_for(entry)
+            if pin and log.unhandled_by.get(pin, 0) >= self._max_unhandled:
+                entry, pin = untracked(entry), ""
+            entry.id = str(self._audit_seq)
+            raw = _audit_encoder.encode(entry)
+            if self._journal is not None:
+                if len(log.entries) == log.entries.maxlen:
+                    evicted = _audit_decoder.decode(log.entries[0]).id
+                    self._journal.evict_audit(store_id, int(evicted))
+                self._journal.add_audit(store_id, self._audit_seq, raw, bool(pin))
+            log.entries.append(raw)
+            if pin:
+                log.unhandled[entry.id] = raw
+                log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
+
+    def _entries(self, log: StoreAudit) -> list[AuditEntry]:
+        """Every kept entry, newest first; evicted but unhandled ones stay listed."""
+        found = {entry.id: entry for entry in map(_audit_decoder.decode, log.entries)}
+        for entry_id, raw in log.unhandled.items():
+            found.setdefault(entry_id, _audit_decoder.decode(raw))
+        for entry in found.values():
+            if entry.handled is not None:
+                entry.handled = entry.id not in log.unhandled
+        return sorted(found.values(), key=lambda e: int(e.id), reverse=True)
+
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
+        log = self._audit.get(store_id)
+        if log is None:
+            return False
+        raw = log.unhandled.pop(entry_id, None)
+        if raw is not None:
+            pin = unhandled_for(_audit_decoder.decode(raw))
+            left = log.unhandled_by.get(pin, 1) - 1
+            if left > 0:
+                log.unhandled_by[pin] = left
+            else:
+                log.unhandled_by.pop(pin, None)
+            if self._journal is not None:
+                self._journal.mark_handled(store_id, int(entry_id))
+                await self._journal.synced()
+            return True
+        return any(entry.id == entry_id for entry in self._entries(log))
+
+    # --- event streams -------------------------------------------------------------------------
+
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        self._number(store_channel(store_id), event_body(event))
+
     def _publish(self, store_id: str, order_id: str, out: Outcome) -> None:
         if out.audit:  # first: with a data file, what is sent below waits for its entries too
             self._append_audit(store_id, out.audit)
@@ -333,46 +448,6 @@ class MemoryBackend(Backend):
         channel.append(Numbered(channel.seq, frame, table_id))
         self.sink.publish(name, channel.seq, frame, table_id)
 
-    def _wake(self, key: OrderKey) -> None:
-        self.apply_now(key[0], key[1], Tick(), None)
-
-    def _retick(self, store_id: str, order_ids: Iterable[str]) -> None:
-        for order_id in list(order_ids):
-            self.apply_now(store_id, order_id, Tick(), None)
-
-    # --- store state --------------------------------------------------------------
-
-    async def get_config(self, store_id: str) -> StoreConfig:
-        config = self._configs.get(store_id, self._default_config)
-        await self._synced()
-        return config
-
-    async def _put_config(self, store_id: str, config: StoreConfig) -> None:
-        if self._journal is not None:
-            self._journal.check()
-            self._journal.put_config(store_id, config)
-        self._configs[store_id] = config
-        # The grace may have changed: every deadline of the store is recomputed.
-        self._retick(store_id, self._orders_of_store.get(store_id, ()))
-        await self._synced()
-
-    async def publish_store_event(self, store_id: str, event: Event) -> None:
-        self._number(store_channel(store_id), event_body(event))
-
-    async def order_ids(self, store_id: str) -> list[str]:
-        return list(self._orders_of_store.get(store_id, ()))
-
-    async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
-        rec = self._records.get((store_id, order_id))
-        await self._synced()
-        return rec
-
-    async def find_order(self, store_id: str, table_id: str) -> str | None:
-        order_ids = self._orders_of_table.get((store_id, table_id), ())
-        best = best_for_table((self._records[(store_id, oid)] for oid in order_ids), table_id)
-        await self._synced()
-        return best.order_id if best else None
-
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         parsed = parse_channel(channel)
         assert parsed is not None
@@ -395,13 +470,6 @@ class MemoryBackend(Backend):
         await self._synced()
         return seq, snap
 
-    def channel_idle(self, channel: str) -> None:
-        """An order channel numbers nothing until its order exists: one subscribed to for an
-        order never seen goes with its last subscriber (a new one starts from the clock)."""
-        parsed = parse_channel(channel)
-        if parsed is not None and parsed[1] is not None and (parsed not in self._records):
-            self._channels.pop(channel, None)
-
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)
         if found is None:
@@ -419,7 +487,14 @@ class MemoryBackend(Backend):
         await self._synced()
         return missed
 
-    # --- presence -------------------------------------------------------------------
+    def channel_idle(self, channel: str) -> None:
+        """An order channel numbers nothing until its order exists: one subscribed to for an
+        order never seen goes with its last subscriber (a new one starts from the clock)."""
+        parsed = parse_channel(channel)
+        if parsed is not None and parsed[1] is not None and (parsed not in self._records):
+            self._channels.pop(channel, None)
+
+    # --- presence ------------------------------------------------------------------------------
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         online = self._online.setdefault(terminal.store_id, {})
@@ -457,6 +532,9 @@ class MemoryBackend(Backend):
             return
         self._went_offline(terminal)
 
+    async def online_terminals(self, store_id: str) -> list[Terminal]:
+        return [t for t, _ in self._online.get(store_id, {}).values()]
+
     def _linger_ended(self, terminal: Terminal) -> None:
         key = holder_key(terminal)
         self._lingering.pop((terminal.store_id, key), None)
@@ -477,65 +555,3 @@ class MemoryBackend(Backend):
 
     def _held_by(self, terminal: Terminal) -> set[str]:
         return set(self._holdings.get((terminal.store_id, holder_key(terminal)), ()))
-
-    async def online_terminals(self, store_id: str) -> list[Terminal]:
-        return [t for t, _ in self._online.get(store_id, {}).values()]
-
-    # --- audit ------------------------------------------------------------------------
-
-    def _append_audit(self, store_id: str, entries: list[AuditEntry]) -> None:
-        log = self._audit.get(store_id)
-        if log is None:
-            log = self._audit[store_id] = StoreAudit(self._audit_size)
-        for entry in entries:
-            self._audit_seq += 1
-            pin = unhandled_for(entry)
-            if pin and log.unhandled_by.get(pin, 0) >= self._max_unhandled:
-                entry, pin = untracked(entry), ""
-            entry.id = str(self._audit_seq)
-            raw = _audit_encoder.encode(entry)
-            if self._journal is not None:
-                if len(log.entries) == log.entries.maxlen:
-                    evicted = _audit_decoder.decode(log.entries[0]).id
-                    self._journal.evict_audit(store_id, int(evicted))
-                self._journal.add_audit(store_id, self._audit_seq, raw, bool(pin))
-            log.entries.append(raw)
-            if pin:
-                log.unhandled[entry.id] = raw
-                log.unhandled_by[pin] = log.unhandled_by.get(pin, 0) + 1
-
-    def _entries(self, log: StoreAudit) -> list[AuditEntry]:
-        """Every kept entry, newest first; evicted but unhandled ones stay listed."""
-        found = {entry.id: entry for entry in map(_audit_decoder.decode, log.entries)}
-        for entry_id, raw in log.unhandled.items():
-            found.setdefault(entry_id, _audit_decoder.decode(raw))
-        for entry in found.values():
-            if entry.handled is not None:
-                entry.handled = entry.id not in log.unhandled
-        return sorted(found.values(), key=lambda e: int(e.id), reverse=True)
-
-    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
-        log = self._audit.get(store_id)
-        entries = self._entries(log) if log is not None else []
-        if kind:
-            entries = [e for e in entries if e.kind == kind]
-        await self._synced()
-        return entries[:limit]
-
-    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
-        log = self._audit.get(store_id)
-        if log is None:
-            return False
-        raw = log.unhandled.pop(entry_id, None)
-        if raw is not None:
-            pin = unhandled_for(_audit_decoder.decode(raw))
-            left = log.unhandled_by.get(pin, 1) - 1
-            if left > 0:
-                log.unhandled_by[pin] = left
-            else:
-                log.unhandled_by.pop(pin, None)
-            if self._journal is not None:
-                self._journal.mark_handled(store_id, int(entry_id))
-                await self._journal.synced()
-            return True
-        return any(entry.id == entry_id for entry in self._entries(log))

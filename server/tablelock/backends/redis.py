@@ -5,8 +5,12 @@ compare-and-set script (`redis_lua.COMMIT`) that refuses if the record, the
 store's state or the time moved, and then hands back the fresh values. Records
 are cached, so a transition costs one round trip when nobody else wrote. The
 script numbers the events on their channels, keeps a bounded stream per
-channel for `since`, and publishes one message per transition to the store's
-pub/sub channel, which every broker with a connection of that store listens to.
+channel for `since`, and publishes one message per channel it numbered on, to that
+channel's own pub/sub channel: a broker subscribes only to the channels its connections
+follow. Direct notices go to a per-broker channel of the store, and only to the brokers
+that hold a connection of their terminal (presence says which). All of them carry the
+store's hash tag; on a Cluster they are shard channels (SSUBSCRIBE / SPUBLISH), so a
+message goes to one shard, not to every node.
 
 Deadlines sit in a sorted set per store, indexed by a global sorted set of
 stores, and any live broker sweeps them: the compare-and-set makes each
@@ -25,13 +29,14 @@ grant or a payment is acknowledged only once `WAIT` saw it on that many replicas
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -62,6 +67,7 @@ from ..protocol import (
     direct_frame,
     encode,
     event_body,
+    numbered_frame,
     order_channel,
     parse_channel,
     store_channel,
@@ -111,7 +117,8 @@ _record_encoder = msgspec.msgpack.Encoder()
 _terminal_decoder = msgspec.json.Decoder(Terminal)
 _config_decoder = msgspec.json.Decoder(StoreConfig)
 _audit_decoder = msgspec.json.Decoder(AuditEntry)
-PubEntry = tuple[int, str, str, str, str, str, str]  # kind, channel, seq, frame, ...
+# kind (0 numbered, 1 direct), channel (or coalescing key), seq, body, table, holder, unless
+PubEntry = tuple[int, str, str, str, str, str, str]
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
 # Each part of a stream id is below 2^64: 19 digits always are, and ours are milliseconds.
 _STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")
@@ -120,9 +127,10 @@ _STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")
 class Keys:
     """Every key of one store carries the hash tag {store:<id>}: one Cluster slot."""
 
-    __slots__ = ("audit", "auths", "conns", "due", "hist_store", "orders", "prefix", "pubsub",
-                 "seqs", "state", "store_channel", "store_channel_json", "store_id", "terms",
-                 "unclaimed_seqs", "unhandled", "unhandled_count")
+    __slots__ = ("audit", "auths", "config_news", "conns", "due", "hist_store", "holders",
+                 "notices", "orders", "prefix", "seqs", "state", "store_channel",
+                 "store_events", "store_id", "terms", "unclaimed_seqs", "unhandled",
+                 "unhandled_count")
 
     def __init__(self, prefix: str, store_id: str) -> None:
         tag = f"{prefix}{{store:{store_id}}}"
@@ -140,12 +148,18 @@ class Keys:
         self.terms = f"{tag}:terms"
         self.conns = f"{tag}:conns"
         self.auths = f"{tag}:auths"
-        self.pubsub = f"{tag}:ev"
+        self.holders = f"{tag}:at:"  # + holder key: the brokers holding its connections
+        self.notices = f"{tag}:b:"  # + broker id: pub/sub of that broker's direct notices
+        self.config_news = f"{tag}:cfg"  # pub/sub: the config changed
         self.store_channel = store_channel(store_id)
-        self.store_channel_json = encode(self.store_channel).decode()
+        self.store_events = self.events(self.store_channel)
 
     def record(self, order_id: str) -> str:
         return f"{self.prefix}:o:{order_id}"
+
+    def events(self, channel: str) -> str:
+        """The pub/sub channel of one client channel's events."""
+        return f"{self.prefix}:ev:{channel}"
 
     def table(self, table_id: str) -> str:
         """The ids of the orders of a table (the index behind order.get by table_id)."""
@@ -227,12 +241,14 @@ def connect(url: str) -> tuple[Any, bool]:
 
 
 class RedisBackend(Backend):
+
     def __init__(self, url: str, history_size: int = 512, audit_size: int = 10_000,
                  prefix: str = "tl:", tolerance_ms: int = 250, sweep_interval_s: float = 0.05,
                  heartbeat_s: float = 1.0, dead_after_s: float = 3.0,
                  max_unclaimed_seqs: int = 10_000, h5_presence_linger_ms: int = 3_000,
                  max_unhandled_per_terminal: int = 100, wait_replicas: int = 0,
                  wait_timeout_ms: int = 1_000) -> None:
+        super().__init__()
         self.url = url
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
@@ -250,6 +266,8 @@ class RedisBackend(Backend):
         self._heartbeat_s = heartbeat_s
         self._dead_after_ms = int(dead_after_s * 1000)
         self._redis, self._cluster = connect(url)
+        # Cluster: shard channels, each message handled by its slot's shard alone.
+        self._publish_command = "SPUBLISH" if self._cluster else "PUBLISH"
         self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
@@ -260,22 +278,26 @@ class RedisBackend(Backend):
         self._states: dict[str, StoreState] = {}
         self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
         self._stores_heard: dict[str, int] = {}  # store -> local connections (pub/sub interest)
+        # What this broker hears: pub/sub channel -> (kind, client channel or store id).
+        self._routes: dict[str, tuple[str, str]] = {
+            f"{prefix}rpc:{self.broker_id}": ("rpc", "")}
+        self._confirming: dict[str, asyncio.Future[None]] = {}  # subscribed, not confirmed yet
+        self._pubsub_lock = asyncio.Lock()
+        self._unsubscribing: set[asyncio.Task[None]] = set()  # interest changes under way
+        self._orders_followed: dict[str, set[str]] = {}  # store -> order channels followed
+        # Pub/sub messages received, by route kind: what interest by channel saves.
+        self.received: collections.Counter[str] = collections.Counter()
         # Presence by (store, holder_key): role and sub (model.holder_key says why).
         self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
         self._presence_unsent: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
         self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._healthy_since: float | None = None  # since when our heartbeats get through
-        self._probes: dict[str, asyncio.Future[None]] = {}
-        self._store_live: dict[str, asyncio.Future[None]] = {}  # store -> subscription live
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub_ok = asyncio.Event()
-        self.on_broker_message: Callable[[bytes], Awaitable[None]] | None = None
         self.due_stores = f"{prefix}due-stores"
         self.brokers = f"{prefix}brokers"
-
-    # --- life -------------------------------------------------------------------------
 
     async def start(self, sink: Any) -> None:
         await super().start(sink)
@@ -318,7 +340,13 @@ class RedisBackend(Backend):
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable(str(exc) or type(exc).__name__) from None
 
-    # --- the clock ---------------------------------------------------------------------
+    # --- order state ---------------------------------------------------------------------------
+
+    async def now(self) -> int:
+        if self._offset_ms is None:
+            seconds, micros = await self._guard(self._redis.time())
+            self._learn_time(seconds * 1000 + micros // 1000)
+        return self._now()
 
     def _learn_time(self, real_ms: int, reset: bool = False) -> None:
         sample = real_ms - time.monotonic() * 1000
@@ -329,14 +357,6 @@ class RedisBackend(Backend):
         if self._offset_ms is None:
             return 0  # unknown yet: the commit refuses it and teaches us the time
         return int(time.monotonic() * 1000 + self._offset_ms)
-
-    async def now(self) -> int:
-        if self._offset_ms is None:
-            seconds, micros = await self._guard(self._redis.time())
-            self._learn_time(seconds * 1000 + micros // 1000)
-        return self._now()
-
-    # --- transitions --------------------------------------------------------------------
 
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
@@ -458,10 +478,11 @@ class RedisBackend(Backend):
             rec_rev, state_rev, now, self._tolerance_ms, op,
             _record_encoder.encode(out.record) if op == "set" else b"",
             "" if out.deadline is None else out.deadline, order_id,
-            keys.store_id, channel, encode(channel), keys.store_channel,
-            keys.store_channel_json, keys.pubsub, self._history_size, self._audit_size,
+            keys.store_id, channel, keys.events(channel), keys.store_channel,
+            keys.store_events, keys.holders, self._history_size, self._audit_size,
             len(out.events), len(out.direct), len(out.audit), self._max_unhandled,
-            old_table, new_table, commit_id, COMMIT_LOG_MS,
+            old_table, new_table, commit_id, COMMIT_LOG_MS, self._publish_command,
+            keys.notices,
         ]
         for event in out.events:
             args += [event_body(event), event.table_id or "", event.notify or "",
@@ -578,36 +599,6 @@ class RedisBackend(Backend):
             raise
         return conn, release
 
-    # --- store state ---------------------------------------------------------------------
-
-    async def _state(self, store_id: str) -> StoreState:
-        state = self._states.get(store_id)
-        if state is None:
-            fields = await self._guard(self._redis.hgetall(self.keys(store_id).state))
-            state = self._states[store_id] = _state_of(
-                [x for pair in fields.items() for x in pair])
-        return state
-
-    async def get_config(self, store_id: str) -> StoreConfig:
-        return (await self._state(store_id)).config
-
-    async def _put_config(self, store_id: str, config: StoreConfig) -> None:
-        keys = self.keys(store_id)
-        await self._guard(self._scripts["PUT_CONFIG"](keys=[keys.state], args=[encode(config)]))
-        self._states.pop(store_id, None)
-        await self._retick_store(store_id)
-
-    async def publish_store_event(self, store_id: str, event: Event) -> None:
-        keys = self.keys(store_id)
-        await self._guard(self._scripts["PUBLISH_STORE"](
-            keys=[keys.seqs, keys.hist_store],
-            args=[keys.store_channel, keys.store_channel_json, event_body(event), keys.pubsub,
-                  self._history_size]))
-
-    async def order_ids(self, store_id: str) -> list[str]:
-        members = await self._guard(self._redis.smembers(self.keys(store_id).orders))
-        return sorted(_text(m) for m in members)
-
     async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
         raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
         return _record_decoder.decode(raw) if raw else None
@@ -619,11 +610,74 @@ class RedisBackend(Backend):
         best = best_for_table(map(_record_decoder.decode, raws), table_id)
         return best.order_id if best else None
 
+    async def order_ids(self, store_id: str) -> list[str]:
+        members = await self._guard(self._redis.smembers(self.keys(store_id).orders))
+        return sorted(_text(m) for m in members)
+
+    async def get_config(self, store_id: str) -> StoreConfig:
+        return (await self._state(store_id)).config
+
+    async def _state(self, store_id: str) -> StoreState:
+        state = self._states.get(store_id)
+        if state is None:
+            fields = await self._guard(self._redis.hgetall(self.keys(store_id).state))
+            state = self._states[store_id] = _state_of(
+                [x for pair in fields.items() for x in pair])
+        return state
+
+    async def put_config(self, store_id: str, config: StoreConfig) -> None:
+        keys = self.keys(store_id)
+        await self._guard(self._scripts["PUT_CONFIG"](
+            keys=[keys.state], args=[encode(config), keys.config_news, self._publish_command]))
+        self._states.pop(store_id, None)
+        await self._retick_store(store_id)
+
+    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
+        keys = self.keys(store_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(keys.audit, "+", "-", count=limit if not kind else self._audit_size)
+            pipe.hgetall(keys.unhandled)
+            entries, unhandled = await self._guard(pipe.execute())
+        found: dict[str, AuditEntry] = {}
+        for entry_id, fields in entries:
+            found[_text(entry_id)] = _audit_decoder.decode(fields[b"e"])
+        for entry_id, raw in unhandled.items():
+            found.setdefault(_text(entry_id), _audit_decoder.decode(raw))
+        open_ids = {_text(i) for i in unhandled}
+        result = []
+        for entry_id, entry in found.items():
+            entry.id = entry_id
+            if entry.handled is not None:  # one kept to be handled (see untracked)
+                entry.handled = entry_id not in open_ids
+            if not kind or entry.kind == kind:
+                result.append(entry)
+        result.sort(key=lambda e: tuple(int(p) for p in e.id.split("-")), reverse=True)
+        return result[:limit]
+
+    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
+        keys = self.keys(store_id)
+        if await self._guard(self._scripts["MARK_HANDLED"](
+                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
+            return True
+        if not _STREAM_ID.match(entry_id):
+            return False
+        return bool(await self._guard(self._redis.xrange(keys.audit, entry_id, entry_id)))
+
+    # --- event streams -------------------------------------------------------------------------
+
+    async def publish_store_event(self, store_id: str, event: Event) -> None:
+        keys = self.keys(store_id)
+        await self._guard(self._scripts["PUBLISH_STORE"](
+            keys=[keys.seqs, keys.hist_store],
+            args=[keys.store_channel, event_body(event), keys.store_events,
+                  self._history_size, self._publish_command]))
+
     async def snapshot(self, channel: str) -> tuple[int, Any]:
         parsed = parse_channel(channel)
         assert parsed is not None
         store_id, order_id = parsed
         keys = self.keys(store_id)
+        await self._follow(channel, keys)
         if order_id is not None:
             await self.apply(store_id, order_id, Tick(), None)  # expiry first
             seq, raw = await self._guard(self._scripts["SNAPSHOT_ORDER"](
@@ -651,6 +705,12 @@ class RedisBackend(Backend):
         return int(seq), snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
+        parsed = parse_channel(channel)
+        assert parsed is not None
+        await self._follow(channel, self.keys(parsed[0]))
+        return await self._read_history(channel, since)
+
+    async def _read_history(self, channel: str, since: int) -> list[Numbered] | None:
         if since >= MAX_SAFE_INT:
             return None  # no seq of ours gets there (and Redis could not read it as a stream id)
         parsed = parse_channel(channel)
@@ -668,15 +728,248 @@ class RedisBackend(Backend):
         if since == seq:
             self._seen[channel] = max(self._seen.get(channel, 0), seq)
             return []
-        frames = [Numbered(int(_text(entry_id).split("-")[0]), fields[b"f"],
-                           _text(fields.get(b"t", b"")) or None) for entry_id, fields in entries]
+        frames = []
+        for entry_id, fields in entries:
+            body = fields.get(b"b")
+            if body is None:  # kept whole by a broker before bodies (no frames in Redis)
+                return None  # the subscriber takes a fresh snapshot instead
+            seq = int(_text(entry_id).split("-")[0])
+            frames.append(Numbered(seq, numbered_frame(channel, seq, body),
+                                   _text(fields.get(b"t", b"")) or None))
         if not frames or frames[0].seq != since + 1:
             return None
         # As after a snapshot: a later event that skips a seq is a gap to fill.
         self._seen[channel] = max(self._seen.get(channel, 0), seq)
         return [entry for entry in frames if entry.seq <= seq]
 
-    # --- presence ---------------------------------------------------------------------------
+    def channel_idle(self, channel: str) -> None:
+        """The last local subscriber left: its events need no longer come here."""
+        parsed = parse_channel(channel)
+        if parsed is None or self.sink.has_subscribers(channel):
+            return
+        self._seen.pop(channel, None)
+        keys = self.keys(parsed[0])
+        orders = self._orders_followed.get(keys.store_id, set())
+        if parsed[1] is not None:
+            orders.discard(channel)
+            if not orders:
+                self._orders_followed.pop(keys.store_id, None)
+            if keys.events(channel) in self._routes:
+                self._forget([keys.events(channel)])
+        elif orders:  # its order channels are no longer covered: hear them on their own
+            self._spawn(self._uncover(keys))
+        else:
+            self._forget([keys.store_events])
+
+    async def _follow(self, channel: str, keys: Keys) -> None:
+        """Hear a channel's events from now on: nobody reads history or takes a snapshot
+        before the subscription is live, or events slip between the two. The store's
+        messages carry its orders' events too: while the store channel is heard, its order
+        channels need no subscription of their own (they are covered)."""
+        if channel == keys.store_channel:
+            await self._hear({keys.store_events: ("events", channel)})
+            covered = [keys.events(c) for c in self._orders_followed.get(keys.store_id, ())]
+            self._forget([name for name in covered if name in self._routes])
+            return
+        self._orders_followed.setdefault(keys.store_id, set()).add(channel)
+        if keys.store_events in self._routes:  # covered (wait until the store's is live)
+            await self._hear({keys.store_events: ("events", keys.store_channel)})
+        else:
+            await self._hear({keys.events(channel): ("events", channel)})
+
+    async def _uncover(self, keys: Keys) -> None:
+        """Subscribe to each followed order channel of a store no longer heard as a whole;
+        only then leave the store's (so nothing slips), unless it is followed again."""
+        while True:  # an order channel followed meanwhile is heard too before the store goes
+            routes = {keys.events(c): ("events", c)
+                      for c in self._orders_followed.get(keys.store_id, ())}
+            if all(name in self._routes and name not in self._confirming for name in routes):
+                break
+            try:
+                await self._hear(routes)
+            except Unavailable:
+                return  # the store's subscription stays: it covers them still
+        if self.sink.has_subscribers(keys.store_channel):
+            self._forget(list(routes))
+        else:
+            self._forget([keys.store_events])
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._unsubscribing.add(task)
+        task.add_done_callback(self._unsubscribing.discard)
+
+    async def _listen_to_store(self, store_id: str, delta: int) -> None:
+        """While any local connection belongs to a store: hear its direct notices for this
+        broker, and news of its config (the cached state dies). Its events are heard per
+        channel, as connections subscribe (_follow)."""
+        count = self._stores_heard.get(store_id, 0) + delta
+        keys = self.keys(store_id)
+        names = [keys.notices + self.broker_id, keys.config_news]
+        if count > 0:
+            self._stores_heard[store_id] = count
+            if delta > 0:
+                if count == 1:
+                    await self._guard(self._redis.sadd(
+                        f"{self._prefix}broker:{self.broker_id}:stores", store_id))
+                # Whoever came first may still be subscribing: wait for it too.
+                await self._hear({names[0]: ("direct", store_id),
+                                  names[1]: ("config", store_id)})
+        else:
+            self._stores_heard.pop(store_id, None)
+            self._forget(names)
+
+    async def _hear(self, routes: dict[str, tuple[str, str]]) -> None:
+        """Subscribe to these pub/sub channels and wait until Redis confirmed each one (ours
+        or another caller's subscription still on its way). Without a subscription now, the
+        listener subscribes to every route once it has one again, and resynchronises."""
+        await self._guard(self._hear_now(routes))
+
+    async def _hear_now(self, routes: dict[str, tuple[str, str]]) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._pubsub_lock:
+            new = [name for name in routes if name not in self._routes]
+            self._routes.update(routes)
+            if new and self._pubsub is not None:
+                for name in new:
+                    self._confirming.setdefault(name, loop.create_future())
+                await self._subscribe(self._pubsub, new)
+        waits = [self._confirming[name] for name in routes if name in self._confirming]
+        if waits:
+            await asyncio.gather(*map(asyncio.shield, waits))
+
+    def _forget(self, names: list[str]) -> None:
+        """Stop hearing these pub/sub channels (in the background: channel_idle is not a
+        coroutine); one heard again meanwhile stays."""
+        for name in names:
+            self._routes.pop(name, None)
+        self._spawn(self._unsubscribe(names))
+
+    async def _unsubscribe(self, names: list[str]) -> None:
+        async with self._pubsub_lock:
+            gone = [name for name in names if name not in self._routes]
+            if gone and self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    if self._cluster:
+                        await self._pubsub.sunsubscribe(*gone)
+                    else:
+                        await self._pubsub.unsubscribe(*gone)
+
+    async def _subscribe(self, pubsub: Any, names: list[str]) -> None:
+        if self._cluster:
+            await pubsub.ssubscribe(*names)
+        else:
+            await pubsub.subscribe(*names)
+
+    def _confirmed(self, name: str) -> None:
+        confirming = self._confirming.pop(name, None)
+        if confirming is not None and not confirming.done():
+            confirming.set_result(None)
+
+    async def _listen(self) -> None:
+        """Deliver what this broker hears; after a lost subscription, resynchronise from
+        history."""
+        delay = 0.05
+        while True:
+            try:
+                async with self._pubsub_lock:
+                    self._pubsub = self._redis.pubsub()
+                    await self._subscribe(self._pubsub, list(self._routes))
+                if self._offset_ms is not None:  # not the first time: we may have missed some
+                    metrics.REDIS_EVENTS.labels("resync").inc()
+                    await self._resync()
+                self._pubsub_ok.set()
+                delay = 0.05
+                await self._receive(self._pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._pubsub_ok.is_set():
+                    log.warning("lost the Redis subscription: %s", exc)
+                    metrics.REDIS_EVENTS.labels("subscription_lost").inc()
+                self._pubsub_ok.clear()
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+                self._pubsub = None
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    async def _receive(self, pubsub: Any) -> None:
+        """Hand every message to _on_message and every confirmed subscription to _confirmed.
+        A Cluster's shard channels sit on many nodes' connections: they are polled in turn."""
+        if not self._cluster:
+            async for message in pubsub.listen():
+                kind = message["type"]
+                if kind == "message":
+                    await self._on_message(_text(message["channel"]), message["data"])
+                elif kind == "subscribe":
+                    self._confirmed(_text(message["channel"]))
+            raise ConnectionError("the subscription ended")
+        while True:
+            message = await pubsub.get_sharded_message(timeout=0.01)
+            if message is None:
+                if not pubsub.node_pubsub_mapping:
+                    await asyncio.sleep(0.01)
+                continue
+            kind = message["type"]
+            if kind == "smessage":
+                await self._on_message(_text(message["channel"]), message["data"])
+            elif kind == "ssubscribe":
+                self._confirmed(_text(message["channel"]))
+
+    async def _on_message(self, name: str, data: bytes) -> None:
+        route = self._routes.get(name)
+        if route is None:
+            return  # a channel left meanwhile
+        kind, target = route
+        self.received[kind] += 1
+        if kind == "rpc":
+            await self._broker_message(data)
+        elif kind == "config":
+            self._states.pop(target, None)
+        elif kind == "events":
+            for _, channel, seq_text, body, table_id, _, _ in _pub_decoder.decode(data):
+                seq = int(seq_text)
+                # Only gaps are this broker's business: each connection drops what it has
+                # already had (Hub.publish), so nothing is skipped here.
+                seen = self._seen.get(channel)
+                if seen is not None and seq > seen + 1:
+                    metrics.REDIS_EVENTS.labels("gap_recovery").inc()
+                    await self._recover(channel, seen)  # a gap: fill it from the history first
+                if seq > self._seen.get(channel, 0):
+                    self._seen[channel] = seq
+                self.sink.publish(channel, seq, numbered_frame(channel, seq, body.encode()),
+                                  table_id or None)
+        else:  # direct notices for terminals of `target` connected here
+            for _, coalesce, _, body, _, holder, unless in _pub_decoder.decode(data):
+                self.sink.direct(target, holder, body.encode(),
+                                 tuple(unless.split("\n")) if unless else (), coalesce)
+
+    async def _recover(self, channel: str, since: int) -> None:
+        """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""
+        try:
+            missed = await self._read_history(channel, since)
+        except Unavailable:
+            return  # not now: the next event's gap brings us back here
+        if missed is None:
+            log.warning("history of %s no longer reaches seq %d", channel, since)
+            self.sink.lost(channel)
+            return
+        for seq, frame, table_id in missed:  # connections drop what they already had
+            self.sink.publish(channel, seq, frame, table_id)
+        if missed:
+            self._seen[channel] = max(self._seen.get(channel, 0), missed[-1].seq)
+
+    async def _resync(self) -> None:
+        """After a lost subscription: fill every local channel's gap, re-announce presence."""
+        for channel, seen in list(self._seen.items()):
+            if self.sink.has_subscribers(channel):
+                await self._recover(channel, seen)
+            else:
+                del self._seen[channel]
+        await self._reannounce()
+
+    # --- presence ------------------------------------------------------------------------------
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
         key = (terminal.store_id, holder_key(terminal))
@@ -709,6 +1002,21 @@ class RedisBackend(Backend):
             await self._sync_presence(key, terminal)
         finally:
             await self._listen_to_store(terminal.store_id, -1)
+
+    async def online_terminals(self, store_id: str) -> list[Terminal]:
+        values = await self._guard(self._redis.hvals(self.keys(store_id).terms))
+        return [_terminal_decoder.decode(v) for v in values]
+
+    async def authority(self, store_id: str) -> str | None:
+        """The broker holding the store's order authority: an erp_main first, ours first."""
+        fields = await self._guard(self._redis.hgetall(self.keys(store_id).auths))
+        best: tuple[bool, bool, str] | None = None
+        for name, role in fields.items():
+            broker = _text(name).rsplit("|", 1)[-1]
+            rank = (is_first_authority(_text(role)), broker == self.broker_id, broker)
+            if best is None or rank > best:
+                best = rank
+        return best[2] if best else None
 
     def _linger_ended(self, key: tuple[str, str], terminal: Terminal) -> None:
         self._lingering.pop(key, None)
@@ -746,196 +1054,20 @@ class RedisBackend(Backend):
     async def _announce(self, terminal: Terminal, count: int, authority: bool,
                         broker_id: str | None = None, since: int | None = None) -> None:
         keys = self.keys(terminal.store_id)
+        holder = holder_key(terminal)
+        now = await self.now()
+        online = event_body(Event("terminal.online", now, terminal=terminal))
+        offline = event_body(Event("terminal.offline", now, terminal=terminal))
         before, after = await self._guard(self._scripts["PRESENCE"](
-            keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store],
-            args=[holder_key(terminal), broker_id or self.broker_id, count, encode(terminal),
-                  terminal.role, "1" if authority else "0", keys.store_channel,
-                  keys.store_channel_json, keys.pubsub, self._history_size,
-                  "" if since is None else since, "1" if has_grace(terminal.role) else "0"]))
+            keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store,
+                  keys.holders + holder],
+            args=[holder, broker_id or self.broker_id, count, encode(terminal),
+                  terminal.role, "1" if authority else "0", keys.store_channel, online,
+                  keys.store_events, self._history_size, "" if since is None else since,
+                  "1" if has_grace(terminal.role) else "0", offline, self._publish_command]))
         if has_grace(terminal.role) and (before == 0) != (after == 0):
             self._states.pop(terminal.store_id, None)
             await self._retick_store(terminal.store_id)
-
-    async def _retick_store(self, store_id: str) -> None:
-        """Recompute every pending deadline of a store (its grace or presence changed)."""
-        order_ids = await self._guard(self._redis.zrange(self.keys(store_id).due, 0, -1))
-        for order_id in order_ids:
-            await self.apply(store_id, _text(order_id), Tick(), None)
-
-    async def online_terminals(self, store_id: str) -> list[Terminal]:
-        values = await self._guard(self._redis.hvals(self.keys(store_id).terms))
-        return [_terminal_decoder.decode(v) for v in values]
-
-    async def authority(self, store_id: str) -> str | None:
-        """The broker holding the store's order authority: an erp_main first, ours first."""
-        fields = await self._guard(self._redis.hgetall(self.keys(store_id).auths))
-        best: tuple[bool, bool, str] | None = None
-        for name, role in fields.items():
-            broker = _text(name).rsplit("|", 1)[-1]
-            rank = (is_first_authority(_text(role)), broker == self.broker_id, broker)
-            if best is None or rank > best:
-                best = rank
-        return best[2] if best else None
-
-    async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
-        await self._guard(self._redis.publish(f"{self._prefix}rpc:{broker_id}", payload))
-
-    async def _listen_to_store(self, store_id: str, delta: int) -> None:
-        """Listen to a store's pub/sub channel while any local connection belongs to it."""
-        count = self._stores_heard.get(store_id, 0) + delta
-        keys = self.keys(store_id)
-        if count > 0:
-            self._stores_heard[store_id] = count
-            if count == 1 and delta > 0:
-                live = self._store_live[store_id] = asyncio.get_running_loop().create_future()
-                try:
-                    await self._guard(self._redis.sadd(
-                        f"{self._prefix}broker:{self.broker_id}:stores", store_id))
-                    if self._pubsub is not None:
-                        await self._guard(self._pubsub.subscribe(keys.pubsub))
-                        await self._guard(self._confirm(keys.pubsub))
-                finally:
-                    live.set_result(None)
-            elif delta > 0:
-                # Whoever came first may still be subscribing: nobody reads history or takes
-                # a snapshot before the subscription is live, or events slip between the two.
-                subscribing = self._store_live.get(store_id)
-                if subscribing is not None and not subscribing.done():
-                    await self._guard(asyncio.shield(subscribing))
-        else:
-            self._stores_heard.pop(store_id, None)
-            self._store_live.pop(store_id, None)
-            if self._pubsub is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._pubsub.unsubscribe(keys.pubsub)
-
-    async def _confirm(self, pubsub_channel: str) -> None:
-        """Wait until our subscription hears its own probe: no event can slip past it."""
-        while True:
-            probe_id = secrets.token_hex(6)
-            future = self._probes[probe_id] = asyncio.get_running_loop().create_future()
-            await self._redis.publish(pubsub_channel, encode([[2, probe_id, "0", "", "", "", ""]]))
-            try:
-                await asyncio.wait_for(asyncio.shield(future), 0.1)
-                return
-            except TimeoutError:
-                self._probes.pop(probe_id, None)
-
-    # --- audit --------------------------------------------------------------------------------
-
-    async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
-        keys = self.keys(store_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(keys.audit, "+", "-", count=limit if not kind else self._audit_size)
-            pipe.hgetall(keys.unhandled)
-            entries, unhandled = await self._guard(pipe.execute())
-        found: dict[str, AuditEntry] = {}
-        for entry_id, fields in entries:
-            found[_text(entry_id)] = _audit_decoder.decode(fields[b"e"])
-        for entry_id, raw in unhandled.items():
-            found.setdefault(_text(entry_id), _audit_decoder.decode(raw))
-        open_ids = {_text(i) for i in unhandled}
-        result = []
-        for entry_id, entry in found.items():
-            entry.id = entry_id
-            if entry.handled is not None:  # one kept to be handled (see untracked)
-                entry.handled = entry_id not in open_ids
-            if not kind or entry.kind == kind:
-                result.append(entry)
-        result.sort(key=lambda e: tuple(int(p) for p in e.id.split("-")), reverse=True)
-        return result[:limit]
-
-    async def mark_handled(self, store_id: str, entry_id: str) -> bool:
-        keys = self.keys(store_id)
-        if await self._guard(self._scripts["MARK_HANDLED"](
-                keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
-            return True
-        if not _STREAM_ID.match(entry_id):
-            return False
-        return bool(await self._guard(self._redis.xrange(keys.audit, entry_id, entry_id)))
-
-    # --- background work --------------------------------------------------------------------------
-
-    async def _listen(self) -> None:
-        """Deliver every store's events; after a lost subscription, resynchronise from history."""
-        delay = 0.05
-        while True:
-            try:
-                self._pubsub = self._redis.pubsub()
-                channels = [self.keys(s).pubsub for s in self._stores_heard]
-                await self._pubsub.subscribe(f"{self._prefix}rpc:{self.broker_id}", *channels)
-                if self._offset_ms is not None:  # not the first time: we may have missed some
-                    metrics.REDIS_EVENTS.labels("resync").inc()
-                    await self._resync()
-                self._pubsub_ok.set()
-                delay = 0.05
-                async for message in self._pubsub.listen():
-                    if message["type"] == "message":
-                        await self._on_message(_text(message["channel"]), message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._pubsub_ok.is_set():
-                    log.warning("lost the Redis subscription: %s", exc)
-                    metrics.REDIS_EVENTS.labels("subscription_lost").inc()
-                self._pubsub_ok.clear()
-                with contextlib.suppress(Exception):
-                    await self._pubsub.aclose()
-                self._pubsub = None
-                await asyncio.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 1.0)
-
-    async def _on_message(self, channel: str, data: bytes) -> None:
-        if channel.endswith(f"rpc:{self.broker_id}"):
-            if self.on_broker_message is not None:
-                await self.on_broker_message(data)
-            return
-        store_id = channel[len(self._prefix) + 7:-4]  # tl:{store:<id>}:ev
-        for kind, name, seq_text, frame, table_id, holder, unless in _pub_decoder.decode(data):
-            seq = int(seq_text)
-            if kind == 2:  # our own probe: the subscription is live
-                probe = self._probes.pop(name, None)
-                if probe is not None and not probe.done():
-                    probe.set_result(None)
-            elif kind == 0:
-                # Only gaps are this broker's business: each connection drops what it has
-                # already had (Hub.publish), so nothing is skipped here.
-                seen = self._seen.get(name)
-                if seen is not None and seq > seen + 1:
-                    metrics.REDIS_EVENTS.labels("gap_recovery").inc()
-                    await self._recover(name, seen)  # a gap: fill it from the history first
-                if seq > self._seen.get(name, 0):
-                    self._seen[name] = seq
-                if '"event":"config.updated"' in frame:
-                    self._states.pop(store_id, None)
-                self.sink.publish(name, seq, frame.encode(), table_id or None)
-            else:  # a direct notice: `name` carries its coalescing key
-                self.sink.direct(store_id, holder, frame.encode(),
-                                 tuple(unless.split("\n")) if unless else (), name)
-
-    async def _recover(self, channel: str, since: int) -> None:
-        """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""
-        try:
-            missed = await self.history(channel, since)
-        except Unavailable:
-            return  # not now: the next event's gap brings us back here
-        if missed is None:
-            log.warning("history of %s no longer reaches seq %d", channel, since)
-            self.sink.lost(channel)
-            return
-        for seq, frame, table_id in missed:  # connections drop what they already had
-            self.sink.publish(channel, seq, frame, table_id)
-        if missed:
-            self._seen[channel] = max(self._seen.get(channel, 0), missed[-1].seq)
-
-    async def _resync(self) -> None:
-        """After a lost subscription: fill every local channel's gap, re-announce presence."""
-        for channel, seen in list(self._seen.items()):
-            if self.sink.has_subscribers(channel):
-                await self._recover(channel, seen)
-            else:
-                del self._seen[channel]
-        await self._reannounce()
 
     async def _reannounce(self) -> None:
         """Say every local connection again, and what Redis missed (idempotent)."""
@@ -944,6 +1076,20 @@ class RedisBackend(Backend):
         for key, terminal in terminals.items():
             with contextlib.suppress(Unavailable):
                 await self._sync_presence(key, terminal)
+
+    async def _retick_store(self, store_id: str) -> None:
+        """Recompute every pending deadline of a store (its grace or presence changed)."""
+        order_ids = await self._guard(self._redis.zrange(self.keys(store_id).due, 0, -1))
+        for order_id in order_ids:
+            await self.apply(store_id, _text(order_id), Tick(), None)
+
+    # --- broker-to-broker control --------------------------------------------------------------
+
+    async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
+        await self._guard(self._redis.execute_command(
+            self._publish_command, f"{self._prefix}rpc:{broker_id}", payload))
+
+    # --- background work: deadlines and broker liveness ----------------------------------------
 
     async def _sweep(self) -> None:
         """Expire what is due, whoever granted it; each broker polls the store index."""

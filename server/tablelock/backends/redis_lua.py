@@ -16,8 +16,9 @@ apply afterwards: the answer is final either way.
 
 from __future__ import annotations
 
-# Shared by the scripts that publish: number a frame on a channel, keep it in the
-# channel's bounded history, and add it to the message for this store's brokers.
+# Shared by the scripts that publish: number an event on a channel, keep it in the
+# channel's bounded history, and add it to the message for that channel's brokers. Bodies
+# are opaque here: the broker builds the frame (protocol.numbered_frame), never Lua.
 _EMIT = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -35,14 +36,17 @@ local function seq_of(seq_key, channel)
   redis.call('HSET', seq_key, channel, seq)
   return seq
 end
--- body: the event's JSON without its opening brace, channel and seq
-local function emit(out, seq_key, hist_key, channel, channel_json, body, table_id, maxlen)
+-- body: an opaque event body (protocol.event_body), numbered here, framed by the broker
+local function emit(out, seq_key, hist_key, channel, body, table_id, maxlen)
   seq_of(seq_key, channel)
   -- seqs pass 2^31: format them as integers, never let Lua or cjson write 1.7e+15
   local seq = string.format('%d', redis.call('HINCRBY', seq_key, channel, 1))
-  local frame = '{"type":"event","channel":' .. channel_json .. ',"seq":' .. seq .. ',' .. body
-  redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'f', frame, 't', table_id)
-  out[#out + 1] = {0, channel, seq, frame, table_id, '', ''}
+  redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'b', body, 't', table_id)
+  out[#out + 1] = {0, channel, seq, body, table_id, '', ''}
+end
+-- A message for the brokers listening on `pubsub`: PUBLISH, or SPUBLISH on a Cluster.
+local function send(command, pubsub, out)
+  if #out > 0 then redis.call(command, pubsub, cjson.encode(out)) end
 end
 local function bump(key)
   local old = tonumber(redis.call('HGET', key, 'rev') or '0')
@@ -57,11 +61,13 @@ end
 #       13 the order's commit log, [14 global due-stores, not in Cluster]
 # ARGV: 1 record rev seen, 2 state rev seen, 3 now stepped at, 4 tolerance ms,
 #       5 record op (keep|set|del), 6 record bytes, 7 deadline or '', 8 order id, 9 store id,
-#       10 order channel, 11 its JSON, 12 store channel, 13 its JSON, 14 pub/sub channel,
-#       15 history maxlen, 16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
+#       10 order channel, 11 its pub/sub channel, 12 store channel, 13 its pub/sub channel,
+#       14 key prefix of the brokers holding a terminal (+ holder key), 15 history maxlen,
+#       16 audit maxlen, 17 event count, 18 direct count, 19 audit count,
 #       20 unhandled entries kept per terminal, 21 table the record had ('' none),
 #       22 table it has now ('' none), 23 commit id ('' for one that changes nothing:
-#       a read), 24 how long the commit log keeps ids (ms),
+#       a read), 24 how long the commit log keeps ids (ms), 25 PUBLISH or SPUBLISH,
+#       26 pub/sub channel prefix of one broker's direct notices (+ broker id),
 #       then per event (body, table_id, notify, direct body), per direct (terminal, body,
 #       coalescing key), per audit entry (json, terminal to keep it unhandled for or '',
 #       json to log instead when that terminal has its fill of unhandled entries)
@@ -109,20 +115,34 @@ if commit_id ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[13], '-inf', real - tonumber(ARGV[24]))
   redis.call('PEXPIRE', KEYS[13], ARGV[24])
 end
-local out = {}
+local order_out, store_out = {}, {}
+-- Direct notices go only to the brokers that hold a connection of their terminal.
+local by_broker, brokers = {}, {}
+local function direct(holder, entry)
+  for _, broker in ipairs(redis.call('SMEMBERS', ARGV[14] .. holder)) do
+    if not by_broker[broker] then
+      by_broker[broker] = {}
+      brokers[#brokers + 1] = broker
+    end
+    table.insert(by_broker[broker], entry)
+  end
+end
 local maxlen = ARGV[15]
-local i = 25
+local i = 27
 for _ = 1, tonumber(ARGV[17]) do
-  local body, table_id, notify, direct = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  emit(out, KEYS[3], KEYS[6], ARGV[10], ARGV[11], body, table_id, maxlen)
-  emit(out, KEYS[3], KEYS[7], ARGV[12], ARGV[13], body, table_id, maxlen)
+  local body, table_id, notify, notice = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  emit(order_out, KEYS[3], KEYS[6], ARGV[10], body, table_id, maxlen)
+  -- The store's message carries the order channel's numbering too: a broker that hears
+  -- the store hears every order of it, without a subscription per order.
+  store_out[#store_out + 1] = order_out[#order_out]
+  emit(store_out, KEYS[3], KEYS[7], ARGV[12], body, table_id, maxlen)
   if notify ~= '' then
-    out[#out + 1] = {1, '', '0', direct, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]}
+    direct(notify, {1, '', '0', notice, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]})
   end
   i = i + 4
 end
 for _ = 1, tonumber(ARGV[18]) do
-  out[#out + 1] = {1, ARGV[i + 2], '0', ARGV[i + 1], '', ARGV[i], ''}
+  direct(ARGV[i], {1, ARGV[i + 2], '0', ARGV[i + 1], '', ARGV[i], ''})
   i = i + 3
 end
 for _ = 1, tonumber(ARGV[19]) do
@@ -137,7 +157,9 @@ for _ = 1, tonumber(ARGV[19]) do
   end
   i = i + 3
 end
-if #out > 0 then redis.call('PUBLISH', ARGV[14], cjson.encode(out)) end
+send(ARGV[25], ARGV[11], order_out)
+send(ARGV[25], ARGV[13], store_out)
+for _, broker in ipairs(brokers) do send(ARGV[25], ARGV[26] .. broker, by_broker[broker]) end
 return {1, real, redis.call('HGET', KEYS[1], 'rev') or '0'}
 """
 
@@ -164,18 +186,22 @@ return {now_ms(), redis.call('HGET', KEYS[1], 'rev') or '0',
         redis.call('HGET', KEYS[1], 'rec') or false, redis.call('HGETALL', KEYS[2])}
 """
 
-# KEYS: 1 seqs, 2 store history   ARGV: 1 store channel, 2 its JSON, 3 body, 4 pub/sub, 5 maxlen
+# KEYS: 1 seqs, 2 store history
+# ARGV: 1 store channel, 2 body, 3 its pub/sub channel, 4 maxlen, 5 PUBLISH or SPUBLISH
 PUBLISH_STORE = _EMIT + """
 local out = {}
-emit(out, KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], '', ARGV[5])
-redis.call('PUBLISH', ARGV[4], cjson.encode(out))
+emit(out, KEYS[1], KEYS[2], ARGV[1], ARGV[2], '', ARGV[4])
+send(ARGV[5], ARGV[3], out)
 return 1
 """
 
-# KEYS: 1 store state   ARGV: 1 config JSON.  Bumps the state's revision: cached copies die.
+# KEYS: 1 store state   ARGV: 1 config JSON, 2 the store's config pub/sub channel,
+#                               3 PUBLISH or SPUBLISH
+# Bumps the state's revision, and tells the store's brokers: cached copies die.
 PUT_CONFIG = _EMIT + """
 redis.call('HSET', KEYS[1], 'config', ARGV[1])
 bump(KEYS[1])
+redis.call(ARGV[3], ARGV[2], '')
 return 1
 """
 
@@ -183,10 +209,11 @@ return 1
 # of its connections after losing Redis). Online and offline are published on transitions;
 # an ERP's offline time goes into the store state, which the rules read for the grace.
 # KEYS: 1 state, 2 online terminals, 3 connections per terminal|broker, 4 authorities,
-#       5 seqs, 6 store history
+#       5 seqs, 6 store history, 7 the brokers holding the terminal (direct notices)
 # ARGV: 1 holder key (role:sub), 2 broker id, 3 connection count, 4 terminal JSON, 5 role,
-#       6 authority 0|1, 7 store channel, 8 its JSON, 9 pub/sub, 10 maxlen,
-#       11 offline since ('' for now), 12 its locks have the disconnect grace 0|1
+#       6 authority 0|1, 7 store channel, 8 the terminal.online body, 9 its pub/sub,
+#       10 maxlen, 11 offline since ('' for now), 12 its locks have the disconnect grace
+#       0|1, 13 the terminal.offline body, 14 PUBLISH or SPUBLISH
 PRESENCE = _EMIT + """
 local tid, broker = ARGV[1], ARGV[2]
 local function total()
@@ -205,8 +232,10 @@ local field = tid .. '|' .. broker
 local count = tonumber(ARGV[3])
 if count > 0 then
   redis.call('HSET', KEYS[3], field, count)
+  redis.call('SADD', KEYS[7], broker)
 else
   redis.call('HDEL', KEYS[3], field)
+  redis.call('SREM', KEYS[7], broker)
 end
 if count > 0 and ARGV[6] == '1' then
   redis.call('HSET', KEYS[4], field, ARGV[5])
@@ -219,10 +248,8 @@ local now = now_ms()
 if before == 0 and after > 0 then
   redis.call('HSET', KEYS[2], tid, ARGV[4])
   if redis.call('HDEL', KEYS[1], 'off:' .. tid) == 1 then bump(KEYS[1]) end
-  emit(out, KEYS[5], KEYS[6], ARGV[7], ARGV[8],
-       '"event":"terminal.online","ts":' .. now .. ',"terminal":' .. ARGV[4] .. '}', '', ARGV[10])
+  emit(out, KEYS[5], KEYS[6], ARGV[7], ARGV[8], '', ARGV[10])
 elseif before > 0 and after == 0 then
-  local terminal = redis.call('HGET', KEYS[2], tid) or ARGV[4]
   redis.call('HDEL', KEYS[2], tid)
   if ARGV[12] == '1' then
     local since = ARGV[11]
@@ -230,10 +257,9 @@ elseif before > 0 and after == 0 then
     redis.call('HSET', KEYS[1], 'off:' .. tid, since)
     bump(KEYS[1])
   end
-  emit(out, KEYS[5], KEYS[6], ARGV[7], ARGV[8],
-       '"event":"terminal.offline","ts":' .. now .. ',"terminal":' .. terminal .. '}', '', ARGV[10])
+  emit(out, KEYS[5], KEYS[6], ARGV[7], ARGV[13], '', ARGV[10])
 end
-if #out > 0 then redis.call('PUBLISH', ARGV[9], cjson.encode(out)) end
+send(ARGV[14], ARGV[9], out)
 return {before, after}
 """
 
