@@ -25,6 +25,19 @@ request may or may not have applied; the token of an unanswered grant is
 unknown until a read shows it), so the search runs over sets of model states,
 as porcupine does with its nondeterministic models.
 
+Strict where the protocol is: a grant's token (of any kind) tops every earlier token of
+its order, and an order or presettle grant below that is only the re-acquire of the
+client's own lock; no two holders of the payment lock; a force names the lock it revoked;
+at most one payment, whose retries (same `payment_ref`) answer the same success; a
+payment refused for its version or amount held the current token (section 2's
+precedence); `UNAVAILABLE` changed nothing. Lenient only where the history cannot know:
+  - when a lock ends on its own: any time after its shortest TTL or grace can have run
+    out since the request that took it left (renewals are not recorded; the harness
+    passes the bound, less clock slack);
+  - whether and when an unanswered request took effect (any time after it was sent);
+  - an unanswered grant's token, until a reply shows it: only its lower bound is known.
+Operations that touch at one instant count as concurrent (porcupine's reading too).
+
     python -m bench.linearizability HISTORY.json   # one JSON operation per line
 """
 
@@ -98,10 +111,11 @@ Input = Acquire | Release | Complete | Read | OtherLock | Publish
 @dataclass(frozen=True, slots=True)
 class Granted:
     """A lock granted (payment, or another kind for OtherLock); `forced`: the payment-lock
-    tokens it revoked (None: not recorded)."""
+    tokens it revoked (a force names the lock it revoked: an empty `forced` says it revoked
+    none)."""
 
     token: int
-    forced: tuple[int, ...] | None = None
+    forced: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +163,10 @@ class LockState(NamedTuple):
     lapsed: int | None  # the token of the last lock that expired, until the next grant
     paid: str | None  # the payment_ref the order was paid with
     closed: bool  # the ERP closed the order
+    # The order and presettle locks granted so far, as (client, least token, greatest
+    # token): a re-acquire may only return one of its own (an unanswered grant's token is
+    # known only to be above the floor it found).
+    other_grants: frozenset[tuple[str, int, int]]
 
     @property
     def ended(self) -> bool:
@@ -166,10 +184,13 @@ class LockState(NamedTuple):
         return self._replace(holder=None, token=None)
 
 
-# Refusals that say nothing about the payment lock (a version, the ERP, the broker's
-# load) or that say nothing changed: allowed in any state, they change nothing.
+# Refusals that say nothing about the payment lock (the ERP, the broker's load, a request
+# the broker could not take) or that say nothing changed: allowed in any state, they change
+# nothing. A version is refused after the token (section 2's precedence): STALE_VERSION is
+# neutral only for a publish, which carries no payment token.
 NEUTRAL = {"UNAVAILABLE", "ERP_UNAVAILABLE", "FORBIDDEN", "NOT_FOUND", "BAD_REQUEST",
-           "RATE_LIMITED", "STALE_VERSION", "ACCEPT_BLOCKED"}
+           "RATE_LIMITED", "ACCEPT_BLOCKED"}
+UNBOUNDED = 2**62  # the greatest token an unanswered grant may have
 # Conflicts named after the payment lock's: another's payment lock would have come first.
 LATER_CONFLICTS = {"PRESETTLE_LOCKED", "ORDER_LOCKED"}
 
@@ -192,7 +213,7 @@ class PaymentLockModel:
     min_lifetime: float = float("inf")
 
     def init(self) -> LockState:
-        return LockState(None, None, 0.0, 0, 0, None, None, False)
+        return LockState(None, None, 0.0, 0, 0, None, None, False, frozenset())
 
     def step(self, state: LockState, op: Operation) -> set[LockState]:
         """Every state `op` can leave when linearized in `state`, given its answer."""
@@ -258,8 +279,9 @@ def _effects(state: LockState, operation: Operation) -> set[LockState]:
         return {state.freed()}
     if isinstance(op, Complete) and _current(state, op.token):
         return {state.freed()._replace(paid=op.payment_ref)}
-    if isinstance(op, OtherLock):
-        taken = state._replace(floor=state.floor + 1)  # a grant of unknown token
+    if isinstance(op, OtherLock):  # a grant of unknown token
+        taken = state._replace(floor=state.floor + 1, other_grants=state.other_grants | {
+            (client, state.floor + 1, UNBOUNDED)})
         return {taken, taken.freed()} if op.force and state.others(client) else {taken}
     if isinstance(op, Publish) and (state.paid is None or op.status == "closed"):
         return {_published(state, op, client)}  # a paid order may only be closed
@@ -310,12 +332,9 @@ def _answered_acquire(state: LockState, operation: Operation, out: Output) -> se
         if out.forced or not _current(state, out.token):
             return set()
         return {_resolve(state, out.token)}
-    if state.holder is not None:  # another client holds it: only a force takes it
-        if not op.force or out.forced == ():
+    if state.holder is not None:  # another client holds it: only a force takes it, naming it
+        if not op.force or len(out.forced) != 1 or not _current(state, out.forced[0]):
             return set()
-        if out.forced is not None and (len(out.forced) != 1 or not _current(
-                state, out.forced[0])):
-            return set()  # it must name the lock it revoked
     elif out.forced:
         return set()  # it revoked a lock that was not there
     granted = _grant(state, operation, out.token)
@@ -328,9 +347,12 @@ def _answered_other_lock(state: LockState, operation: Operation,
     assert isinstance(op, OtherLock)
     if not isinstance(out, Granted) or state.ended:
         return set()
-    if out.token <= state.floor and not out.forced:
+    if not out.forced and any(who == client and low <= out.token <= high
+                              for who, low, high in state.other_grants):
         # The re-acquire of the client's own lock of that kind: returned before any conflict.
         return {state}
+    if out.token <= state.floor:
+        return set()  # a new grant's token tops every earlier token of the order
     after = state
     if out.forced:
         if not op.force or len(out.forced) != 1 or not state.others(client) or not _current(
@@ -338,16 +360,17 @@ def _answered_other_lock(state: LockState, operation: Operation,
             return set()
         after = state.freed()
     elif state.others(client):
-        if out.forced == () or not op.force:
-            return set()  # another's payment lock blocks it
-        after = state.freed()  # a force whose reply did not say what it revoked
-    return {after._replace(floor=max(after.floor, out.token))}
+        return set()  # another's payment lock blocks it; a force names the lock it revoked
+    return {after._replace(floor=out.token, other_grants=after.other_grants | {
+        (client, out.token, out.token)})}
 
 
 def _refusal_fits(state: LockState, client: str, op: Input, code: str) -> bool:
     """Could `op` be refused `code` in `state` (it then changes nothing)?"""
     if code in NEUTRAL or isinstance(op, Read):
         return code in NEUTRAL
+    if isinstance(op, Publish) and code == "STALE_VERSION":
+        return True  # another publish of that version came first
     if isinstance(op, Publish):
         if code == "ORDER_PAID":
             return state.paid is not None and op.status != "closed"
@@ -371,7 +394,7 @@ def _refusal_fits(state: LockState, client: str, op: Input, code: str) -> bool:
         if isinstance(op, Release) and (op.force or op.token is None):
             return state.holder is None or (not op.force and state.holder != client)
         return current and state.holder != client
-    if code in ("STALE_VERSION", "AMOUNT_MISMATCH"):
+    if code in ("STALE_VERSION", "AMOUNT_MISMATCH"):  # after the token: it was current
         return isinstance(op, Complete) and current
     # A token refusal. A current token can still be refused while the held lock's token
     # is unknown and the token merely sits above the floor.
@@ -551,8 +574,8 @@ def from_json(data: dict[str, Any]) -> Operation:
             return None
         fields = dict(value)
         kind = table[fields.pop("op")]
-        if "forced" in fields and fields["forced"] is not None:
-            fields["forced"] = tuple(fields["forced"])
+        if "forced" in fields:
+            fields["forced"] = tuple(fields["forced"] or ())
         return kind(**fields)
     return Operation(data["client"], data["call"], data["ret"], build(data["input"], _INPUTS),
                      build(data["output"], _OUTPUTS))

@@ -178,6 +178,45 @@ def test_two_payments_are_not_linearizable() -> None:
     )
 
 
+def test_a_force_must_name_the_lock_it_revoked() -> None:
+    assert not linearizable(
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, 3, Acquire(ORDER, force=True), Granted(6, ())),
+    )
+    assert not linearizable(  # an order lock forced over a's payment lock, just the same
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, 3, OtherLock(ORDER, force=True), Granted(6, ())),
+    )
+    assert linearizable(
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, 3, OtherLock(ORDER, force=True), Granted(6, (5,))),
+    )
+
+
+def test_an_order_lock_below_the_floor_is_only_a_re_acquire_of_ones_own() -> None:
+    granted = [op("a", 0, 1, OtherLock(ORDER), Granted(3, ())),
+               op("b", 2, 3, Acquire(ORDER), Granted(4, ()))]
+    assert linearizable(*granted, op("a", 4, 5, OtherLock(ORDER), Granted(3, ())))
+    assert not linearizable(*granted, op("c", 4, 5, OtherLock(ORDER), Granted(3, ())))
+    assert not linearizable(*granted, op("a", 4, 5, OtherLock(ORDER), Granted(2, ())))
+    # An unanswered grant's token is known only to top the floor it found.
+    lost = [op("a", 0, None, OtherLock(ORDER), None), granted[1]]
+    assert linearizable(*lost, op("a", 4, 5, OtherLock(ORDER), Granted(1, ())))
+    assert not linearizable(*lost, op("c", 4, 5, OtherLock(ORDER), Granted(1, ())))
+
+
+def test_a_payment_refused_for_its_version_held_the_current_token() -> None:
+    """Section 2's precedence: a stale token is FENCED before its version is looked at."""
+    forced = [op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+              op("b", 2, 3, Acquire(ORDER, force=True), Granted(6, (5,)))]
+    assert linearizable(*forced, op("b", 4, 5, Complete(ORDER, 6, "p1"),
+                                    Refused("STALE_VERSION")))
+    assert not linearizable(*forced, op("a", 4, 5, Complete(ORDER, 5, "p1"),
+                                        Refused("STALE_VERSION")))
+    assert not linearizable(*forced, op("a", 4, 5, Complete(ORDER, 5, "p1"),
+                                        Refused("AMOUNT_MISMATCH")))
+
+
 def test_a_release_answered_fenced_after_it_took_effect_is_not_linearizable() -> None:
     history = [
         op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
