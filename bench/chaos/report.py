@@ -7,6 +7,14 @@ from collections import Counter
 from .run import Run
 
 
+def resolved_commits(run: Run) -> int:
+    """Commits whose reply a broker lost (Redis paused or killed) and resolved by their
+    commit id, as the brokers logged them."""
+    return sum(line.count("unanswered") for log in run.tmp.glob("broker-*.log")
+               for line in log.read_text(errors="replace").splitlines()
+               if "resolving" in line)
+
+
 def report(run: Run, totals: dict[str, int], views: tuple[int, int], pay_detail: str,
            mem_detail: str) -> bool:
     s = run.stats
@@ -59,7 +67,8 @@ def report(run: Run, totals: dict[str, int], views: tuple[int, int], pay_detail:
                    f"{s.contended} lock.contended"),
         ("chaos", f"{len(run.chaos_log)} faults: "
                   + ", ".join(f"{kind} {n}" for kind, n in sorted(run.faults.items()))
-                  + f"; through {'nginx' if run.front is not None else 'no proxy'}"),
+                  + f"; through {'nginx' if run.front is not None else 'no proxy'}; "
+                  f"{resolved_commits(run)} commits resolved by id after a lost reply"),
     ]
     for name, text in rows:
         print(f"{name:<12}{text}")
