@@ -136,6 +136,11 @@ async def run_all(args: argparse.Namespace) -> int:
             shutil.rmtree(run.tmp, ignore_errors=True)
 
 
+def on_sigterm(*_: object) -> None:
+    kill_children()
+    sys.exit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,5 +160,5 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true",
                         help="write every frame to trace.jsonl in the logs directory")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: (kill_children(), sys.exit(143)))
+    signal.signal(signal.SIGTERM, on_sigterm)
     return asyncio.run(run_all(args))

@@ -40,16 +40,17 @@ async def check_payments(run: Run) -> str:
         per_order: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
             per_order[entry["order_id"]].append(entry["detail"].get("payment_ref"))
-        for oid, refs in per_order.items():
-            if len(refs) > 1:
-                check.fail(f"{store.store_id}/{oid}: {len(refs)} payment.completed audit "
-                           f"entries: {refs}")
+        for oid, audited_refs in per_order.items():
+            if len(audited_refs) > 1:
+                check.fail(f"{store.store_id}/{oid}: {len(audited_refs)} payment.completed "
+                           f"audit entries: {audited_refs}")
             ours = run.paid_ok.get((store.store_id, oid))
-            if ours and refs[0] not in ours:
-                check.fail(f"{store.store_id}/{oid}: audit says {refs[0]}, replies {ours}")
+            first = audited_refs[0]
+            if ours and first not in ours:
+                check.fail(f"{store.store_id}/{oid}: audit says {first}, replies {ours}")
             seen = events_paid.get((store.store_id, oid))
-            if seen is not None and seen[0] != refs[0]:
-                check.fail(f"{store.store_id}/{oid}: audit says {refs[0]}, event {seen[0]}")
+            if seen is not None and seen[0] != first:
+                check.fail(f"{store.store_id}/{oid}: audit says {first}, event {seen[0]}")
         oldest = min((e["ts"] for e in entries), default=None)
         truncated = len(entries) >= 1000
         for (store_id, oid), (ref, ts) in events_paid.items():

@@ -9,8 +9,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
+from .erp import ErpScreen
 from .http_client import http
+from .manager import ManagerScreen
 from .mirror import Mirror
+from .phone import PhoneScreen
 from .run import Fatal, Run
 from .screen import Screen
 from .settings import STORE_CONFIG
@@ -41,24 +44,27 @@ async def setup(run: Run) -> None:
         else:
             raise Fatal(f"PUT config answered {status}: {body}")
     staff: list[Screen] = []
+    mains: list[ErpScreen] = []
     for i, store in enumerate(run.stores):
-        for n, (role, sub) in enumerate([("erp_main", "erp-main"), ("erp_secondary", "erp-2"),
-                                         ("manager", "manager")]):
-            term = Screen(run, store, role, sub, home=(i + n) % 2)
+        main = ErpScreen(run, store, "erp_main", "erp-main", home=i % 2)
+        mains.append(main)
+        second = ErpScreen(run, store, "erp_secondary", "erp-2", home=(i + 1) % 2)
+        team: list[Screen] = [main, second, ManagerScreen(run, store, "manager", "manager",
+                                                          home=i % 2)]
+        for term in team:
             term.mirrors[term.store_channel] = Mirror(term.store_channel)
             staff.append(term)
     run.terms.extend(staff)
     for term in staff:
         term.start()
     await wait_for(lambda: all(t.synced for t in staff), 30, "staff terminals to connect")
-    for store in run.stores:  # the day's first orders
-        erp = next(t for t in staff if t.store is store and t.role == "erp_main")
-        for order_id in sorted(store.unpublished):
-            await erp.publish_new(order_id)
-    phones: list[Screen] = []
+    for main in mains:  # the day's first orders
+        for order_id in sorted(main.store.unpublished):
+            await main.publish_new(order_id)
+    phones: list[PhoneScreen] = []
     for i, store in enumerate(run.stores):
         for j, table in enumerate(store.tables):
-            phone = Screen(run, store, "h5", f"phone-{table}", home=(i + j) % 2, table=table)
+            phone = PhoneScreen(run, store, f"phone-{table}", home=(i + j) % 2, table=table)
             phone.order_id = store.current[table]
             channel = phone.order_channel(phone.order_id)
             phone.mirrors[channel] = Mirror(channel)
