@@ -41,4 +41,8 @@ def test_two_minutes_of_chaos_through_nginx_keep_every_invariant() -> None:
     landed = dict(part.split() for part in faults.group(1).split(", "))
     assert set(landed) == {"broker", "redis", "pause", "storm"}, landed
     assert "SIGSTOP redis-server right after" in proc.stdout
+    # A pause landed while a commit was in flight: a broker lost its reply and resolved it by
+    # its commit id (backends/redis.py) instead of answering UNAVAILABLE or deciding again.
+    resolved = re.search(r"(\d+) commits resolved by id after a lost reply", proc.stdout)
+    assert resolved is not None and int(resolved.group(1)) >= 1, faults.group(0)
     assert re.search(r"PASS  \(f\) payment-lock history linearizable", proc.stdout)
