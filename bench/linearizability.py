@@ -15,10 +15,11 @@ accepts its answer in the current state), removes it and its return from the
 list and starts over from the head; when it reaches a return whose call is not
 yet linearized, it backtracks the last choice. Lowe's memoisation keeps every
 (set of linearized operations, model state) pair already tried, so no
-configuration is explored twice. An operation without a reply returns after
-everything else, so it may take effect anywhere after its call; or not at all:
-once every answered operation is placed, the unplaced rest count as never applied
-(so the search never has to try "applied as a no-op" at every position).
+configuration is explored twice. An operation without a reply may take effect
+anywhere after its call, up to its deadline (`effect_within` after its call, or
+after everything else): its return sits there, and a search that reaches it with
+the operation unplaced counts it as never applied (so the search never has to
+try "applied as a no-op" at every position).
 
 The model is nondeterministic (a lock may lapse on its own; an unanswered
 request may or may not have applied; the token of an unanswered grant is
@@ -34,7 +35,8 @@ precedence); `UNAVAILABLE` changed nothing. Lenient only where the history canno
   - when a lock ends on its own: any time after its shortest TTL or grace can have run
     out since the request that took it left (renewals are not recorded; the harness
     passes the bound, less clock slack);
-  - whether and when an unanswered request took effect (any time after it was sent);
+  - whether and when an unanswered request took effect (any time after it was sent, up to
+    `effect_within`: 20 s in the chaos run);
   - an unanswered grant's token, until a reply shows it: only its lower bound is known.
 Operations that touch at one instant count as concurrent (porcupine's reading too).
 
@@ -207,10 +209,15 @@ class PaymentLockModel:
     A lock may also end on its own (its TTL, or its holder's disconnect grace), but
     not sooner than `min_lifetime` (seconds, the history's unit) after the request
     that took it was sent: before an operation that returned later than that, the
-    lock may have lapsed. Renewals only push that moment later.
+    lock may have lapsed. Renewals only push that moment later. An unanswered request
+    that has not taken effect `effect_within` after it was sent never does.
     """
 
     min_lifetime: float = float("inf")
+    # An unanswered request takes effect, if at all, within this many seconds of being sent
+    # (None: any time after). The broker resolves a commit whose reply it lost within 5 s,
+    # and answers `outcome: unknown` past that (PROTOCOL.md section 7).
+    effect_within: float | None = None
 
     def init(self) -> LockState:
         return LockState(None, None, 0.0, 0, 0, None, None, False, frozenset())
@@ -417,20 +424,27 @@ class _Entry:
         self.id = op_id
         self.time = time
         self.is_call = is_call
-        self.match: _Entry | None = None  # a call's return
+        self.match: _Entry | None = None  # a call's return, a return's call
         self.prev: _Entry | None = None
         self.next: _Entry | None = None
 
 
-def _entries(ops: list[Operation]) -> _Entry:
+def _entries(ops: list[Operation], effect_within: float | None) -> _Entry:
     """The list head: calls and returns by time; at equal times calls first, so that two
-    operations that touch at one instant count as concurrent (the lenient reading)."""
+    operations that touch at one instant count as concurrent (the lenient reading). An
+    unanswered operation returns after everything else, or `effect_within` after its call."""
     end = max([op.call for op in ops] + [op.ret for op in ops if op.ret is not None]) + 1
     events: list[tuple[float, int, _Entry]] = []
     for op_id, op in enumerate(ops):
         call = _Entry(op_id, op.call, True)
-        ret = _Entry(op_id, end if op.indeterminate else op.ret, False)  # type: ignore[arg-type]
-        call.match = ret
+        if not op.indeterminate:
+            assert op.ret is not None
+            ret = _Entry(op_id, op.ret, False)
+        elif effect_within is None:
+            ret = _Entry(op_id, end, False)
+        else:
+            ret = _Entry(op_id, min(end, op.call + effect_within), False)
+        call.match, ret.match = ret, call
         events += [(call.time, 0, call), (ret.time, 1, ret)]
     events.sort(key=lambda item: (item[0], item[1]))
     head = _Entry(-1, float("-inf"), False)
@@ -477,12 +491,15 @@ def check_partition(order_id: str, ops: list[Operation], model: PaymentLockModel
                     budget: int | None = None) -> PartitionResult:
     if not ops:
         return PartitionResult(order_id, True, 0)
-    head = _entries(ops)
+    head = _entries(ops, model.effect_within)
     states: frozenset[LockState] = frozenset({model.init()})
     linearized = 0
     seen: set[tuple[int, Hashable]] = set()
-    stack: list[tuple[_Entry, frozenset[LockState]]] = []
+    # The calls placed, with the states before each; `dropped`: an unanswered one that
+    # never took effect.
+    stack: list[tuple[_Entry, frozenset[LockState], bool]] = []
     longest: list[int] = []
+    deepest = 0
     entry = head.next
     while head.next is not None:
         assert entry is not None
@@ -496,24 +513,41 @@ def check_partition(order_id: str, ops: list[Operation], model: PaymentLockModel
                         return PartitionResult(order_id, None, len(ops),
                                                [ops[i] for i in longest], len(seen))
                     seen.add((mark, following))
-                    stack.append((entry, states))
+                    stack.append((entry, states, False))
                     states, linearized = following, mark
                     _lift(entry)
-                    if len(stack) > len(longest):
-                        longest = [call.id for call, _ in stack]
+                    if len(stack) > deepest:
+                        deepest = len(stack)
+                        longest = [call.id for call, _, dropped in stack if not dropped]
                     entry = head.next
                     continue
             entry = entry.next
         else:
-            if ops[entry.id].indeterminate:
+            if ops[entry.id].indeterminate and model.effect_within is None:
                 # Every answered operation is placed (their returns all come earlier): the
                 # unanswered ones still unplaced never took effect.
                 return PartitionResult(order_id, True, len(ops), [ops[i] for i in longest],
                                        len(seen))
+            if ops[entry.id].indeterminate:
+                # Past the last moment it could take effect: it never did (tried first; on
+                # backtracking, placing it earlier is tried).
+                mark = linearized | (1 << entry.id)
+                if (mark, states) not in seen:
+                    if budget is not None and len(seen) >= budget:
+                        return PartitionResult(order_id, None, len(ops),
+                                               [ops[i] for i in longest], len(seen))
+                    seen.add((mark, states))
+                    call = entry.match
+                    assert call is not None
+                    stack.append((call, states, True))
+                    linearized = mark
+                    _lift(call)
+                    entry = head.next
+                    continue
             if not stack:  # this return's call cannot come first in any order: not linearizable
                 return PartitionResult(order_id, False, len(ops), [ops[i] for i in longest],
                                        len(seen))
-            call, states = stack.pop()
+            call, states, _ = stack.pop()
             linearized &= ~(1 << call.id)
             _unlift(call)
             entry = call.next
@@ -592,10 +626,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-lifetime", type=float, default=float("inf"),
                         help="least time a lock lives unrenewed, in the history's unit "
                              "(default: locks never end on their own)")
+    parser.add_argument("--effect-within", type=float, default=None,
+                        help="the latest an unanswered request can take effect after it was "
+                             "sent, in the history's unit (default: any time)")
     args = parser.parse_args(argv)
     with open(args.history, encoding="utf-8") as lines:
         history = [from_json(json.loads(line)) for line in lines if line.strip()]
-    result = check(history, PaymentLockModel(args.min_lifetime))
+    result = check(history, PaymentLockModel(args.min_lifetime, args.effect_within))
     verdict = ("linearizable" if result.ok else "NOT linearizable" if result.failures
                else "unknown (the search gave up)")
     print(f"{len(history)} operations, {len(result.partitions)} orders: {verdict}")

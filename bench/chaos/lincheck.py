@@ -6,7 +6,13 @@ from __future__ import annotations
 import time
 
 from .run import Run
-from .settings import CLOCK_SLACK_S, H5_TTL_MS, LINEARIZABILITY_BUDGET, STORE_CONFIG
+from .settings import (
+    CLOCK_SLACK_S,
+    EFFECT_WITHIN_S,
+    H5_TTL_MS,
+    LINEARIZABILITY_BUDGET,
+    STORE_CONFIG,
+)
 
 
 def check_linearizable(run: Run) -> None:
@@ -17,7 +23,8 @@ def check_linearizable(run: Run) -> None:
     shortest_ms = min(H5_TTL_MS, STORE_CONFIG["erp_lock_ttl_ms"],
                       STORE_CONFIG["disconnect_grace_ms"])
     ops = run.history.operations
-    result = run.history.check(shortest_ms / 1000 - CLOCK_SLACK_S, LINEARIZABILITY_BUDGET)
+    result = run.history.check(shortest_ms / 1000 - CLOCK_SLACK_S, LINEARIZABILITY_BUDGET,
+                               EFFECT_WITHIN_S)
     run.history.save(run.tmp / "history.jsonl")
     for part in result.failures:
         last = part.longest[-1] if part.longest else None

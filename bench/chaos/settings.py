@@ -16,6 +16,10 @@ CLOCK_SLACK_S = 0.5
 # (f) gives up on an order after this many configurations of its search (then it fails):
 # about a minute of search, for a history with a dozen unanswered requests on one order.
 LINEARIZABILITY_BUDGET = 500_000
+# (f): an unanswered request takes effect within this of being sent, or never. The broker
+# resolves a lost commit within 5 s of sending it (an ERP pull and Redis timeouts come
+# before): 20 s leaves a busy machine's event-loop lag room.
+EFFECT_WITHIN_S = 20.0
 # A Redis pause outlasts the brokers' Redis socket timeout (0.4 s): the commit in flight
 # times out and is resolved by its commit id once Redis runs again.
 PAUSE_S = 0.6
