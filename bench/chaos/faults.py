@@ -11,6 +11,7 @@ import signal
 import time
 
 from .run import Run
+from .screen import Screen
 from .settings import PAUSE_S
 
 # Minutes between two faults of a kind (at least one of each kind asked for in any run).
@@ -109,16 +110,36 @@ def storm(run: Run, rng: random.Random) -> str:
 
 
 async def rebalance(run: Run) -> None:
-    """Clients that fell over to the other broker go home some time after it is back (when
-    they pick their broker; through nginx, round-robin spreads them)."""
+    """Clients that fell over to broker A come back to B some time after it is back: when
+    they pick their broker, they go home; through nginx, a tenth of them reconnect every 2 s
+    (round-robin sends about half to B) while B holds under a third of the sockets."""
     rng = random.Random(run.rng.getrandbits(64))
-    while not run.final and run.front is None:
+    while not run.final:
         await asyncio.sleep(2.0)
-        for term in run.terms:
-            link = term.link
-            home = run.brokers[term.home]
-            if (link is not None and link.ready and link.broker != term.home and home.up
-                    and time.monotonic() - home.up_since > 3 and rng.random() < 0.25
-                    and not run.final):
+        if run.front is None:
+            movers = [term for term in run.terms if _away_from_home(run, term)
+                      and rng.random() < 0.25]
+        else:
+            movers = await _crowded_on_a(run, rng)
+        for term in movers:
+            if not run.final:
                 run.stats.migrations += 1
                 run.spawn(term.close_gracefully())
+
+
+def _away_from_home(run: Run, term: Screen) -> bool:
+    link = term.link
+    home = run.brokers[term.home]
+    return (link is not None and link.ready and link.broker != term.home and home.up
+            and time.monotonic() - home.up_since > 3)
+
+
+async def _crowded_on_a(run: Run, rng: random.Random) -> list[Screen]:
+    b = run.brokers[1]
+    if not b.up or time.monotonic() - b.up_since <= 3:
+        return []
+    ready = [term for term in run.terms if term.ready]
+    on_b = await b.connections()
+    if on_b is None or on_b * 3 >= len(ready):
+        return []
+    return rng.sample(ready, max(1, len(ready) // 10))

@@ -60,7 +60,7 @@ def report(run: Run, totals: dict[str, int], views: tuple[int, int], pay_detail:
                      + f"), {s.payments_unresolved} never answered"),
         ("reconnects", f"{s.reconnects} ({s.resumed} resumed, {s.since_recovered} channels "
                        f"recovered by since, {s.snapshot_fallbacks} by snapshot, "
-                       f"{s.migrations} moved home, {s.gap_resyncs} after a gap); "
+                       f"{s.migrations} moved to rebalance, {s.gap_resyncs} after a gap); "
                        f"failed attempts: {sum(s.connect_failures.values())}"),
         ("events", f"{totals.get('events', 0)} distinct on {totals.get('channels', 0)} "
                    f"channels, {totals.get('holes', 0)} holes nobody saw, "
