@@ -36,8 +36,8 @@ import websockets
 from tablelock.auth import Tokens
 
 from .attacks import (
+    AttackOutcome,
     RoundTrips,
-    Tally,
     endless_header,
     neighbour,
     peak_rss_mib,
@@ -61,7 +61,7 @@ class Row:
     trips: RoundTrips
     rss_before: float
     rss_peak: float
-    tally: Tally
+    tally: AttackOutcome
     cpu_s: float  # the broker's CPU seconds during the attack
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
@@ -82,7 +82,7 @@ def start_broker(server: str, workdir: Path, settings: dict[str, str]) -> tuple[
     return child, port
 
 
-async def churn(port: int, seconds: float, tally: Tally) -> None:
+async def churn(port: int, seconds: float, tally: AttackOutcome) -> None:
     """Upgrade, hello, close, as fast as one client goes."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -98,14 +98,14 @@ async def churn(port: int, seconds: float, tally: Tally) -> None:
         tally.connections += 1
 
 
-def flood(attack: Callable[[int, float, Tally], Awaitable[None]], copies: int,
-          ) -> Callable[[int, float, Tally], Awaitable[None]]:
-    async def run(port: int, seconds: float, tally: Tally) -> None:
+def flood(attack: Callable[[int, float, AttackOutcome], Awaitable[None]], copies: int,
+          ) -> Callable[[int, float, AttackOutcome], Awaitable[None]]:
+    async def run(port: int, seconds: float, tally: AttackOutcome) -> None:
         await asyncio.gather(*(attack(port, seconds, tally) for _ in range(copies)))
     return run
 
 
-async def loris_and_silent(port: int, seconds: float, tally: Tally) -> dict[str, float]:
+async def loris_and_silent(port: int, seconds: float, tally: AttackOutcome) -> dict[str, float]:
     """200 slow-loris requests and 1,500 silent sockets; then how long a late terminal's
     upgrade and hello take, and whether it is admitted."""
     url = f"ws://127.0.0.1:{port}/ws"
@@ -138,7 +138,7 @@ async def measure(server: str, attack: str, seconds: float, workdir: Path,
         await asyncio.wait_for(ready.wait(), 10)
         before, cpu_before = rss_mib(child.pid), child.cpu_s()
         peak = asyncio.create_task(peak_rss_mib(child.pid, stop))
-        tally, extra = Tally(), {}
+        tally, extra = AttackOutcome(), {}
         if attack == "ping-flood":
             await flood(ping_flood, 4)(port, seconds, tally)
         elif attack == "endless-header":

@@ -1,7 +1,7 @@
 """A peer with no token against the broker's edge, and a neighbour who pays for it.
 
 Each attack is an asyncio function over raw sockets that runs for a given time and counts,
-in a Tally, what it opened and how the broker ended it. `neighbour` is an authenticated
+in an AttackOutcome, what it opened and how the broker ended it. `neighbour` is an authenticated
 ERP terminal doing lock round trips meanwhile. The abuse benchmark (bench/abuse.py) prints
 their figures; tests/test_edge_transport.py asserts the bounds with the same code.
 """
@@ -28,7 +28,10 @@ ENDLESS_HEADER_START = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: "
 
 
 @dataclass
-class Tally:
+class AttackOutcome:
+    """What one attack's sockets met: how many it opened, how the broker ended them, and the
+    broker's last words."""
+
     connections: int = 0  # sockets the attack opened
     cut_off: int = 0  # ... that the broker ended (close or reset) before the attack did
     stalled: int = 0  # ... whose writes the broker stopped taking (it stopped reading)
@@ -69,7 +72,7 @@ async def _upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     return reader, writer
 
 
-async def ping_flood(port: int, seconds: float, tally: Tally, batch: int = 500) -> None:
+async def ping_flood(port: int, seconds: float, tally: AttackOutcome, batch: int = 500) -> None:
     """Upgrade, then write PINGs as fast as the socket takes them and never read a PONG;
     on a new socket whenever the broker ends one."""
     loop = asyncio.get_running_loop()
@@ -98,7 +101,8 @@ async def ping_flood(port: int, seconds: float, tally: Tally, batch: int = 500) 
             writer.transport.abort()
 
 
-async def endless_header(port: int, seconds: float, tally: Tally, chunk: int = 65_536) -> None:
+async def endless_header(port: int, seconds: float, tally: AttackOutcome,
+                         chunk: int = 65_536) -> None:
     """One header line that never ends, as fast as the socket takes it; on a new socket
     whenever the broker ends one. Records the status line the broker answered with."""
     loop = asyncio.get_running_loop()
@@ -132,7 +136,7 @@ async def endless_header(port: int, seconds: float, tally: Tally, chunk: int = 6
             writer.transport.abort()
 
 
-async def slow_loris(port: int, seconds: float, tally: Tally, every_s: float = 5.0,
+async def slow_loris(port: int, seconds: float, tally: AttackOutcome, every_s: float = 5.0,
                      sockets: int = 1) -> None:
     """`sockets` upgrade requests that each add a header line every `every_s` seconds and
     never finish; each is opened again when the broker ends it."""

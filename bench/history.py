@@ -100,8 +100,9 @@ class History:
         done_at = ret if answer is not None else None
         self.operations.append(Operation(f"{store_id}/{client}", call, done_at, what, answer))
 
-    def check(self, min_lifetime: float, budget: int | None = None) -> Result:
-        return check(self.operations, PaymentLockModel(min_lifetime), budget)
+    def check(self, min_lifetime: float, budget: int | None = None,
+              effect_within: float | None = None) -> Result:
+        return check(self.operations, PaymentLockModel(min_lifetime, effect_within), budget)
 
     def save(self, path: Path) -> None:
         with path.open("w", encoding="utf-8") as out:

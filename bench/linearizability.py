@@ -15,15 +15,30 @@ accepts its answer in the current state), removes it and its return from the
 list and starts over from the head; when it reaches a return whose call is not
 yet linearized, it backtracks the last choice. Lowe's memoisation keeps every
 (set of linearized operations, model state) pair already tried, so no
-configuration is explored twice. An operation without a reply returns after
-everything else, so it may take effect anywhere after its call; or not at all:
-once every answered operation is placed, the unplaced rest count as never applied
-(so the search never has to try "applied as a no-op" at every position).
+configuration is explored twice. An operation without a reply may take effect
+anywhere after its call, up to its deadline (`effect_within` after its call, or
+after everything else): its return sits there, and a search that reaches it with
+the operation unplaced counts it as never applied (so the search never has to
+try "applied as a no-op" at every position).
 
 The model is nondeterministic (a lock may lapse on its own; an unanswered
 request may or may not have applied; the token of an unanswered grant is
 unknown until a read shows it), so the search runs over sets of model states,
 as porcupine does with its nondeterministic models.
+
+Strict where the protocol is: a grant's token (of any kind) tops every earlier token of
+its order, and an order or presettle grant below that is only the re-acquire of the
+client's own lock; no two holders of the payment lock; a force names the lock it revoked;
+at most one payment, whose retries (same `payment_ref`) answer the same success; a
+payment refused for its version or amount held the current token (section 2's
+precedence); `UNAVAILABLE` changed nothing. Lenient only where the history cannot know:
+  - when a lock ends on its own: any time after its shortest TTL or grace can have run
+    out since the request that took it left (renewals are not recorded; the harness
+    passes the bound, less clock slack);
+  - whether and when an unanswered request took effect (any time after it was sent, up to
+    `effect_within`: 20 s in the chaos run);
+  - an unanswered grant's token, until a reply shows it: only its lower bound is known.
+Operations that touch at one instant count as concurrent (porcupine's reading too).
 
     python -m bench.linearizability HISTORY.json   # one JSON operation per line
 """
@@ -98,10 +113,11 @@ Input = Acquire | Release | Complete | Read | OtherLock | Publish
 @dataclass(frozen=True, slots=True)
 class Granted:
     """A lock granted (payment, or another kind for OtherLock); `forced`: the payment-lock
-    tokens it revoked (None: not recorded)."""
+    tokens it revoked (a force names the lock it revoked: an empty `forced` says it revoked
+    none)."""
 
     token: int
-    forced: tuple[int, ...] | None = None
+    forced: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +165,10 @@ class LockState(NamedTuple):
     lapsed: int | None  # the token of the last lock that expired, until the next grant
     paid: str | None  # the payment_ref the order was paid with
     closed: bool  # the ERP closed the order
+    # The order and presettle locks granted so far, as (client, least token, greatest
+    # token): a re-acquire may only return one of its own (an unanswered grant's token is
+    # known only to be above the floor it found).
+    other_grants: frozenset[tuple[str, int, int]]
 
     @property
     def ended(self) -> bool:
@@ -166,10 +186,13 @@ class LockState(NamedTuple):
         return self._replace(holder=None, token=None)
 
 
-# Refusals that say nothing about the payment lock (a version, the ERP, the broker's
-# load) or that say nothing changed: allowed in any state, they change nothing.
+# Refusals that say nothing about the payment lock (the ERP, the broker's load, a request
+# the broker could not take) or that say nothing changed: allowed in any state, they change
+# nothing. A version is refused after the token (section 2's precedence): STALE_VERSION is
+# neutral only for a publish, which carries no payment token.
 NEUTRAL = {"UNAVAILABLE", "ERP_UNAVAILABLE", "FORBIDDEN", "NOT_FOUND", "BAD_REQUEST",
-           "RATE_LIMITED", "STALE_VERSION", "ACCEPT_BLOCKED"}
+           "RATE_LIMITED", "ACCEPT_BLOCKED"}
+UNBOUNDED = 2**62  # the greatest token an unanswered grant may have
 # Conflicts named after the payment lock's: another's payment lock would have come first.
 LATER_CONFLICTS = {"PRESETTLE_LOCKED", "ORDER_LOCKED"}
 
@@ -186,13 +209,18 @@ class PaymentLockModel:
     A lock may also end on its own (its TTL, or its holder's disconnect grace), but
     not sooner than `min_lifetime` (seconds, the history's unit) after the request
     that took it was sent: before an operation that returned later than that, the
-    lock may have lapsed. Renewals only push that moment later.
+    lock may have lapsed. Renewals only push that moment later. An unanswered request
+    that has not taken effect `effect_within` after it was sent never does.
     """
 
     min_lifetime: float = float("inf")
+    # An unanswered request takes effect, if at all, within this many seconds of being sent
+    # (None: any time after). The broker resolves a commit whose reply it lost within 5 s,
+    # and answers `outcome: unknown` past that (PROTOCOL.md section 7).
+    effect_within: float | None = None
 
     def init(self) -> LockState:
-        return LockState(None, None, 0.0, 0, 0, None, None, False)
+        return LockState(None, None, 0.0, 0, 0, None, None, False, frozenset())
 
     def step(self, state: LockState, op: Operation) -> set[LockState]:
         """Every state `op` can leave when linearized in `state`, given its answer."""
@@ -258,8 +286,9 @@ def _effects(state: LockState, operation: Operation) -> set[LockState]:
         return {state.freed()}
     if isinstance(op, Complete) and _current(state, op.token):
         return {state.freed()._replace(paid=op.payment_ref)}
-    if isinstance(op, OtherLock):
-        taken = state._replace(floor=state.floor + 1)  # a grant of unknown token
+    if isinstance(op, OtherLock):  # a grant of unknown token
+        taken = state._replace(floor=state.floor + 1, other_grants=state.other_grants | {
+            (client, state.floor + 1, UNBOUNDED)})
         return {taken, taken.freed()} if op.force and state.others(client) else {taken}
     if isinstance(op, Publish) and (state.paid is None or op.status == "closed"):
         return {_published(state, op, client)}  # a paid order may only be closed
@@ -310,12 +339,9 @@ def _answered_acquire(state: LockState, operation: Operation, out: Output) -> se
         if out.forced or not _current(state, out.token):
             return set()
         return {_resolve(state, out.token)}
-    if state.holder is not None:  # another client holds it: only a force takes it
-        if not op.force or out.forced == ():
+    if state.holder is not None:  # another client holds it: only a force takes it, naming it
+        if not op.force or len(out.forced) != 1 or not _current(state, out.forced[0]):
             return set()
-        if out.forced is not None and (len(out.forced) != 1 or not _current(
-                state, out.forced[0])):
-            return set()  # it must name the lock it revoked
     elif out.forced:
         return set()  # it revoked a lock that was not there
     granted = _grant(state, operation, out.token)
@@ -328,9 +354,12 @@ def _answered_other_lock(state: LockState, operation: Operation,
     assert isinstance(op, OtherLock)
     if not isinstance(out, Granted) or state.ended:
         return set()
-    if out.token <= state.floor and not out.forced:
+    if not out.forced and any(who == client and low <= out.token <= high
+                              for who, low, high in state.other_grants):
         # The re-acquire of the client's own lock of that kind: returned before any conflict.
         return {state}
+    if out.token <= state.floor:
+        return set()  # a new grant's token tops every earlier token of the order
     after = state
     if out.forced:
         if not op.force or len(out.forced) != 1 or not state.others(client) or not _current(
@@ -338,16 +367,17 @@ def _answered_other_lock(state: LockState, operation: Operation,
             return set()
         after = state.freed()
     elif state.others(client):
-        if out.forced == () or not op.force:
-            return set()  # another's payment lock blocks it
-        after = state.freed()  # a force whose reply did not say what it revoked
-    return {after._replace(floor=max(after.floor, out.token))}
+        return set()  # another's payment lock blocks it; a force names the lock it revoked
+    return {after._replace(floor=out.token, other_grants=after.other_grants | {
+        (client, out.token, out.token)})}
 
 
 def _refusal_fits(state: LockState, client: str, op: Input, code: str) -> bool:
     """Could `op` be refused `code` in `state` (it then changes nothing)?"""
     if code in NEUTRAL or isinstance(op, Read):
         return code in NEUTRAL
+    if isinstance(op, Publish) and code == "STALE_VERSION":
+        return True  # another publish of that version came first
     if isinstance(op, Publish):
         if code == "ORDER_PAID":
             return state.paid is not None and op.status != "closed"
@@ -371,7 +401,7 @@ def _refusal_fits(state: LockState, client: str, op: Input, code: str) -> bool:
         if isinstance(op, Release) and (op.force or op.token is None):
             return state.holder is None or (not op.force and state.holder != client)
         return current and state.holder != client
-    if code in ("STALE_VERSION", "AMOUNT_MISMATCH"):
+    if code in ("STALE_VERSION", "AMOUNT_MISMATCH"):  # after the token: it was current
         return isinstance(op, Complete) and current
     # A token refusal. A current token can still be refused while the held lock's token
     # is unknown and the token merely sits above the floor.
@@ -394,20 +424,27 @@ class _Entry:
         self.id = op_id
         self.time = time
         self.is_call = is_call
-        self.match: _Entry | None = None  # a call's return
+        self.match: _Entry | None = None  # a call's return, a return's call
         self.prev: _Entry | None = None
         self.next: _Entry | None = None
 
 
-def _entries(ops: list[Operation]) -> _Entry:
+def _entries(ops: list[Operation], effect_within: float | None) -> _Entry:
     """The list head: calls and returns by time; at equal times calls first, so that two
-    operations that touch at one instant count as concurrent (the lenient reading)."""
+    operations that touch at one instant count as concurrent (the lenient reading). An
+    unanswered operation returns after everything else, or `effect_within` after its call."""
     end = max([op.call for op in ops] + [op.ret for op in ops if op.ret is not None]) + 1
     events: list[tuple[float, int, _Entry]] = []
     for op_id, op in enumerate(ops):
         call = _Entry(op_id, op.call, True)
-        ret = _Entry(op_id, end if op.indeterminate else op.ret, False)  # type: ignore[arg-type]
-        call.match = ret
+        if not op.indeterminate:
+            assert op.ret is not None
+            ret = _Entry(op_id, op.ret, False)
+        elif effect_within is None:
+            ret = _Entry(op_id, end, False)
+        else:
+            ret = _Entry(op_id, min(end, op.call + effect_within), False)
+        call.match, ret.match = ret, call
         events += [(call.time, 0, call), (ret.time, 1, ret)]
     events.sort(key=lambda item: (item[0], item[1]))
     head = _Entry(-1, float("-inf"), False)
@@ -454,12 +491,15 @@ def check_partition(order_id: str, ops: list[Operation], model: PaymentLockModel
                     budget: int | None = None) -> PartitionResult:
     if not ops:
         return PartitionResult(order_id, True, 0)
-    head = _entries(ops)
+    head = _entries(ops, model.effect_within)
     states: frozenset[LockState] = frozenset({model.init()})
     linearized = 0
     seen: set[tuple[int, Hashable]] = set()
-    stack: list[tuple[_Entry, frozenset[LockState]]] = []
+    # The calls placed, with the states before each; `dropped`: an unanswered one that
+    # never took effect.
+    stack: list[tuple[_Entry, frozenset[LockState], bool]] = []
     longest: list[int] = []
+    deepest = 0
     entry = head.next
     while head.next is not None:
         assert entry is not None
@@ -473,24 +513,41 @@ def check_partition(order_id: str, ops: list[Operation], model: PaymentLockModel
                         return PartitionResult(order_id, None, len(ops),
                                                [ops[i] for i in longest], len(seen))
                     seen.add((mark, following))
-                    stack.append((entry, states))
+                    stack.append((entry, states, False))
                     states, linearized = following, mark
                     _lift(entry)
-                    if len(stack) > len(longest):
-                        longest = [call.id for call, _ in stack]
+                    if len(stack) > deepest:
+                        deepest = len(stack)
+                        longest = [call.id for call, _, dropped in stack if not dropped]
                     entry = head.next
                     continue
             entry = entry.next
         else:
-            if ops[entry.id].indeterminate:
+            if ops[entry.id].indeterminate and model.effect_within is None:
                 # Every answered operation is placed (their returns all come earlier): the
                 # unanswered ones still unplaced never took effect.
                 return PartitionResult(order_id, True, len(ops), [ops[i] for i in longest],
                                        len(seen))
+            if ops[entry.id].indeterminate:
+                # Past the last moment it could take effect: it never did (tried first; on
+                # backtracking, placing it earlier is tried).
+                mark = linearized | (1 << entry.id)
+                if (mark, states) not in seen:
+                    if budget is not None and len(seen) >= budget:
+                        return PartitionResult(order_id, None, len(ops),
+                                               [ops[i] for i in longest], len(seen))
+                    seen.add((mark, states))
+                    call = entry.match
+                    assert call is not None
+                    stack.append((call, states, True))
+                    linearized = mark
+                    _lift(call)
+                    entry = head.next
+                    continue
             if not stack:  # this return's call cannot come first in any order: not linearizable
                 return PartitionResult(order_id, False, len(ops), [ops[i] for i in longest],
                                        len(seen))
-            call, states = stack.pop()
+            call, states, _ = stack.pop()
             linearized &= ~(1 << call.id)
             _unlift(call)
             entry = call.next
@@ -551,8 +608,8 @@ def from_json(data: dict[str, Any]) -> Operation:
             return None
         fields = dict(value)
         kind = table[fields.pop("op")]
-        if "forced" in fields and fields["forced"] is not None:
-            fields["forced"] = tuple(fields["forced"])
+        if "forced" in fields:
+            fields["forced"] = tuple(fields["forced"] or ())
         return kind(**fields)
     return Operation(data["client"], data["call"], data["ret"], build(data["input"], _INPUTS),
                      build(data["output"], _OUTPUTS))
@@ -569,10 +626,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-lifetime", type=float, default=float("inf"),
                         help="least time a lock lives unrenewed, in the history's unit "
                              "(default: locks never end on their own)")
+    parser.add_argument("--effect-within", type=float, default=None,
+                        help="the latest an unanswered request can take effect after it was "
+                             "sent, in the history's unit (default: any time)")
     args = parser.parse_args(argv)
     with open(args.history, encoding="utf-8") as lines:
         history = [from_json(json.loads(line)) for line in lines if line.strip()]
-    result = check(history, PaymentLockModel(args.min_lifetime))
+    result = check(history, PaymentLockModel(args.min_lifetime, args.effect_within))
     verdict = ("linearizable" if result.ok else "NOT linearizable" if result.failures
                else "unknown (the search gave up)")
     print(f"{len(history)} operations, {len(result.partitions)} orders: {verdict}")

@@ -33,8 +33,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Children get SIGKILL if the coordinator dies, so nothing is left running."""
+def die_with_parent() -> None:
+    """Runs in a child before exec: it gets SIGKILL when its parent dies, so nothing is left
+    running (Linux only: elsewhere nothing happens)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -56,7 +57,7 @@ class Child:
                 full, cwd=ROOT, env={**os.environ, **(env or {})},
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                stderr=stderr, text=True, preexec_fn=_die_with_parent)
+                stderr=stderr, text=True, preexec_fn=die_with_parent)
         self.pid = self.proc.pid  # taskset execs the command: same pid
 
     def alive(self) -> bool:
@@ -127,14 +128,32 @@ def redis_ready(port: int) -> Callable[[], bool]:
     return check
 
 
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def redis_command(port: int, workdir: Path, appendonly: bool = False,
+                  appendfsync: str = "always") -> list[str]:
+    """redis-server on 127.0.0.1:`port` (never 6379), no snapshots, its files in `workdir`;
+    with `appendonly`, an AOF fsynced `always` (a SIGKILL loses nothing) or `everysec`."""
+    return [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(workdir), "--appendonly", "yes" if appendonly else "no",
+            "--appendfsync", appendfsync]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.02)
+
+
 def start_redis(workdir: Path) -> tuple[Child, int]:
-    """A redis-server of our own on a free port (never 6379), on the load generator's core."""
-    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    """A redis-server of our own on a free port, on the load generator's core."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    child = Child("redis-server", [server, "--port", str(port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                  LOADGEN_CORE, log=workdir / "redis.log")
+    child = Child("redis-server", redis_command(port, workdir), LOADGEN_CORE,
+                  log=workdir / "redis.log")
     child.wait_ready(redis_ready(port))
     return child, port
 

@@ -1,4 +1,7 @@
-"""Real `redis-server` processes for tests, each on its own free port, killed afterwards."""
+"""Real `redis-server` processes for tests, each on its own free port, killed afterwards.
+
+The command line and the readiness probe are bench/procs.py's, shared with the benchmark and
+the chaos run."""
 
 from __future__ import annotations
 
@@ -12,9 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .support import free_port
+from bench.procs import REDIS_SERVER, free_port, redis_command, redis_ready, wait_until
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
@@ -48,30 +50,14 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-               "--save", "", "--dir", str(self.workdir),
-               "--appendonly", "yes" if self.appendonly else "no",
-               "--appendfsync", self.appendfsync]
+        cmd = redis_command(self.port, self.workdir, self.appendonly, self.appendfsync)
         if self.cluster:
             cmd += ["--cluster-enabled", "yes",
                     "--cluster-config-file", f"nodes-{self.port}.conf",
                     "--cluster-node-timeout", "2000"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on {self.port}")
-
-    def knows_replica(self, port: int) -> bool:
-        out = subprocess.run([REDIS_CLI, "-p", str(self.port), "sentinel", "replicas",
-                              self.name], capture_output=True, text=True, timeout=5).stdout
-        return str(port) in out.split()
+        wait_until(redis_ready(self.port), 10, f"redis-server on {self.port} answering PING")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

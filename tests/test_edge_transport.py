@@ -18,8 +18,8 @@ import pytest
 import websockets
 
 from bench.attacks import (
+    AttackOutcome,
     RoundTrips,
-    Tally,
     endless_header,
     neighbour,
     peak_rss_mib,
@@ -32,7 +32,7 @@ from bench.attacks import (
 from .support import BrokerProcess, WsClient, mint, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
-Attack = Callable[[int, float, Tally], Awaitable[None]]
+Attack = Callable[[int, float, AttackOutcome], Awaitable[None]]
 
 
 def start(factory: BrokerFactory, **settings: str | float) -> BrokerProcess:
@@ -41,7 +41,7 @@ def start(factory: BrokerFactory, **settings: str | float) -> BrokerProcess:
 
 
 async def under_attack(broker: BrokerProcess, attack: Attack, seconds: float,
-                       attackers: int = 4) -> tuple[Tally, RoundTrips, float]:
+                       attackers: int = 4) -> tuple[AttackOutcome, RoundTrips, float]:
     """Run `attackers` copies of the attack for `seconds` while a neighbour does lock round
     trips; the tally, the neighbour's round trips during the attack, and the broker's RSS
     growth (peak during the attack minus before it, MiB)."""
@@ -53,7 +53,7 @@ async def under_attack(broker: BrokerProcess, attack: Attack, seconds: float,
     await asyncio.wait_for(ready.wait(), 10)
     before = rss_mib(pid)
     peak = asyncio.create_task(peak_rss_mib(pid, stop))
-    tally = Tally()
+    tally = AttackOutcome()
     await asyncio.gather(*(attack(broker.port, seconds, tally) for _ in range(attackers)))
     stop.set()
     await peer
@@ -132,7 +132,7 @@ async def test_a_slow_loris_upgrade_is_ended_at_its_deadline(broker_factory: Bro
     """A header line every 0.5 s, for ever: answered 408 and closed once the request head
     has taken upgrade_timeout_s (1.5 s here), as is a socket that sends nothing at all."""
     broker = start(broker_factory, http_parser=parser, upgrade_timeout_s=1.5)
-    loris = Tally()
+    loris = AttackOutcome()
     await slow_loris(broker.port, 4, loris, every_s=0.5, sockets=2)
     assert loris.cut_off >= 2 and set(loris.answers) == {"HTTP/1.1 408 Request Timeout"}, loris
     assert all(1.4 <= t < 3.5 for t in loris.lifetimes_s), loris.lifetimes_s

@@ -93,6 +93,25 @@ def test_an_unanswered_request_may_not_have_taken_effect() -> None:
     )
 
 
+def test_an_unanswered_request_takes_effect_in_time_or_never() -> None:
+    """b's forced acquire got no reply. A read 40 s later shows no lock and one at 60 s shows
+    b's: only a grant 38 s after its request explains it, which a 30 s bound rules out."""
+    history = [
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, None, Acquire(ORDER, force=True), None),
+        op("a", 5, 6, Release(ORDER, 5), Done()),
+        op("c", 40, 41, Read(ORDER), Seen(None, "open")),
+        op("c", 60, 61, Read(ORDER), Seen(9, "open")),
+    ]
+    assert check(history).ok
+    assert not check(history, PaymentLockModel(effect_within=30)).ok
+    assert check(history[:4], PaymentLockModel(effect_within=30)).ok  # never applied
+    in_time = [*history[:3], op("c", 13, 14, Read(ORDER), Seen(None, "open")),
+               op("c", 20, 21, Read(ORDER), Seen(9, "open"))]  # granted 12 to 19 s after
+    assert check(in_time, PaymentLockModel(effect_within=30)).ok
+    assert not check(in_time, PaymentLockModel(effect_within=10)).ok
+
+
 def test_many_unanswered_requests_are_searched_through() -> None:
     """Nine unanswered acquires, any of which may hold the lock: a read that finds none
     fits; a second holder after it does not, whatever they did (an exhaustive search)."""
@@ -176,6 +195,45 @@ def test_two_payments_are_not_linearizable() -> None:
         op("a", 4, 9, Complete(ORDER, 5, "p1"), Done()),
         op("b", 4, 9, Complete(ORDER, 6, "p2"), Done()),
     )
+
+
+def test_a_force_must_name_the_lock_it_revoked() -> None:
+    assert not linearizable(
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, 3, Acquire(ORDER, force=True), Granted(6, ())),
+    )
+    assert not linearizable(  # an order lock forced over a's payment lock, just the same
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, 3, OtherLock(ORDER, force=True), Granted(6, ())),
+    )
+    assert linearizable(
+        op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+        op("b", 2, 3, OtherLock(ORDER, force=True), Granted(6, (5,))),
+    )
+
+
+def test_an_order_lock_below_the_floor_is_only_a_re_acquire_of_ones_own() -> None:
+    granted = [op("a", 0, 1, OtherLock(ORDER), Granted(3, ())),
+               op("b", 2, 3, Acquire(ORDER), Granted(4, ()))]
+    assert linearizable(*granted, op("a", 4, 5, OtherLock(ORDER), Granted(3, ())))
+    assert not linearizable(*granted, op("c", 4, 5, OtherLock(ORDER), Granted(3, ())))
+    assert not linearizable(*granted, op("a", 4, 5, OtherLock(ORDER), Granted(2, ())))
+    # An unanswered grant's token is known only to top the floor it found.
+    lost = [op("a", 0, None, OtherLock(ORDER), None), granted[1]]
+    assert linearizable(*lost, op("a", 4, 5, OtherLock(ORDER), Granted(1, ())))
+    assert not linearizable(*lost, op("c", 4, 5, OtherLock(ORDER), Granted(1, ())))
+
+
+def test_a_payment_refused_for_its_version_held_the_current_token() -> None:
+    """Section 2's precedence: a stale token is FENCED before its version is looked at."""
+    forced = [op("a", 0, 1, Acquire(ORDER), Granted(5, ())),
+              op("b", 2, 3, Acquire(ORDER, force=True), Granted(6, (5,)))]
+    assert linearizable(*forced, op("b", 4, 5, Complete(ORDER, 6, "p1"),
+                                    Refused("STALE_VERSION")))
+    assert not linearizable(*forced, op("a", 4, 5, Complete(ORDER, 5, "p1"),
+                                        Refused("STALE_VERSION")))
+    assert not linearizable(*forced, op("a", 4, 5, Complete(ORDER, 5, "p1"),
+                                        Refused("AMOUNT_MISMATCH")))
 
 
 def test_a_release_answered_fenced_after_it_took_effect_is_not_linearizable() -> None:
@@ -342,6 +400,9 @@ def test_histories_made_by_the_rules_are_linearizable() -> None:
         history = rules_history(seed, count=40 + seed % 2 * 40)
         result = check(history)
         assert result.ok, (seed, [str(o) for o in result.failures[0].longest])
+        # Each took effect within 3 s of its call, answered or not.
+        bounded = check(history, PaymentLockModel(effect_within=3))
+        assert bounded.ok, (seed, [str(o) for o in bounded.failures[0].longest])
         assert [from_json(to_json(o)) for o in history] == history
 
 
