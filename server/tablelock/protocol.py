@@ -261,7 +261,8 @@ class HelloResult(msgspec.Struct):
     store: StoreInfo
     heartbeat_ms: int
     server_time: int
-    # On resume: channels whose missed events are gone from the history; subscribe again.
+    # On resume: channels whose missed events are gone from the history (or whose epoch
+    # changed); subscribe again.
     resubscribe: list[str] = []
 
 
@@ -393,8 +394,8 @@ CLOSE_NAMES: dict[Close, str] = {
 # What the client should do on each, for the docs.
 CLOSE_CODES: dict[Close, str] = {
     Close.TOO_BIG: "a frame larger than 64 KiB: do not resend it",
-    Close.RESTARTING: "the broker is restarting, or events were lost: reconnect (with "
-                      "`resume`) and subscribe again with `since`",
+    Close.RESTARTING: "the broker is restarting, or events were lost: reconnect and "
+                      "subscribe again with `since` and `epoch`",
     Close.TRY_AGAIN_LATER: "the backend could not be reached during `hello`: reconnect after "
                            "a backoff",
     Close.NO_HELLO: "no `hello` within 10 s, or a first frame that is not a valid `hello`",
