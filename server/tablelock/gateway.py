@@ -111,8 +111,11 @@ class Gateway:
                 talk.store_read(welcome, config)
                 await self.backend.terminal_up(terminal, conn.authority)
                 resumed = hello.resume is not None and await self._resume(conn, hello.resume)
-                missed, lost = await self._missed(conn, hello.seen) if resumed else ({}, [])
-                await self._keep(conn)
+                missed: dict[str, list[Numbered]] = {}
+                lost: list[str] = []
+                if resumed:  # kept as held here (a new session is first kept at subscribe)
+                    missed, lost = await self._missed(conn, hello.seen)
+                    await self._keep(conn)
                 reply = talk.welcomed(welcome, session, resumed, config,
                                       await self.backend.now(), lost)
         except Unavailable as exc:
