@@ -1,8 +1,8 @@
 """The backend contract, called directly and in process: the same cases against the memory
 backend (on a clock the test moves) and against a real `redis-server` (two brokers on it).
 
-Each case speaks to the four parts of backends.base: order state, event streams, presence
-and broker-to-broker control. Nothing here goes through a WebSocket.
+Each case speaks to the five parts of backends.base: order state, event streams, presence,
+resumable sessions and broker-to-broker control. Nothing here goes through a WebSocket.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tablelock.backends.base import Backend, Unavailable
+from tablelock.backends.base import Backend, StoredSession, Unavailable
 from tablelock.backends.memory import MemoryBackend
 from tablelock.backends.redis import RedisBackend
 from tablelock.model import Event, Order, StoreConfig, Terminal, holder_key
@@ -310,6 +310,37 @@ async def test_a_gap_in_what_a_broker_hears_is_filled_from_history(setup: Setup)
 
 
 # --- presence ---------------------------------------------------------------------------
+
+
+async def test_a_stream_keeps_its_epoch_on_every_broker(setup: Setup) -> None:
+    store = setup.store
+    channel = order_channel(store, "o1")
+    epoch = await setup.a.backend.stream_epoch(channel)
+    assert epoch
+    await setup.a.follow(channel)
+    await setup.a.backend.apply(store, "o1", Ingest(an_order()), None)
+    await setup.b.backend.apply(store, "o1", Ingest(an_order(version=2)), None)
+    assert await setup.b.backend.stream_epoch(channel) == epoch
+    assert await setup.a.backend.stream_epoch(channel) == epoch
+
+
+# --- sessions ---------------------------------------------------------------------------
+
+
+async def test_a_session_is_kept_for_every_broker_until_its_ttl(setup: Setup) -> None:
+    store = setup.store
+    holder = holder_key(setup.terminal("erp_secondary", "till"))
+    first = StoredSession(holder, {order_channel(store, "o1"): (5, "e1"),
+                                   store_channel(store): (9, "e2")})
+    await setup.a.backend.keep_session(store, "sess1", first, None)
+    assert await setup.b.backend.find_session(store, "sess1") == first
+    assert await setup.b.backend.find_session(unique(), "sess1") is None  # another store's
+    # Kept whole: a channel left is gone from the copy.
+    second = StoredSession(holder, {store_channel(store): (12, "e2")})
+    await setup.b.backend.keep_session(store, "sess1", second, 150)
+    assert await setup.a.backend.find_session(store, "sess1") == second
+    await asyncio.sleep(0.4)  # past its TTL, on Redis's clock and the loop's alike
+    assert await setup.a.backend.find_session(store, "sess1") is None
 
 
 async def test_presence_up_down_across_connections_and_brokers(setup: Setup) -> None:

@@ -451,22 +451,30 @@ async def test_erp_lock_renews_itself(store: Store, page: Page) -> None:
     await cashier.no_event("lock.expired", within=0.2)  # a renewal publishes nothing
 
 
-async def test_resume_after_a_dropped_socket_recovers_missed_events(
+async def test_reconnect_after_a_dropped_socket_recovers_missed_events(
         store: Store, page: Page) -> None:
+    """One way back: a new session, each channel subscribed again at (since, epoch)."""
     cashier = await store.erp("cashier-1")
     await store.publish(cashier, order_id="o1")
     await store.publish(cashier, order_id="o2")
     await cashier.request("subscribe", channel=f"store:{store.store_id}")
     await connect_js(page, "c", store.broker.url, store.token("erp_secondary", "screen-2"),
                      reconnect={"minDelayMs": 600, "maxDelayMs": 800, "jitter": 0})
-    session = await page.evaluate(
+    session, epoch = await page.evaluate(
         """async (storeId) => {
             window.m = await c.subscribe(`store:${storeId}`);
             window.h = await c.acquire("o2", "order");
             track(c, "client", ["stale", "open"]);
             track(m, "m", ["snapshot", "change"]);
+            window.sent = [];
+            const send = WebSocket.prototype.send;
+            WebSocket.prototype.send = function (data) {  // what the SDK says from now on
+                sent.push(JSON.parse(data));
+                return send.call(this, data);
+            };
+            const at = [c.sessionId, m.epoch];
             c._ws.close();          // the network drops
-            return c.sessionId;
+            return at;
         }""", store.store_id)
     await cashier.event("terminal.offline", where=lambda e: e["terminal"]["terminal_id"]
                         == "screen-2")
@@ -475,7 +483,9 @@ async def test_resume_after_a_dropped_socket_recovers_missed_events(
 
     got = await page.evaluate(
         """() => ({
-            resumed: c.hello.resumed, session: c.sessionId,
+            resumed: c.hello.resumed, session: c.sessionId, epoch: m.epoch,
+            hello: sent.find((f) => f.type === "hello"),
+            subscribe: sent.find((f) => f.type === "subscribe"),
             stale: seen.client.filter((e) => e.type === "stale").map((e) => e.detail.stale),
             snapshot: seen.m.filter((e) => e.type === "snapshot").map((e) => ({
                 reason: e.detail.reason, recovered: e.detail.recovered,
@@ -485,7 +495,10 @@ async def test_resume_after_a_dropped_socket_recovers_missed_events(
             token: m.locks.get("o1/payment").token, held: h.held,
             mine: m.locks.get("o2/order").token === h.token,
         })""")
-    assert got["resumed"] is True and got["session"] == session
+    assert got["resumed"] is False and got["session"] != session
+    assert "resume" not in got["hello"]
+    assert got["subscribe"]["epoch"] == epoch and got["epoch"] == epoch
+    assert isinstance(got["subscribe"]["since"], int)
     assert got["stale"] == [True, False]
     # What happened while away, its own return included, told in order; the state has it all.
     missed = ["terminal.offline", "lock.acquired", "terminal.online"]
@@ -524,13 +537,13 @@ async def test_reconnect_after_the_broker_restarts(
     await cashier.request("lock.acquire", order_id="o1", kind="payment")
     await connect_js(page, "c", broker.url, before.token("erp_secondary", "screen-2"),
                      reconnect={"minDelayMs": 100, "maxDelayMs": 400})
-    old_seq = await page.evaluate(
+    old_seq, old_epoch = await page.evaluate(
         """async (storeId) => {
             window.m = await c.subscribe(`store:${storeId}`);
             window.h = await c.acquire("o2", "order");
             track(c, "client", ["stale"]);
             track(m, "m", ["snapshot"]);
-            return m.seq;
+            return [m.seq, m.epoch];
         }""", before.store_id)
 
     await before.close()
@@ -564,6 +577,8 @@ async def test_reconnect_after_the_broker_restarts(
     assert got["end"] == "gone"  # the lock held before the restart is gone, and said so
     mirror, snap = got["mirror"], truth["snapshot"]
     assert truth["seq"] > old_seq  # numbering starts from the clock: never reused
+    # ...in a new epoch, which the mirror now holds
+    assert old_epoch and mirror["epoch"] == truth["epoch"] != old_epoch
     assert sorted(o["order_id"] for o in mirror["orders"]) == ["o9"]
     assert mirror["orders"] == snap["orders"]
     assert [lock["token"] for lock in mirror["locks"]] == [taken["lock"]["token"]]

@@ -163,6 +163,8 @@ async def test_broker_restart_recovers_subscriptions_and_state(
         assert mirror.locks["order"].token == lock.token  # its event came before the reply
         assert store_mirror.orders["o1"].version == 1 and not client.stale
         changes, store_changes = mirror.changes(), store_mirror.changes()
+        epochs = (mirror.epoch, store_mirror.epoch)
+        assert all(epochs)
 
         await asyncio.to_thread(proc.stop)
         await change(changes, "stale")
@@ -174,7 +176,11 @@ async def test_broker_restart_recovers_subscriptions_and_state(
         await change(changes, "fresh", timeout=10)
         await change(store_changes, "fresh", timeout=10)
         await client.wait_fresh(5)
-        assert not mirror.stale and not store_mirror.stale and not client.resumed
+        assert not mirror.stale and not store_mirror.stale
+        # The new broker numbers new streams: their epochs differ, so `since` was not
+        # trusted and each mirror took the snapshot.
+        assert mirror.epoch and store_mirror.epoch
+        assert mirror.epoch != epochs[0] and store_mirror.epoch != epochs[1]
         # The new broker has never seen o1: the mirror says so rather than keep old locks,
         # and the lock handle learns that its lock is gone.
         assert mirror.order is None and mirror.locks == {}
@@ -217,7 +223,7 @@ async def test_event_missed_during_a_short_drop_is_recovered_through_since(
         await cashier.publish_order(order("o1"), "modify")
         mirror = await screen.subscribe_order("o1")
         changes = mirror.changes()
-        seq_before = mirror.seq
+        seq_before, epoch_before, session_before = mirror.seq, mirror.epoch, screen.session_id
 
         proxy.cut()
         await change(changes, "stale")
@@ -231,7 +237,8 @@ async def test_event_missed_during_a_short_drop_is_recovered_through_since(
         assert [c.event for c in seen] == ["order.updated", "fresh"]
         assert seen[0].seq == seq_before + 1
         assert seen[0].frame is not None and seen[0].frame["order"]["version"] == 2
-        assert screen.resumed  # the session came back within the grace
+        # One way back: a new session, and the channel subscribed again at its position.
+        assert screen.session_id != session_before and mirror.epoch == epoch_before
         assert mirror.order is not None and mirror.order.version == 2 and not mirror.stale
         assert mirror.seq == seq_before + 1
     finally:
@@ -271,7 +278,7 @@ async def test_a_dropped_socket_reconnects_and_keeps_its_lock(store: Store,
         await cashier._ws.close()
         await change(changes, "stale")
         await cashier.wait_fresh(5)
-        assert cashier.resumed and cashier.session_id == session
+        assert cashier.session_id != session  # a new session: locks are the terminal's
         await change(changes, "fresh")
         # Back within the grace: the lock is still ours, and the mirror shows it.
         assert lock.held and not lock.lost.is_set()

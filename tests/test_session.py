@@ -94,9 +94,9 @@ def welcome(talk: Conversation, tok: str | None = None, **fields: Any) -> Welcom
     """Say hello and attach, as the gateway does once the store is read."""
     said = talk.hello(hello(tok or token(), **fields))
     assert isinstance(said, Welcome), said
-    session, resumed = talk.hub.attach(talk.conn, said.terminal, None, False)
+    session = talk.hub.attach(talk.conn, said.terminal, False)
     talk.store_read(said, STRONG)
-    talk.welcomed(said, session, resumed, STRONG, NOW, [])
+    talk.welcomed(said, session, False, STRONG, NOW, [])
     return said
 
 
@@ -128,10 +128,10 @@ def test_hello_welcomes_and_replies_with_the_session() -> None:
     said = talk.hello(hello(token(), locale="en"))
     assert isinstance(said, Welcome)
     assert said.terminal.role == "erp_main" and said.terminal.store_id == "s1"
-    session, resumed = talk.hub.attach(talk.conn, said.terminal, None, False)
+    session = talk.hub.attach(talk.conn, said.terminal, False)
     talk.store_read(said, StoreConfig(locale="zh-CN"))
     assert talk.conn.locale == "en"  # the hello's language before the store's
-    body = reply(talk.welcomed(said, session, resumed, STRONG, NOW, []))
+    body = reply(talk.welcomed(said, session, False, STRONG, NOW, []))
     assert body["id"] == 1 and body["ok"] is True
     assert body["session_id"] == session.session_id and body["resumed"] is False
     assert body["server_time"] == NOW and body["store"]["store_id"] == "s1"
@@ -323,11 +323,12 @@ def test_subscribed_replies_with_the_snapshot_and_what_the_h5_may_see() -> None:
     snapshot = OrderSnapshot(order(), [])
     missed = [Numbered(2, b'{"seq":2}', "t1"), Numbered(3, b'{"seq":3}', "t2"),
               Numbered(9, b'{"seq":9}', "t1")]
-    stands, frame_ = talk.subscribed(request, 5, snapshot, missed)
+    stands, frame_ = talk.subscribed(request, 5, "e1", snapshot, missed)
     body = reply(frame_)
-    assert stands and body["seq"] == 5 and body["recovered"] is True
+    assert stands and body["seq"] == 5 and body["recovered"] is True and body["epoch"] == "e1"
     assert body["missed"] == [{"seq": 2}]  # not another table's, not past the snapshot
-    stands, frame_ = talk.subscribed(request, 5, OrderSnapshot(order("o1", "t2"), []), None)
+    stands, frame_ = talk.subscribed(request, 5, "e1", OrderSnapshot(order("o1", "t2"), []),
+                                     None)
     assert not stands and error_code(frame_) == "FORBIDDEN"
 
 

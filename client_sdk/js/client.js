@@ -46,7 +46,7 @@ export class TablelockClient extends TablelockConnection {
   // --- following the connection --------------------------------------------------------------
 
   [CONNECTION_UP]() {
-    // Re-subscribe every mirror with `since` (their snapshots also settle the lock handles),
+    // Re-subscribe every mirror at its position (their snapshots also settle the lock handles),
     // and renew the locks whose renewal fell due while the socket was down.
     for (const mirror of this._mirrors.values()) mirror[SUBSCRIBE]("reconnect");
     for (const handle of this._handles.values()) handle[RENEW_IF_DUE]();

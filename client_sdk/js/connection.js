@@ -123,7 +123,7 @@ export class TablelockConnection extends EventTarget {
   get connected() { return this._connected; }
   /** True while the socket is down or a mirror is re-syncing (also before the first hello). */
   get stale() { return this._stale; }
-  /** @returns {string|null} the broker session id (used for `resume`) */
+  /** @returns {string|null} the broker session id of the current connection (each hello starts one) */
   get sessionId() { return this._sessionId; }
   /** @returns {HelloResult|null} the last hello result */
   get hello() { return this._hello; }
@@ -208,7 +208,6 @@ export class TablelockConnection extends EventTarget {
       protocol: PROTOCOL_VERSION,
       client: { name: info.name ?? "tablelock-js", version: info.version ?? VERSION },
       locale: this.options.locale,
-      resume: this._sessionId ?? undefined,
       order_authority: this.options.orderAuthority || this._fetchHandler ? true : undefined,
     });
     const timer = setTimeout(() => {
@@ -248,7 +247,7 @@ export class TablelockConnection extends EventTarget {
     this._startHeartbeat(hello.heartbeat_ms);
     this._scheduleRefresh();
     this._ready.resolve(hello);
-    this.dispatchEvent(event("open", { hello, resumed: hello.resumed }));
+    this.dispatchEvent(event("open", { hello }));
     this[CONNECTION_UP]();
   }
 

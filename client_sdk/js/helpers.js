@@ -103,7 +103,7 @@ export function capability(role, name) {
 /**
  * One terminal's connection to the broker. An `EventTarget`; its events (all `CustomEvent`s):
  *
- * - `open` `{hello, resumed}`: hello succeeded (first connection or a reconnect).
+ * - `open` `{hello}`: hello succeeded (first connection or a reconnect).
  * - `close` `{code, reason, willReconnect}`: the socket went down.
  * - `stale` `{stale}`: `true` while the socket is down or a mirror that was current is
  *   re-syncing (after a reconnect or a seq gap), then `false`. Grey out lock buttons while

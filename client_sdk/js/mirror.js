@@ -56,6 +56,8 @@ export class ChannelMirror extends EventTarget {
     this.config = null;
     /** The seq of the last event applied (or of the snapshot). */
     this.seq = 0;
+    /** @type {string|null} the epoch of the channel's numbering that `seq` belongs to */
+    this.epoch = null;
     /** @type {boolean|null} the last re-subscribe's `recovered` (null without `since`) */
     this.recovered = null;
     /** @type {"idle"|"syncing"|"live"|"failed"|"closed"} */
@@ -110,7 +112,8 @@ export class ChannelMirror extends EventTarget {
   /** A plain copy of the state (handy for logs, tests and `postMessage`). */
   toJSON() {
     return {
-      channel: this.channel, seq: this.seq, state: this.state, stale: this.stale,
+      channel: this.channel, seq: this.seq, epoch: this.epoch, state: this.state,
+      stale: this.stale,
       orders: [...this.orders.values()], locks: [...this.locks.values()],
       terminals: [...this.terminals.values()], config: this.config,
     };
@@ -144,8 +147,10 @@ export class ChannelMirror extends EventTarget {
   }
 
   /**
-   * (Re)subscribe: with `since` once a snapshot has been seen, so the broker can say what was
-   * missed. Events that arrive meanwhile wait in a buffer.
+   * (Re)subscribe: at the mirror's position (`since` and `epoch`) once a snapshot has been
+   * seen, so the broker can say what was missed, on whichever broker this is (another epoch:
+   * the numbering started over, and the snapshot is the truth). Events that arrive meanwhile
+   * wait in a buffer.
    * @param {"subscribe"|"reconnect"|"gap"} reason
    */
   [SUBSCRIBE](reason) {
@@ -154,7 +159,9 @@ export class ChannelMirror extends EventTarget {
     this._setState("syncing");
     this._buffer = [];
     const gen = client[GENERATION];
-    const params = { channel: this.channel, since: this._synced ? this.seq : undefined };
+    const params = this._synced
+      ? { channel: this.channel, since: this.seq, epoch: this.epoch ?? undefined }
+      : { channel: this.channel };
     client.request("subscribe", params).then((reply) => {
       if (gen !== client[GENERATION] || this.state !== "syncing") return;
       this._applySnapshot(reply, reason);
@@ -171,7 +178,7 @@ export class ChannelMirror extends EventTarget {
   }
 
   /**
-   * @param {{seq: number, snapshot: any, recovered?: boolean, missed?: EventFrame[]}} reply
+   * @param {{seq: number, epoch: string, snapshot: any, recovered?: boolean, missed?: EventFrame[]}} reply
    * @param {string} reason
    */
   _applySnapshot(reply, reason) {
@@ -187,6 +194,7 @@ export class ChannelMirror extends EventTarget {
     }
     for (const lock of snap.locks ?? []) this.locks.set(lockKey(lock.order_id, lock.kind), lock);
     this.seq = reply.seq;
+    this.epoch = reply.epoch;
     this._synced = true;
     this.recovered = reply.recovered ?? null;
     const buffered = this._buffer;

@@ -7,8 +7,9 @@
  * with subprotocol `tablelock.v1`:
  *
  * - {@link connect} opens a {@link TablelockClient}: hello, then reconnect with
- *   exponential backoff and jitter, `resume` of the session, and re-subscribe
- *   with `since` (the last seq seen on each channel).
+ *   exponential backoff and jitter, and re-subscribe of each channel at its
+ *   position, `since` and `epoch` (the last seq seen and the numbering it
+ *   belongs to): one way back, on whichever broker the load balancer picks.
  * - {@link TablelockClient#subscribe} returns a {@link ChannelMirror}: the
  *   channel's state (orders, locks, online terminals) kept current from the
  *   snapshot and the events, re-snapshotted on a seq gap or after a reconnect.

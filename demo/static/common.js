@@ -80,8 +80,8 @@ export function setupLangSwitch() {
 }
 
 /**
- * The broker's messages follow the page's locale: switching it says hello again (the session
- * is resumed, so locks and subscriptions stay).
+ * The broker's messages follow the page's locale: switching it says hello again (locks stay,
+ * the terminal is back within its grace; each channel is subscribed again at its position).
  * @param {TablelockClient} client
  */
 export function followLang(client) {

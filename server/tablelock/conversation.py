@@ -320,10 +320,12 @@ class Conversation:
                              detail="too many subscriptions on this connection")
         return request
 
-    def subscribed(self, request: Subscribe, seq: int, snapshot: OrderSnapshot | StoreSnapshot,
+    def subscribed(self, request: Subscribe, seq: int, epoch: str,
+                   snapshot: OrderSnapshot | StoreSnapshot,
                    missed: list[Numbered] | None) -> tuple[bool, bytes]:
-        """The reply to a subscribe whose channel was read (`missed`: its history since
-        `request.since`, None when gone): whether it stands, and the frame."""
+        """The reply to a subscribe whose channel was read at `seq` of `epoch` (`missed`: its
+        history since `request.since`, None when gone or of another epoch): whether it
+        stands, and the frame."""
         terminal = self.conn.terminal
         assert terminal is not None
         # An h5's scope is checked on the very record the snapshot shows, not on an
@@ -331,7 +333,7 @@ class Conversation:
         if (isinstance(snapshot, OrderSnapshot) and snapshot.order is not None
                 and not sees_order(terminal, snapshot.order)):
             return False, self.fail(request, "FORBIDDEN", detail="an order of another table")
-        result = SubscribeResult(request.channel, seq, snapshot)
+        result = SubscribeResult(request.channel, seq, snapshot, epoch)
         if request.since is not None:
             result.recovered = missed is not None
             # Each event carries its order's table at the time: an h5 is not shown what

@@ -27,7 +27,7 @@ from .conversation import (
     origin_allowed,
 )
 from .hub import Connection, Hub
-from .model import StoreConfig
+from .model import StoreConfig, holder_key
 from .protocol import DRAINING, SUBPROTOCOL, Close, Ping, RpcResult, Subscribe, Unsubscribe
 from .relay import PullLimited, Relay
 from .settings import Settings
@@ -101,7 +101,7 @@ class Gateway:
         assert isinstance(welcome, Welcome)
         terminal, hello = welcome.terminal, welcome.hello
         # Counted at once, before any await, so that simultaneous hellos see each other.
-        session, resumed = self.hub.attach(conn, terminal, hello.resume, hello.order_authority)
+        session = self.hub.attach(conn, terminal, hello.order_authority)
         metrics.CONNECTIONS.labels(terminal.role).inc()
         log.info("connected", extra={"store": terminal.store_id, "terminal": terminal.terminal_id,
                                      "role": terminal.role})
@@ -110,7 +110,12 @@ class Gateway:
                 config = await self.backend.get_config(terminal.store_id)
                 talk.store_read(welcome, config)
                 await self.backend.terminal_up(terminal, conn.authority)
-                missed, lost = await self._missed(conn, hello.seen) if resumed else ({}, [])
+                resumed = hello.resume is not None and await self._resume(conn, hello.resume)
+                missed: dict[str, list[Numbered]] = {}
+                lost: list[str] = []
+                if resumed:  # kept as held here (a new session is first kept at subscribe)
+                    missed, lost = await self._missed(conn, hello.seen)
+                    await self._keep(conn)
                 reply = talk.welcomed(welcome, session, resumed, config,
                                       await self.backend.now(), lost)
         except Unavailable as exc:
@@ -123,23 +128,53 @@ class Gateway:
             self.hub.end_subscribe(conn, channel)
         return True
 
+    async def _resume(self, conn: Connection, session_id: str) -> bool:
+        """Take over the session `resume` named, from the backend (any broker kept it), if
+        it is still there, is this terminal's and no connection of this broker holds it."""
+        terminal = conn.terminal
+        assert terminal is not None
+        stored = await self.backend.find_session(terminal.store_id, session_id)
+        if (stored is None or stored.holder != holder_key(terminal)
+                or self.hub.attached(session_id)):
+            return False
+        self.hub.restore(conn, session_id, stored)
+        return True
+
     async def _missed(self, conn: Connection, seen: dict[str, int] | None,
                       ) -> tuple[dict[str, list[Numbered]], list[str]]:
-        """What a resumed session missed per channel, from the last seq written to it or the
-        last the client says it read; channels whose history is gone are dropped from the
+        """What a resumed session missed per channel: after the last seq the client says it
+        read, else the last the session kept, if the channel still numbers in the same
+        epoch. Channels whose history is gone (or whose epoch changed) are dropped from the
         session and named in the reply, for the client to subscribe again."""
-        assert conn.session is not None
+        session = conn.session
+        assert session is not None
         missed, lost = {}, []
-        for channel, written in list(conn.session.subs.items()):
-            last = min(written, (seen or {}).get(channel, written))
-            conn.session.subs[channel] = last
-            events = await self.backend.history(channel, last)
+        for channel, kept in list(session.subs.items()):
+            last = (seen or {}).get(channel, kept)
+            session.subs[channel] = last
+            same = await self.backend.stream_epoch(channel) == session.epochs.get(channel)
+            events = await self.backend.history(channel, last) if same else None
             if events is None:
                 self.hub.unsubscribe(conn, channel)
                 lost.append(channel)
             else:
                 missed[channel] = events
         return missed, lost
+
+    async def _keep(self, conn: Connection, grace_ms: int | None = None) -> None:
+        """Write the connection's session to the backend, for a resume on any broker;
+        `grace_ms`: it was detached, and goes after that."""
+        session, terminal = conn.session, conn.terminal
+        assert session is not None and terminal is not None
+        await self.backend.keep_session(terminal.store_id, session.session_id,
+                                        self.hub.stored(session), grace_ms)
+
+    async def _kept(self, conn: Connection) -> None:
+        """_keep after a subscription changed; a failure costs only a resume's precision."""
+        try:
+            await self._keep(conn)
+        except Unavailable as exc:
+            log.warning("could not keep the session: %s", exc)
 
     async def _serve(self, talk: Conversation, receive: Receive) -> None:
         conn = talk.conn
@@ -194,6 +229,7 @@ class Gateway:
         elif isinstance(step, Unsubscribe):
             self.hub.unsubscribe(conn, step.channel)
             conn.send(talk.left(step))
+            await self._kept(conn)
         elif isinstance(step, Ping):
             try:
                 conn.send(talk.pong(step, await self.backend.now()))
@@ -236,13 +272,16 @@ class Gateway:
         await self._apply(talk, talk.pulled(pull, order))
 
     async def _subscribe(self, talk: Conversation, request: Subscribe) -> None:
-        conn, hub, channel = talk.conn, self.hub, request.channel
+        conn, hub, channel, backend = talk.conn, self.hub, request.channel, self.backend
         hub.begin_subscribe(conn, channel)
+        epoch = ""
         try:
-            seq, snapshot = await self.backend.snapshot(channel)
-            missed = (await self.backend.history(channel, request.since)
-                      if request.since is not None else None)
-            stands, reply = talk.subscribed(request, seq, snapshot, missed)
+            seq, snapshot = await backend.snapshot(channel)
+            epoch = await backend.stream_epoch(channel)
+            # A `since` of another epoch was numbered by a stream that is gone.
+            since = request.since if request.epoch in (None, epoch) else None
+            missed = await backend.history(channel, since) if since is not None else None
+            stands, reply = talk.subscribed(request, seq, epoch, snapshot, missed)
         except Exception as exc:
             stands, reply = False, talk.failed(request, exc)
         except BaseException:
@@ -252,7 +291,8 @@ class Gateway:
             hub.unsubscribe(conn, channel)
         conn.send(reply)
         if stands:  # the events that came meanwhile follow the reply
-            hub.end_subscribe(conn, channel, seq)
+            hub.end_subscribe(conn, channel, seq, epoch)
+            await self._kept(conn)
 
     def _admit_anonymous(self, conn: Connection) -> None:
         """Sockets without hello have their own bound, apart from max_connections: past it,
@@ -290,7 +330,11 @@ class Gateway:
             grace = config.disconnect_grace_ms
         except Unavailable:
             grace = StoreConfig().disconnect_grace_ms
-        self.hub.detach(conn, grace)
+        self.hub.detach(conn)
+        try:
+            await self._keep(conn, grace)
+        except Unavailable:
+            log.warning("could not keep the session of %s", terminal.terminal_id)
         try:
             await self.backend.terminal_down(terminal)
         except Unavailable:

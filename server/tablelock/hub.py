@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import metrics
+from .backends.base import StoredSession
 from .model import Terminal, holder_key
 from .protocol import EVENTS_LOST, SLOW_CONSUMER, TOKEN_EXPIRED, Close
 from .rules import is_first_authority, table_scope
@@ -41,16 +42,17 @@ FANOUT_SAMPLE = 64
 
 
 class Session:
-    """What a terminal's connection leaves behind for `resume`: its subscriptions."""
+    """A terminal's subscriptions with their positions: what `resume` restores, on any
+    broker, from the copy the backend keeps (Hub.stored)."""
 
-    __slots__ = ("conn", "expiry", "session_id", "subs", "terminal")
+    __slots__ = ("conn", "epochs", "session_id", "subs", "terminal")
 
     def __init__(self, session_id: str, terminal: Terminal) -> None:
         self.session_id = session_id
         self.terminal = terminal
         self.subs: dict[str, int] = {}  # channel -> seq of the last event delivered
+        self.epochs: dict[str, str] = {}  # channel -> epoch of its numbering
         self.conn: Connection | None = None
-        self.expiry: asyncio.TimerHandle | None = None
 
 
 class Connection:
@@ -279,37 +281,48 @@ class Hub:
 
     # --- sessions ---------------------------------------------------------------------
 
-    def attach(self, conn: Connection, terminal: Terminal, resume: str | None,
-               authority: bool) -> tuple[Session, bool]:
-        """Bind an authenticated connection to a new session, or resume a detached one."""
-        session = self._sessions.get(resume) if resume else None
-        resumed = (session is not None and session.conn is None
-                   and holder_key(session.terminal) == holder_key(terminal)
-                   and session.terminal.store_id == terminal.store_id)
-        if session is None or not resumed:
-            session = Session(secrets.token_urlsafe(12), terminal)
-            self._sessions[session.session_id] = session
-        if session.expiry is not None:
-            session.expiry.cancel()
-            session.expiry = None
-        session.terminal = terminal
+    def attach(self, conn: Connection, terminal: Terminal, authority: bool) -> Session:
+        """Bind an authenticated connection to a new session (see restore for resume)."""
+        session = Session(secrets.token_urlsafe(12), terminal)
+        self._sessions[session.session_id] = session
         session.conn = conn
         conn.session = session
         conn.terminal = terminal
         conn.table_id = table_scope(terminal)
         self._terminals.setdefault((terminal.store_id, holder_key(terminal)), []).append(conn)
         self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
-        for channel in session.subs:
-            self._subscribers.setdefault(channel, set()).add(conn)
-            if resumed:  # hold live events back until the missed ones are replayed
-                conn.hold(channel)
         if authority or is_first_authority(terminal.role):
             conn.authority = True
             self._authorities.setdefault(terminal.store_id, []).append(conn)
-        return session, resumed
+        return session
 
-    def detach(self, conn: Connection, grace_ms: int) -> None:
-        """Forget a closed connection; its session stays resumable for the grace."""
+    def attached(self, session_id: str) -> bool:
+        """A connection of this broker holds the session: it is not resumed twice."""
+        return session_id in self._sessions
+
+    def restore(self, conn: Connection, session_id: str, stored: StoredSession) -> None:
+        """Take over a resumed session: its id, and its subscriptions at their positions;
+        live events are held back until the missed ones are replayed (end_subscribe)."""
+        session = conn.session
+        assert session is not None and not session.subs
+        del self._sessions[session.session_id]
+        session.session_id = session_id
+        self._sessions[session_id] = session
+        for channel, (seq, epoch) in stored.positions.items():
+            session.subs[channel] = seq
+            session.epochs[channel] = epoch
+            self._subscribers.setdefault(channel, set()).add(conn)
+            conn.hold(channel)
+
+    @staticmethod
+    def stored(session: Session) -> StoredSession:
+        """What the backend keeps of a session for `resume`."""
+        return StoredSession(holder_key(session.terminal),
+                             {channel: (seq, session.epochs.get(channel, ""))
+                              for channel, seq in session.subs.items()})
+
+    def detach(self, conn: Connection) -> None:
+        """Forget a closed connection (the backend keeps its session for the grace)."""
         self.connections.discard(conn)
         conn.closed = True
         session, terminal = conn.session, conn.terminal
@@ -338,9 +351,7 @@ class Hub:
             if conn in authorities:
                 authorities.remove(conn)
         session.conn = None
-        loop = asyncio.get_running_loop()
-        session.expiry = loop.call_later(grace_ms / 1000, self._sessions.pop,
-                                         session.session_id, None)
+        self._sessions.pop(session.session_id, None)
 
     def online_connections(self, terminal: Terminal) -> int:
         return len(self._terminals.get((terminal.store_id, holder_key(terminal)), ()))
@@ -369,12 +380,15 @@ class Hub:
         conn.session.subs[channel] = 0
         self._subscribers.setdefault(channel, set()).add(conn)
 
-    def end_subscribe(self, conn: Connection, channel: str, seq: int | None = None) -> None:
-        """The snapshot at `seq` (or the replay) is queued: release what came after it."""
+    def end_subscribe(self, conn: Connection, channel: str, seq: int | None = None,
+                      epoch: str = "") -> None:
+        """The snapshot at `seq` of the numbering `epoch` (or the replay) is queued: release
+        what came after it."""
         assert conn.session is not None
         buffered = conn.pending.pop(channel, []) if conn.pending else []
         if seq is not None:
             conn.session.subs[channel] = seq
+            conn.session.epochs[channel] = epoch
         for event_seq, text in buffered:
             if event_seq > conn.session.subs[channel]:
                 conn.session.subs[channel] = event_seq
@@ -383,6 +397,7 @@ class Hub:
     def unsubscribe(self, conn: Connection, channel: str) -> None:
         assert conn.session is not None
         conn.session.subs.pop(channel, None)
+        conn.session.epochs.pop(channel, None)
         if conn.pending:
             conn.pending.pop(channel, None)
         subs = self._subscribers.get(channel)

@@ -71,7 +71,8 @@ class Hello(Request, tag="hello"):
     locale: Locale | None = None
     resume: Name | None = None
     # With `resume`: the last seq the client *read* per channel, when frames may have died
-    # in flight with the old socket; the replay starts from there.
+    # in flight with the old socket; the replay starts from there. Seqs alone: the epoch
+    # of each channel is the one the resumed session kept.
     seen: dict[str, Annotated[int, Meta(ge=0)]] | None = None
     order_authority: bool = False
 
@@ -90,6 +91,9 @@ class Subscribe(Request, tag="subscribe"):
     channel: Channel
     # Not bounded: a seq no channel has reached answers `recovered: false` (PROTOCOL.md s. 5).
     since: Annotated[int, Meta(ge=0)] | None = None
+    # With `since`: the epoch the client's `since` was numbered in; another epoch answers
+    # `recovered: false` (the numbering started over since).
+    epoch: Annotated[str, Meta(max_length=64)] | None = None
 
 
 class Unsubscribe(Request, tag="unsubscribe"):
@@ -257,7 +261,8 @@ class HelloResult(msgspec.Struct):
     store: StoreInfo
     heartbeat_ms: int
     server_time: int
-    # On resume: channels whose missed events are gone from the history; subscribe again.
+    # On resume: channels whose missed events are gone from the history (or whose epoch
+    # changed); subscribe again.
     resubscribe: list[str] = []
 
 
@@ -284,6 +289,7 @@ class SubscribeResult(msgspec.Struct, omit_defaults=True):
     channel: str
     seq: int
     snapshot: OrderSnapshot | StoreSnapshot
+    epoch: str  # of the channel's numbering: give it back with the next `since`
     recovered: bool | None = None
     missed: list[msgspec.Raw] | None = None  # event frames, as numbered on the channel
 
@@ -388,8 +394,8 @@ CLOSE_NAMES: dict[Close, str] = {
 # What the client should do on each, for the docs.
 CLOSE_CODES: dict[Close, str] = {
     Close.TOO_BIG: "a frame larger than 64 KiB: do not resend it",
-    Close.RESTARTING: "the broker is restarting, or events were lost: reconnect (with "
-                      "`resume`) and subscribe again with `since`",
+    Close.RESTARTING: "the broker is restarting, or events were lost: reconnect and "
+                      "subscribe again with `since` and `epoch`",
     Close.TRY_AGAIN_LATER: "the backend could not be reached during `hello`: reconnect after "
                            "a backoff",
     Close.NO_HELLO: "no `hello` within 10 s, or a first frame that is not a valid `hello`",

@@ -89,10 +89,6 @@ class Client:
         return self._session.session_id
 
     @property
-    def resumed(self) -> bool:
-        return self._session.resumed
-
-    @property
     def closed(self) -> bool:
         return self._session.closed
 

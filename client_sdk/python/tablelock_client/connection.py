@@ -4,7 +4,9 @@ The socket may come and go; the Connection hides that behind `request()` and
 tells its listener (the client's Session) when it goes down, comes back and what it
 receives. Reconnects use exponential backoff with full jitter, so that a
 store's terminals do not all come back in the same millisecond after a
-broker restart (SCENARIOS.md 13), and offer `resume` with the last session id.
+broker restart (SCENARIOS.md 13). Each hello starts a new session: what was missed
+comes back per channel, by re-subscribing with `since` and `epoch` (subscriptions.py),
+which works whichever broker the load balancer picks.
 """
 
 from __future__ import annotations
@@ -79,7 +81,6 @@ class Connection:
         self.request_timeout = request_timeout
         self.open_timeout = open_timeout
         self.ws: ClientConnection | None = None
-        self.session_id: str | None = None
         self.close_code: int | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Frame]] = {}
@@ -95,7 +96,7 @@ class Connection:
 
     async def open(self) -> None:
         """The first connect. Raises (AuthFailed, Disconnected, ...) rather than retrying."""
-        ws, hello, early = await self._handshake(None)
+        ws, hello, early = await self._handshake()
         self._attach(ws, hello, early)
         self._supervisor = asyncio.create_task(self._supervise(), name="tablelock-supervisor")
 
@@ -123,7 +124,7 @@ class Connection:
         value = self.token()
         return await value if inspect.isawaitable(value) else value
 
-    async def _handshake(self, resume: str | None) -> tuple[ClientConnection, Frame, list[Frame]]:
+    async def _handshake(self) -> tuple[ClientConnection, Frame, list[Frame]]:
         """Open a socket and say hello. Returns the socket, the reply and frames that came first."""
         token = await self.fresh_token()
         try:
@@ -137,8 +138,6 @@ class Connection:
                             "protocol": PROTOCOL_VERSION, "client": self.client_info}
             if self.locale:
                 hello["locale"] = self.locale
-            if resume:
-                hello["resume"] = resume
             if self.order_authority:
                 hello["order_authority"] = True
             await ws.send(_encode(hello).decode())
@@ -165,7 +164,6 @@ class Connection:
 
     def _attach(self, ws: ClientConnection, hello: Frame, early: list[Frame]) -> None:
         self.ws = ws
-        self.session_id = hello.get("session_id")
         self.close_code = None
         self.listener.connection_up(hello)
         self._reader = asyncio.create_task(self._read(ws, early), name="tablelock-reader")
@@ -225,7 +223,7 @@ class Connection:
             attempt += 1
             await asyncio.sleep(random.uniform(0, ceiling))
             try:
-                ws, hello, early = await self._handshake(self.session_id)
+                ws, hello, early = await self._handshake()
             except (AuthFailed, UnsupportedProtocol) as exc:
                 # Retrying cannot help: stop, and let the application know.
                 self.listener.connection_failed(exc)

@@ -76,6 +76,7 @@ class Mirror:
         self.seq = 0
         self.stale = True
         self.synced = False  # a snapshot was loaded at least once: `since` is meaningful
+        self.epoch: str | None = None  # of the channel's numbering that `seq` belongs to
         self._resync = resync
         self._gen = 0
         self._syncing = False
@@ -137,7 +138,7 @@ class Mirror:
             return None
         seq = frame.get("seq")
         if not isinstance(seq, int) or seq <= self.seq:
-            return None  # a repeat (a resume replay, say)
+            return None  # a repeat (a replay of what came meanwhile, say)
         if seq != self.seq + 1:
             log.info("%s: seq gap %d -> %d, taking a new snapshot", self.channel, self.seq, seq)
             self.mark_stale()
@@ -174,6 +175,7 @@ class Mirror:
             consistent = self.seq == seq and self._state_key() == self._load(snapshot, dry=True)
         self._load(snapshot)
         self.seq = seq
+        self.epoch = reply.get("epoch")
         self.synced = True
         if not consistent:
             self._emit("snapshot", seq)

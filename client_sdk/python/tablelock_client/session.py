@@ -49,7 +49,6 @@ class Session:
         self.store_id = ""
         self.config = StoreConfig()
         self.session_id: str | None = None
-        self.resumed = False
         self.closed = False
         self.error: TablelockError | None = None  # why the client gave up reconnecting
         self.offset_ms = 0  # broker clock minus ours, from hello and ping
@@ -134,7 +133,6 @@ class Session:
 
     def connection_up(self, hello: Frame) -> None:
         self.session_id = hello.get("session_id")
-        self.resumed = bool(hello.get("resumed"))
         self.terminal = convert(hello["terminal"], Terminal)
         store = hello.get("store") or {}
         self.store_id = store.get("store_id", self.terminal.store_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .connection import Frame
 from .errors import Disconnected, TablelockError
@@ -80,9 +80,11 @@ class Subscriptions:
             await self.requests.request("unsubscribe", channel=channel)
 
     async def _sync(self, mirror: Mirror, gen: int, since: int | None) -> None:
+        params: dict[str, Any] = {"channel": mirror.channel}
+        if since is not None:  # a position: the seq and the epoch it was numbered in
+            params.update(since=since, epoch=mirror.epoch)
         try:
-            reply = await self.session.request("subscribe", {"channel": mirror.channel,
-                                                             "since": since})
+            reply = await self.session.request("subscribe", params)
         except Disconnected:
             return  # the next connection starts over
         except TablelockError as exc:
@@ -139,12 +141,10 @@ class Subscriptions:
             mirror.mark_stale()
 
     async def _resubscribe(self, gens: dict[Mirror, int]) -> None:
-        """Re-subscribe every channel with `since`.
-
-        Even when the session was resumed: the broker counts an event as delivered
-        once it is queued, so what was queued on the dead socket would be lost;
-        `since` (our own last seq) recovers it.
-        """
+        """Re-subscribe every channel at its position (`since` and `epoch`): the one way
+        back, on whichever broker this is. Our own last seq, not what a broker counted
+        as delivered (what was queued on the dead socket is recovered too); another
+        epoch (the numbering started over) is answered with a snapshot."""
         await asyncio.gather(*(self._sync(mirror, gen, mirror.seq if mirror.synced else None)
                                for mirror, gen in gens.items()))
 

@@ -1,12 +1,12 @@
 """What a backend must do: keep state, step it atomically, number and carry events.
 
-A backend serves four narrow parts (as centrifuge splits its engine into broker, presence
-manager and node control): order state, event streams, presence and broker-to-broker
-control. It never decides a lock rule: `apply` runs `rules.step` on one order's record
-inside the backend's own atomic section, stores the new record, numbers the outcome's
-events on their channels (order and store), keeps a bounded history per channel, hands
-the frames to the sink, and wakes the record again at its next deadline. Every time
-comes from the backend's one clock.
+A backend serves five narrow parts (as centrifuge splits its engine into broker, presence
+manager and node control): order state, event streams, presence, resumable sessions and
+broker-to-broker control. It never decides a lock rule: `apply` runs `rules.step` on one
+order's record inside the backend's own atomic section, stores the new record, numbers
+the outcome's events on their channels (order and store), keeps a bounded history per
+channel, hands the frames to the sink, and wakes the record again at its next deadline.
+Every time comes from the backend's one clock.
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ import msgspec
 from .. import metrics
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
 from ..rules import Command, Outcome, ReleaseAll, patch_config
+
+
+class StoredSession(msgspec.Struct, frozen=True):
+    """What a terminal's session leaves for `resume`, kept in the backend so that any
+    broker can resume it: whose it is, and where each of its channels stands."""
+
+    holder: str  # model.holder_key of its terminal
+    # channel -> (seq of the last event delivered, the channel's epoch at subscribe)
+    positions: dict[str, tuple[int, str]] = {}
 
 
 class Numbered(NamedTuple):
@@ -175,6 +184,12 @@ class EventStreams(abc.ABC):
         """The events after `since`, or None when the history no longer reaches back; from
         here on the channel's events reach the sink."""
 
+    @abc.abstractmethod
+    async def stream_epoch(self, channel: str) -> str:
+        """The epoch of the channel's numbering: it changes whenever the numbering starts
+        over (a new stream, or a backend that lost it), so that a position (seq, epoch)
+        taken from the old one is never read against the new one."""
+
     def channel_idle(self, channel: str) -> None:  # noqa: B027 - optional hook
         """The last local subscriber of `channel` left: what only it kept may go, and its
         events need no longer come here."""
@@ -199,6 +214,20 @@ class Presence(abc.ABC):
         return None
 
 
+class Sessions(abc.ABC):
+    """Resumable sessions, kept where every broker of the backend finds them."""
+
+    @abc.abstractmethod
+    async def keep_session(self, store_id: str, session_id: str, session: StoredSession,
+                           ttl_ms: int | None) -> None:
+        """Store the whole session, replacing what was kept; it goes after `ttl_ms` (the
+        disconnect grace, once detached), or None: while a connection holds it."""
+
+    @abc.abstractmethod
+    async def find_session(self, store_id: str, session_id: str) -> StoredSession | None:
+        """The session as last kept, or None once it went."""
+
+
 class BrokerControl:
     """Broker-to-broker control: opaque messages addressed to one broker, handed to the
     handlers registered with `on_broker_message`."""
@@ -220,8 +249,8 @@ class BrokerControl:
             await handler(payload)
 
 
-class Backend(OrderState, EventStreams, Presence, BrokerControl):
-    """The four parts one backend serves, and their life: `start` names the sink."""
+class Backend(OrderState, EventStreams, Presence, Sessions, BrokerControl):
+    """The five parts one backend serves, and their life: `start` names the sink."""
 
     sink: EventSink
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from .base import (
     Backend,
     EventSink,
     Numbered,
+    StoredSession,
     best_for_table,
     first_seq,
     observe,
@@ -147,13 +149,16 @@ class Deadlines:
 
 
 class Channel:
-    """A channel's seq and bounded history; the history (760 bytes even empty) is only
-    made when the first event comes, so that quiet channels with subscribers cost little."""
+    """A channel's seq, epoch and bounded history; the history (760 bytes even empty) is only
+    made when the first event comes, so that quiet channels with subscribers cost little.
+    The epoch is new with each Channel: a channel made again (or by a restarted broker)
+    numbers another stream."""
 
-    __slots__ = ("history", "seq", "size")
+    __slots__ = ("epoch", "history", "seq", "size")
 
     def __init__(self, size: int, first_seq: int) -> None:
         self.seq = first_seq
+        self.epoch = secrets.token_hex(4)
         self.size = size
         self.history: deque[Numbered] | None = None
 
@@ -209,6 +214,9 @@ class MemoryBackend(Backend):
         self._audit: dict[str, StoreAudit] = {}
         self._audit_seq = 0
         self._default_config = StoreConfig()
+        # (store, session id) -> the session, and the timer of its end once detached
+        self._sessions: dict[tuple[str, str], StoredSession] = {}
+        self._session_ends: dict[tuple[str, str], asyncio.TimerHandle] = {}
         if saved is not None:
             self._restore(saved)
 
@@ -245,6 +253,8 @@ class MemoryBackend(Backend):
 
     async def close(self) -> None:
         self.deadlines.close()
+        for ending in self._session_ends.values():
+            ending.cancel()
         if self._journal is not None:
             await self._journal.close()
 
@@ -487,12 +497,35 @@ class MemoryBackend(Backend):
         await self._synced()
         return missed
 
+    async def stream_epoch(self, channel: str) -> str:
+        return self._channel(channel).epoch
+
     def channel_idle(self, channel: str) -> None:
         """An order channel numbers nothing until its order exists: one subscribed to for an
         order never seen goes with its last subscriber (a new one starts from the clock)."""
         parsed = parse_channel(channel)
         if parsed is not None and parsed[1] is not None and (parsed not in self._records):
             self._channels.pop(channel, None)
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    async def keep_session(self, store_id: str, session_id: str, session: StoredSession,
+                           ttl_ms: int | None) -> None:
+        key = (store_id, session_id)
+        self._sessions[key] = session
+        ending = self._session_ends.pop(key, None)
+        if ending is not None:
+            ending.cancel()
+        if ttl_ms is not None:
+            self._session_ends[key] = asyncio.get_running_loop().call_later(
+                ttl_ms / 1000, self._session_ended, key)
+
+    def _session_ended(self, key: tuple[str, str]) -> None:
+        self._sessions.pop(key, None)
+        self._session_ends.pop(key, None)
+
+    async def find_session(self, store_id: str, session_id: str) -> StoredSession | None:
+        return self._sessions.get((store_id, session_id))
 
     # --- presence ------------------------------------------------------------------------------
 

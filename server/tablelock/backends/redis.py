@@ -83,11 +83,12 @@ from ..rules import (
     presence_lingers,
     step,
 )
-from . import redis_lua
+from . import redis_lua, redis_sessions
 from .base import (
     Backend,
     Numbered,
     OutcomeUnknown,
+    StoredSession,
     Unavailable,
     best_for_table,
     observe,
@@ -742,6 +743,12 @@ class RedisBackend(Backend):
         self._seen[channel] = max(self._seen.get(channel, 0), seq)
         return [entry for entry in frames if entry.seq <= seq]
 
+    async def stream_epoch(self, channel: str) -> str:
+        parsed = parse_channel(channel)
+        assert parsed is not None
+        return await self._guard(redis_sessions.stream_epoch(self._redis,
+                                                             self.keys(parsed[0]).seqs))
+
     def channel_idle(self, channel: str) -> None:
         """The last local subscriber left: its events need no longer come here."""
         parsed = parse_channel(channel)
@@ -968,6 +975,18 @@ class RedisBackend(Backend):
             else:
                 del self._seen[channel]
         await self._reannounce()
+
+    # --- sessions (redis_sessions.py) ----------------------------------------------------------
+
+    async def keep_session(self, store_id: str, session_id: str, session: StoredSession,
+                           ttl_ms: int | None) -> None:
+        key = redis_sessions.session_key(self._prefix, store_id, session_id)
+        await self._guard(redis_sessions.keep_session(self._redis, key, session, ttl_ms,
+                                                      atomic=not self._cluster))
+
+    async def find_session(self, store_id: str, session_id: str) -> StoredSession | None:
+        key = redis_sessions.session_key(self._prefix, store_id, session_id)
+        return await self._guard(redis_sessions.find_session(self._redis, key))
 
     # --- presence ------------------------------------------------------------------------------
 
