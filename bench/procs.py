@@ -140,6 +140,24 @@ def redis_command(port: int, workdir: Path, appendonly: bool = False,
             "--appendfsync", appendfsync]
 
 
+NGINX = "/usr/sbin/nginx"
+_NGINX_TEMP = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def nginx_main_config(workdir: Path, site: Path, worker_connections: int = 1024) -> Path:
+    """An nginx.conf of the run's own in `workdir` (logs, pid and temp files there) that
+    includes a site config, as conf.d would: the shipped site runs unprivileged, unchanged."""
+    for name in _NGINX_TEMP:
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+    temp = "\n".join(f"    {name}_temp_path {workdir}/{name};" for name in _NGINX_TEMP)
+    main = workdir / "nginx.conf"
+    main.write_text(f"worker_processes 2;\nerror_log {workdir}/error.log;\n"
+                    f"pid {workdir}/nginx.pid;\n"
+                    f"events {{ worker_connections {worker_connections}; }}\n"
+                    f"http {{\n    access_log off;\n{temp}\n    include {site};\n}}\n")
+    return main
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():

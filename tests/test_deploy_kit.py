@@ -25,6 +25,7 @@ import websockets
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import NGINX, nginx_main_config
 from tablelock.settings import Settings
 
 from .conftest import Store
@@ -166,7 +167,6 @@ def test_the_dashboard_shows_every_tablelock_metric(scraped: dict[str, Exported]
 
 # --- nginx and HAProxy -------------------------------------------------------------------------
 
-NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 needs_nginx = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
 needs_haproxy = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is not installed")
@@ -174,25 +174,7 @@ needs_haproxy = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy i
 
 def nginx_main(tmp_path: Path, site: Path) -> Path:
     """An nginx.conf of the test's own that includes the site config, as conf.d would."""
-    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / name).mkdir(exist_ok=True)
-    main = tmp_path / "nginx.conf"
-    main.write_text(f"""
-worker_processes 2;
-error_log {tmp_path}/error.log;
-pid {tmp_path}/nginx.pid;
-events {{}}
-http {{
-    access_log off;
-    client_body_temp_path {tmp_path}/body;
-    proxy_temp_path {tmp_path}/proxy;
-    fastcgi_temp_path {tmp_path}/fastcgi;
-    uwsgi_temp_path {tmp_path}/uwsgi;
-    scgi_temp_path {tmp_path}/scgi;
-    include {site};
-}}
-""")
-    return main
+    return nginx_main_config(tmp_path, site)
 
 
 @needs_nginx

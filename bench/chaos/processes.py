@@ -15,11 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-from ..procs import ROOT, die_with_parent, free_port, redis_command, redis_ready
+from ..procs import (
+    NGINX,
+    ROOT,
+    die_with_parent,
+    free_port,
+    nginx_main_config,
+    redis_command,
+    redis_ready,
+)
 from .http_client import http
 from .settings import SECRET
 
-NGINX = "/usr/sbin/nginx"
 NGINX_SITE = ROOT / "docs" / "deploy" / "nginx.conf"
 
 _CHILDREN: list[subprocess.Popen[bytes]] = []
@@ -183,18 +190,9 @@ class NginxProc:
                 raise RuntimeError(f"{NGINX_SITE} no longer has one {old!r}")
             site = site.replace(old, new)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.dir / name).mkdir(exist_ok=True)
         (self.dir / "site.conf").write_text(site)
-        temp = "\n".join(f"    {name}_temp_path {self.dir}/{name};" for name in (
-            "client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        main = self.dir / "nginx.conf"
         # Up to ~400 sockets per direction in a reconnect storm: room for them.
-        main.write_text(f"worker_processes 2;\nerror_log {self.log};\npid {self.dir}/nginx.pid;\n"
-                        f"events {{ worker_connections 4096; }}\n"
-                        f"http {{\n    access_log off;\n{temp}\n"
-                        f"    include {self.dir}/site.conf;\n}}\n")
-        return main
+        return nginx_main_config(self.dir, self.dir / "site.conf", worker_connections=4096)
 
     def spawn(self) -> None:
         if not Path(NGINX).exists():
