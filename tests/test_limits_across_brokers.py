@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from tablelock.backends.base import Backend
+from tablelock.backends.memory import MemoryBackend
+from tablelock.backends.redis import RedisBackend
+from tablelock.model import Terminal
+from tablelock.rules import ConnectionCounts
+
 from .conftest import Store
 from .redis_support import RedisServer
-from .support import BrokerProcess, WsClient
+from .support import BrokerProcess, WsClient, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
 # RedisBackend's dead_after_s: a broker's counts lapse this long after its last refresh.
@@ -147,3 +153,47 @@ async def test_simultaneous_hellos_on_two_brokers_let_exactly_the_limit_in(
     finally:
         for client in clients:
             await client.close()
+
+
+# --- the counting itself, in-process, on both backends ----------------------------------------
+
+def till(store_id: str, sub: str, role: str = "erp_secondary") -> Terminal:
+    return Terminal(sub, role, sub, store_id)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_both_backends_count_a_store_and_its_terminals_alike(
+        backend: str, request: pytest.FixtureRequest) -> None:
+    counter: Backend = (MemoryBackend() if backend == "memory" else
+                        RedisBackend(request.getfixturevalue("redis_server").url))
+    store = unique()
+    try:
+        assert await counter.count_connection(till(store, "a")) == ConnectionCounts(1, 1)
+        assert await counter.count_connection(till(store, "a")) == ConnectionCounts(2, 2)
+        assert await counter.count_connection(till(store, "b")) == ConnectionCounts(3, 1)
+        # The same sub in another role is another terminal (model.holder_key).
+        assert await counter.count_connection(till(store, "a", "manager")) == (
+            ConnectionCounts(4, 1))
+        await counter.uncount_connection(till(store, "a"))
+        assert await counter.count_connection(till(store, "a")) == ConnectionCounts(4, 2)
+        assert await counter.count_connection(till(unique(), "a")) == ConnectionCounts(1, 1)
+    finally:
+        await counter.close()
+
+
+async def test_a_live_broker_taken_for_dead_says_its_counts_again(
+        redis_server: RedisServer) -> None:
+    lapse_s = 0.3
+    first, second = (RedisBackend(redis_server.url, dead_after_s=lapse_s) for _ in range(2))
+    store = unique()
+    try:
+        await first.count_connection(till(store, "a"))
+        await first.count_connection(till(store, "b"))
+        await asyncio.sleep(lapse_s * 1.5)  # the lapse itself is what is tested
+        # Without a refresh, the first broker's counts have lapsed: the second sees its own.
+        assert await second.count_connection(till(store, "a")) == ConnectionCounts(1, 1)
+        await first._refresh_counts(await first.now())  # its heartbeat: taken for dead, recount
+        assert await second.count_connection(till(store, "b")) == ConnectionCounts(4, 2)
+    finally:
+        await first.close()
+        await second.close()

@@ -1101,9 +1101,9 @@ class RedisBackend(Backend):
             except Unavailable:
                 self._recount.add(store)  # Redis may have counted it: say the counts again
                 raise
-            held[holder] = held.get(holder, 0) + 1
-            if lapsed:  # taken for dead: our other terminals' counts may be gone
+            if lapsed and any(held.values()):  # taken for dead: our other counts may be gone
                 self._recount.add(store)
+            held[holder] = held.get(holder, 0) + 1
         return ConnectionCounts(int(store_total), int(terminal_total))
 
     async def uncount_connection(self, terminal: Terminal) -> None:
