@@ -208,7 +208,7 @@ class Conversation:
             return Goodbye(error_frame(hello.id, "FORBIDDEN", locale,
                                        detail="order_authority is for ERP terminals"),
                            *AUTHORITY_REFUSED)
-        full = self._full(terminal)
+        full = self._full()
         if full:
             _hello_refused("limit_reached", terminal, full)
             return Goodbye(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full),
@@ -242,7 +242,7 @@ class Conversation:
         return Goodbye(error_frame(hello.id, "UNAVAILABLE", welcome.locale),
                        *BACKEND_UNAVAILABLE)
 
-    def _full(self, terminal: Terminal) -> str:
+    def _full(self) -> str:
         """Why this process takes no more connections, or '' when it does (the store's and
         the terminal's limits count over every broker: see `admitted`)."""
         settings, hub = self.settings, self.hub
