@@ -37,6 +37,7 @@ from tablelock.rules import (
     Acquire,
     Check,
     Complete,
+    ConnectionCounts,
     Context,
     Ingest,
     Publish,
@@ -168,11 +169,13 @@ def test_no_hello_in_time_closes_without_a_frame() -> None:
 
 def test_the_terminal_limit_refuses_one_more() -> None:
     talk = new_talk(max_connections_per_terminal=1)
-    welcome(talk)
-    other = Conversation(talk.hub.connection(_no_socket), talk.hub, TOKENS, talk.settings, {})
-    said = other.hello(hello(token()))
-    assert isinstance(said, Goodbye) and said.frame is not None
-    assert error_code(said.frame) == "LIMIT_REACHED" and said.code == Close.POLICY
+    said = talk.hello(hello(token()))
+    assert isinstance(said, Welcome)
+    assert talk.admitted(said, ConnectionCounts(store=2, terminal=1)) is None
+    bye = talk.admitted(said, ConnectionCounts(store=2, terminal=2))  # counts include it
+    assert isinstance(bye, Goodbye) and bye.frame is not None
+    assert error_code(bye.frame) == "LIMIT_REACHED" and bye.code == Close.POLICY
+    assert "terminal" in json.dumps(reply(bye.frame)["error"])
 
 
 def test_an_unreadable_store_refuses_in_the_hello_language() -> None:

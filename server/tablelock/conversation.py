@@ -77,6 +77,7 @@ from .rules import (
     Checked,
     Command,
     Complete,
+    ConnectionCounts,
     Ingest,
     Ingested,
     Outcome,
@@ -91,6 +92,7 @@ from .rules import (
     Result,
     Tick,
     capability,
+    connection_limit,
     sees_order,
     sees_table,
 )
@@ -206,7 +208,7 @@ class Conversation:
             return Goodbye(error_frame(hello.id, "FORBIDDEN", locale,
                                        detail="order_authority is for ERP terminals"),
                            *AUTHORITY_REFUSED)
-        full = self._full(terminal)
+        full = self._full()
         if full:
             _hello_refused("limit_reached", terminal, full)
             return Goodbye(error_frame(hello.id, "LIMIT_REACHED", locale, detail=full),
@@ -240,18 +242,30 @@ class Conversation:
         return Goodbye(error_frame(hello.id, "UNAVAILABLE", welcome.locale),
                        *BACKEND_UNAVAILABLE)
 
-    def _full(self, terminal: Terminal) -> str:
-        """Why one more connection is refused, or '' when it is welcome."""
+    def _full(self) -> str:
+        """Why this process takes no more connections, or '' when it does (the store's and
+        the terminal's limits count over every broker: see `admitted`)."""
         settings, hub = self.settings, self.hub
         # Only terminals past hello count here: silent sockets have their own bound.
         if len(hub.connections) - len(self._anonymous) > settings.max_connections:
             return f"this broker holds {settings.max_connections} connections already"
-        if hub.store_connections(terminal.store_id) >= settings.max_connections_per_store:
-            return f"store {terminal.store_id} has {settings.max_connections_per_store} already"
-        if hub.online_connections(terminal) >= settings.max_connections_per_terminal:
-            return (f"terminal {terminal.terminal_id} has "
-                    f"{settings.max_connections_per_terminal} connections already")
         return ""
+
+    def admitted(self, welcome: Welcome, counts: ConnectionCounts) -> Goodbye | None:
+        """The welcomed terminal's connection is counted (Presence.count_connection): None
+        when it fits in its store's and its own limits, else why it closes."""
+        settings, terminal = self.settings, welcome.terminal
+        reached = connection_limit(counts, settings.max_connections_per_store,
+                                   settings.max_connections_per_terminal)
+        if not reached:
+            return None
+        full = (f"store {terminal.store_id} has {settings.max_connections_per_store} already"
+                if reached == "store" else
+                f"terminal {terminal.terminal_id} has "
+                f"{settings.max_connections_per_terminal} connections already")
+        _hello_refused("limit_reached", terminal, full)
+        return Goodbye(error_frame(welcome.hello.id, "LIMIT_REACHED", welcome.locale,
+                                   detail=full), *CONNECTION_LIMIT)
 
     # --- requests -----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from .conversation import (
     origin_allowed,
 )
 from .hub import Connection, Hub
-from .model import StoreConfig, holder_key
+from .model import StoreConfig, Terminal, holder_key
 from .protocol import DRAINING, SUBPROTOCOL, Close, Ping, RpcResult, Subscribe, Unsubscribe
 from .relay import PullLimited, Relay
 from .settings import Settings
@@ -100,7 +100,11 @@ class Gateway:
             return False
         assert isinstance(welcome, Welcome)
         terminal, hello = welcome.terminal, welcome.hello
-        # Counted at once, before any await, so that simultaneous hellos see each other.
+        refusal = await self._count(talk, welcome)
+        if refusal is not None:
+            _say_goodbye(conn, refusal)
+            return False
+        # Attached with no await after the count: from here on `_goodbye` uncounts it.
         session = self.hub.attach(conn, terminal, hello.order_authority)
         metrics.CONNECTIONS.labels(terminal.role).inc()
         log.info("connected", extra={"store": terminal.store_id, "terminal": terminal.terminal_id,
@@ -139,6 +143,25 @@ class Gateway:
             return False
         self.hub.restore(conn, session_id, stored)
         return True
+
+    async def _count(self, talk: Conversation, welcome: Welcome) -> Goodbye | None:
+        """Count the connection where the store's and the terminal's limits are kept (over
+        every broker, on Redis); one past a limit is uncounted and refused."""
+        try:
+            async with self._arrivals:
+                counts = await self.backend.count_connection(welcome.terminal)
+        except Unavailable as exc:
+            return talk.store_unreadable(welcome, exc)
+        refusal = talk.admitted(welcome, counts)
+        if refusal is not None:
+            await self._uncount(welcome.terminal)
+        return refusal
+
+    async def _uncount(self, terminal: Terminal) -> None:
+        try:
+            await self.backend.uncount_connection(terminal)
+        except Unavailable:  # the backend says its counts again once it is back
+            log.warning("could not uncount a connection of %s", terminal.terminal_id)
 
     async def _missed(self, conn: Connection, seen: dict[str, int] | None,
                       ) -> tuple[dict[str, list[Numbered]], list[str]]:
@@ -339,6 +362,7 @@ class Gateway:
             await self.backend.terminal_down(terminal)
         except Unavailable:
             log.warning("could not record %s going offline", terminal.terminal_id)
+        await self._uncount(terminal)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         """Answer a request that waits for an ERP without holding up the connection."""

@@ -256,7 +256,6 @@ class Hub:
         self._terminals: dict[tuple[str, str], list[Connection]] = {}
         self._authorities: dict[str, list[Connection]] = {}
         self._sessions: dict[str, Session] = {}
-        self._per_store: dict[str, int] = {}
         self._fanouts = 0
         self._notices = Coalescer(contended_window_ms / 1000, max_coalesced)
         self._unwritten: list[Connection] = []  # connections with frames for this turn's end
@@ -290,7 +289,6 @@ class Hub:
         conn.terminal = terminal
         conn.table_id = table_scope(terminal)
         self._terminals.setdefault((terminal.store_id, holder_key(terminal)), []).append(conn)
-        self._per_store[terminal.store_id] = self._per_store.get(terminal.store_id, 0) + 1
         if authority or is_first_authority(terminal.role):
             conn.authority = True
             self._authorities.setdefault(terminal.store_id, []).append(conn)
@@ -341,23 +339,12 @@ class Hub:
             conns.remove(conn)
             if not conns:
                 del self._terminals[key]
-        left = self._per_store.get(terminal.store_id, 1) - 1
-        if left > 0:
-            self._per_store[terminal.store_id] = left
-        else:
-            self._per_store.pop(terminal.store_id, None)
         if conn.authority:
             authorities = self._authorities.get(terminal.store_id, [])
             if conn in authorities:
                 authorities.remove(conn)
         session.conn = None
         self._sessions.pop(session.session_id, None)
-
-    def online_connections(self, terminal: Terminal) -> int:
-        return len(self._terminals.get((terminal.store_id, holder_key(terminal)), ()))
-
-    def store_connections(self, store_id: str) -> int:
-        return self._per_store.get(store_id, 0)
 
     def queue_depths(self) -> list[int]:
         return [len(conn._queue) for conn in self.connections if conn._queue]

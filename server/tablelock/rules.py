@@ -195,6 +195,25 @@ def presence_lingers(role: Role) -> bool:
     return CAPABILITIES[role].table_scoped
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionCounts:
+    """A store's and one terminal's connections, the newcomer included, over every broker."""
+
+    store: int
+    terminal: int
+
+
+def connection_limit(counts: ConnectionCounts, per_store: int, per_terminal: int) -> str:
+    """Which limit a newcomer passes ('store', 'terminal'), or '' when it fits. The counts
+    include it: a connection is counted first and judged after, so that of two hellos
+    counted at once (on two brokers) the later one sees the earlier and alone is refused."""
+    if counts.store > per_store:
+        return "store"
+    if counts.terminal > per_terminal:
+        return "terminal"
+    return ""
+
+
 def _token_is_credential(actor: Terminal) -> bool:
     """A writer that takes no locks (the payment service) writes with the token it was
     handed: the token alone is its credential, whoever holds the lock."""

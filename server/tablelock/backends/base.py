@@ -21,7 +21,7 @@ import msgspec
 
 from .. import metrics
 from ..model import AuditEntry, Event, OrderRecord, StoreConfig, Terminal
-from ..rules import Command, Outcome, ReleaseAll, patch_config
+from ..rules import Command, ConnectionCounts, Outcome, ReleaseAll, patch_config
 
 
 class StoredSession(msgspec.Struct, frozen=True):
@@ -212,6 +212,16 @@ class Presence(abc.ABC):
     async def authority(self, store_id: str) -> str | None:
         """The broker connected to the store's order authority; None: look in the local hub."""
         return None
+
+    @abc.abstractmethod
+    async def count_connection(self, terminal: Terminal) -> ConnectionCounts:
+        """Count one more connection of `terminal` where the connection limits are kept,
+        atomically, and say how many its store and it have now, this one included, over
+        every broker (rules.connection_limit judges them)."""
+
+    @abc.abstractmethod
+    async def uncount_connection(self, terminal: Terminal) -> None:
+        """A counted connection closed, or was refused after counting."""
 
 
 class Sessions(abc.ABC):

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -34,6 +34,7 @@ from ..protocol import (
 )
 from ..rules import (
     Command,
+    ConnectionCounts,
     Context,
     Outcome,
     Tick,
@@ -57,6 +58,7 @@ from .durable import AfterSync, Journal, Saved
 
 OrderKey = tuple[str, str]  # (store_id, order_id)
 _NONE: frozenset[str] = frozenset()
+K = TypeVar("K")
 
 
 class Clock(Protocol):
@@ -211,6 +213,9 @@ class MemoryBackend(Backend):
         self._online: dict[str, dict[str, tuple[Terminal, int]]] = {}
         self._offline: dict[str, dict[str, int]] = {}
         self._holdings: dict[tuple[str, str], set[str]] = {}  # (store, holder) -> orders
+        # Connections counted for the limits, by store and by (store, holder_key).
+        self._store_connections: dict[str, int] = {}
+        self._terminal_connections: dict[tuple[str, str], int] = {}
         self._audit: dict[str, StoreAudit] = {}
         self._audit_seq = 0
         self._default_config = StoreConfig()
@@ -568,6 +573,16 @@ class MemoryBackend(Backend):
     async def online_terminals(self, store_id: str) -> list[Terminal]:
         return [t for t, _ in self._online.get(store_id, {}).values()]
 
+    async def count_connection(self, terminal: Terminal) -> ConnectionCounts:
+        store, key = terminal.store_id, (terminal.store_id, holder_key(terminal))
+        self._store_connections[store] = self._store_connections.get(store, 0) + 1
+        self._terminal_connections[key] = self._terminal_connections.get(key, 0) + 1
+        return ConnectionCounts(self._store_connections[store], self._terminal_connections[key])
+
+    async def uncount_connection(self, terminal: Terminal) -> None:
+        _decrement(self._store_connections, terminal.store_id)
+        _decrement(self._terminal_connections, (terminal.store_id, holder_key(terminal)))
+
     def _linger_ended(self, terminal: Terminal) -> None:
         key = holder_key(terminal)
         self._lingering.pop((terminal.store_id, key), None)
@@ -588,3 +603,11 @@ class MemoryBackend(Backend):
 
     def _held_by(self, terminal: Terminal) -> set[str]:
         return set(self._holdings.get((terminal.store_id, holder_key(terminal)), ()))
+
+
+def _decrement(counts: dict[K, int], key: K) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -74,6 +74,7 @@ from ..protocol import (
 )
 from ..rules import (
     Command,
+    ConnectionCounts,
     Context,
     Outcome,
     Tick,
@@ -273,7 +274,7 @@ class RedisBackend(Backend):
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
                                       "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS",
-                                      "RESOLVE")}
+                                      "RESOLVE", "COUNT_CONNECTIONS", "RECOUNT_CONNECTIONS")}
         self._keys: dict[str, Keys] = {}
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
@@ -294,6 +295,11 @@ class RedisBackend(Backend):
         self._presence_unsent: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
         self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._healthy_since: float | None = None  # since when our heartbeats get through
+        # Connections counted here for the limits, store -> holder -> count (a holder at 0
+        # waits for a recount to clear its field); stores whose counts in Redis may be off.
+        self._counted: dict[str, dict[str, int]] = {}
+        self._recount: set[str] = set()
+        self._count_locks: dict[str, asyncio.Lock] = {}
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub_ok = asyncio.Event()
@@ -1102,6 +1108,88 @@ class RedisBackend(Backend):
         for order_id in order_ids:
             await self.apply(store_id, _text(order_id), Tick(), None)
 
+    # --- connection counts: the limits across brokers ------------------------------------------
+
+    async def count_connection(self, terminal: Terminal) -> ConnectionCounts:
+        store, holder = terminal.store_id, holder_key(terminal)
+        async with self._count_lock(store):
+            held = self._counted.setdefault(store, {})
+            try:
+                store_total, terminal_total, lapsed = await self._write_counts(
+                    store, holder, held, +1)
+            except Unavailable:
+                self._recount.add(store)  # Redis may have counted it: say the counts again
+                raise
+            if lapsed and any(held.values()):  # taken for dead: our other counts may be gone
+                self._recount.add(store)
+            held[holder] = held.get(holder, 0) + 1
+        return ConnectionCounts(int(store_total), int(terminal_total))
+
+    async def uncount_connection(self, terminal: Terminal) -> None:
+        store, holder = terminal.store_id, holder_key(terminal)
+        async with self._count_lock(store):
+            held = self._counted.get(store, {})
+            if held.get(holder, 0) > 0:
+                held[holder] -= 1
+            try:
+                _, _, lapsed = await self._write_counts(store, holder, held, 0)
+            except Unavailable:
+                self._recount.add(store)
+                raise
+            if lapsed:
+                self._recount.add(store)
+            elif held.get(holder) == 0:
+                del held[holder]
+            if not held and store not in self._recount:
+                del self._counted[store]
+
+    def _count_lock(self, store_id: str) -> asyncio.Lock:
+        """One count call at a time per store, so that each says this broker's exact count."""
+        lock = self._count_locks.get(store_id)
+        if lock is None:
+            lock = self._count_locks[store_id] = asyncio.Lock()
+        return lock
+
+    def _count_keys(self, store_id: str) -> tuple[str, str]:
+        """(the store's connections per broker, its brokers by last refresh); a terminal's
+        connections per broker are at the first + ':' + its holder key."""
+        tag = self.keys(store_id).prefix
+        return f"{tag}:cc", f"{tag}:cc-live"
+
+    async def _write_counts(self, store_id: str, holder: str, held: dict[str, int],
+                            delta: int) -> list[int]:
+        store_key, live_key = self._count_keys(store_id)
+        return list(await self._guard(self._scripts["COUNT_CONNECTIONS"](
+            keys=[store_key, f"{store_key}:{holder}", live_key],
+            args=[self.broker_id, sum(held.values()) + delta, held.get(holder, 0) + delta,
+                  self._dead_after_ms])))
+
+    async def _refresh_counts(self, now: int) -> None:
+        """Heartbeat: keep this broker's counts alive in every store it holds connections
+        of, and say them again where they lapsed or a reply was lost."""
+        stores = list(self._counted)
+        if stores:
+            pipe = self._redis.pipeline(transaction=False)
+            for store in stores:
+                pipe.zadd(self._count_keys(store)[1], {self.broker_id: now})
+            added = await self._guard(pipe.execute())
+            self._recount.update(store for store, new in zip(stores, added, strict=True) if new)
+        for store in list(self._recount):
+            async with self._count_lock(store):
+                held = self._counted.get(store, {})
+                store_key, live_key = self._count_keys(store)
+                try:
+                    await self._guard(self._scripts["RECOUNT_CONNECTIONS"](
+                        keys=[store_key, live_key, *(f"{store_key}:{h}" for h in held)],
+                        args=[self.broker_id, sum(held.values()), *held.values()]))
+                except Unavailable:
+                    continue  # said again at the next heartbeat
+                self._recount.discard(store)
+                for holder in [h for h, n in held.items() if n == 0]:
+                    del held[holder]
+                if not held:
+                    self._counted.pop(store, None)
+
     # --- broker-to-broker control --------------------------------------------------------------
 
     async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
@@ -1151,6 +1239,7 @@ class RedisBackend(Backend):
                     self._healthy_since = time.monotonic()
                 await self._guard(self._redis.sadd(stores_key, *self._stores_heard)
                                   if self._stores_heard else asyncio.sleep(0))
+                await self._refresh_counts(now)
                 # After an outage, every broker's heartbeat is old: give them all a full
                 # period to say they live before any is taken for dead.
                 if (time.monotonic() - self._healthy_since) * 1000 >= self._dead_after_ms:

@@ -340,3 +340,62 @@ for j = 1, #oldest, 2 do
 end
 return {seq, rec}
 """
+
+# Connections counted for the limits across brokers (rules.connection_limit judges them):
+# each broker writes its own count per store and per terminal (one hash field each, set to
+# the broker's exact count, so a retried or re-sent call is harmless), and keeps its entry
+# in the store's liveness set fresh; a broker whose entry is older than the lapse is dead
+# (SIGKILL), and its fields are dropped as they are met.
+_COUNT_HELPERS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function put(key, broker, n)
+  if tonumber(n) > 0 then
+    redis.call('HSET', key, broker, n)
+  else
+    redis.call('HDEL', key, broker)
+  end
+end
+"""
+
+# Set this broker's counts of a store and a terminal, and read the totals of live brokers.
+# KEYS: 1 the store's connections per broker, 2 the terminal's, 3 the store's brokers by
+#       last refresh (ms)
+# ARGV: 1 broker id, 2 its connections of the store, 3 of the terminal, 4 lapse ms
+# Returns {store total, terminal total, 1 if this broker's own entry had lapsed}
+COUNT_CONNECTIONS = _COUNT_HELPERS + """
+local broker, now = ARGV[1], now_ms()
+local oldest = now - tonumber(ARGV[4])
+local seen = redis.call('ZSCORE', KEYS[3], broker)
+local lapsed = (not seen or tonumber(seen) < oldest) and 1 or 0
+redis.call('ZADD', KEYS[3], now, broker)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. oldest)
+local function live_total(key, n)
+  put(key, broker, n)
+  local sum = 0
+  local fields = redis.call('HGETALL', key)
+  for j = 1, #fields, 2 do
+    if redis.call('ZSCORE', KEYS[3], fields[j]) then
+      sum = sum + tonumber(fields[j + 1])
+    else
+      redis.call('HDEL', key, fields[j])
+    end
+  end
+  return sum
+end
+return {live_total(KEYS[1], ARGV[2]), live_total(KEYS[2], ARGV[3]), lapsed}
+"""
+
+# Set every count of this broker in a store again (its entry had lapsed, or a call's reply
+# was lost). KEYS: 1 the store's connections per broker, 2 its brokers by last refresh,
+# 3.. terminals' connections per broker   ARGV: 1 broker id, 2 its connections of the
+# store, 3.. of each terminal of KEYS 3..
+RECOUNT_CONNECTIONS = _COUNT_HELPERS + """
+local broker = ARGV[1]
+redis.call('ZADD', KEYS[2], now_ms(), broker)
+put(KEYS[1], broker, ARGV[2])
+for j = 3, #KEYS do put(KEYS[j], broker, ARGV[j]) end
+return 1
+"""
