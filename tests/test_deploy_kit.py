@@ -194,16 +194,17 @@ def test_haproxy_accepts_the_config() -> None:
 
 
 def proxy_command(kind: str, tmp_path: Path, brokers: list[BrokerProcess], port: int,
-                  ) -> list[str]:
+                  edits: tuple[tuple[str, str], ...] = ()) -> list[str]:
     """The shipped config, only pointed at the test's brokers and port (and, for HAProxy,
-    sized to the test machine's open-file limit), and how to run it."""
+    sized to the test machine's open-file limit), with `edits` (old, new) on top, and how
+    to run it."""
     shipped = {"nginx": ("nginx.conf", [("listen 80;", f"listen 127.0.0.1:{port};")]),
                "haproxy": ("haproxy.cfg", [("bind :80\n", f"bind 127.0.0.1:{port}\n"),
                                            ("maxconn 100000", "maxconn 1000")])}
     name, local = shipped[kind]
     config = (DEPLOY / name).read_text()
     for old, new in [("10.0.0.11:8080", f"127.0.0.1:{brokers[0].port}"),
-                     ("10.0.0.12:8080", f"127.0.0.1:{brokers[1].port}"), *local]:
+                     ("10.0.0.12:8080", f"127.0.0.1:{brokers[1].port}"), *local, *edits]:
         assert config.count(old) == 1, old
         config = config.replace(old, new)
     path = tmp_path / f"site-{name}"

@@ -386,3 +386,35 @@ def true_state(snapshot: dict[str, Any]) -> tuple[Any, ...]:
     terminals = [t["terminal_id"] for t in snapshot.get("terminals", [])]
     return (sorted((o["order_id"], o["version"], o["status"]) for o in orders), sorted(locks),
             sorted(terminals))
+
+
+STORE_AFFINE = {"nginx": (("    # hash $arg_store consistent;",
+                           "    hash $arg_store consistent;"),),
+                "haproxy": (("    # balance url_param store", "    balance url_param store"),
+                            ("    # hash-type consistent", "    hash-type consistent"))}
+
+
+@pytest.mark.parametrize("kind", [pytest.param("nginx", marks=needs_nginx),
+                                  pytest.param("haproxy", marks=needs_haproxy)])
+async def test_store_affine_routing_keeps_a_store_on_one_broker(
+        kind: str, tmp_path: Path, redis: RedisServer, broker_factory: BrokerFactory) -> None:
+    # The shipped config with its store-affine lines turned on: the SDK names the store in
+    # the URL, and every terminal of a store lands on the same broker.
+    brokers = [broker_factory(backend=redis.url).start(),
+               broker_factory(backend=redis.url).start()]
+    port = free_port()
+    front = f"127.0.0.1:{port}"
+    with running(proxy_command(kind, tmp_path, brokers, port, STORE_AFFINE[kind]), front):
+        homes: dict[str, set[int]] = {}
+        clients = []
+        for n in range(16):
+            store = unique(f"s{n}")
+            for role, sub in (("erp_main", "till-1"), ("manager", "boss"), ("h5", "phone")):
+                client, at = await placed(brokers, sdk(front, store, role, sub, table="t1"))
+                clients.append(client)
+                homes.setdefault(store, set()).add(at)
+        assert all(len(at) == 1 for at in homes.values()), homes
+        # 16 stores on one broker of two by chance: 1 in 32,768.
+        assert {next(iter(at)) for at in homes.values()} == {0, 1}, homes
+        for client in clients:
+            await client.close()

@@ -787,3 +787,17 @@ async def test_the_modules_seams_from_the_outside(store: Store, page: Page) -> N
     assert got["symbols"] == [] and got["underscored"] == [] and got["hidden"]
     released = await cashier.request("order.get", order_id="o1")
     assert released["ok"] and released["locks"] == []
+
+
+async def test_the_url_names_the_store_for_a_store_affine_load_balancer(
+        store: Store, page: Page) -> None:
+    await connect_js(page, "c", store.broker.url, store.token("manager", "boss"))
+    got = await page.evaluate(
+        """async () => {
+            const { routedUrl } = await import("/sdk/helpers.js");
+            return {opened: new URL(c._ws.url).searchParams.get("store"),
+                    kept: routedUrl("ws://x/ws?store=other", {store: "s1"}),
+                    none: routedUrl("ws://x/ws", null)};
+        }""")
+    assert got == {"opened": store.store_id, "kept": "ws://x/ws?store=other",
+                   "none": "ws://x/ws"}

@@ -15,7 +15,7 @@
 
 import { CLOSE, CONFIG_DEFAULTS } from "./constants.js";
 import { makeError, prompt, TablelockError } from "./errors.js";
-import { compact, deferred, event, localNow, noop, peekClaims } from "./helpers.js";
+import { compact, deferred, event, localNow, noop, peekClaims, routedUrl } from "./helpers.js";
 import {
   CONNECTION_CLOSED, CONNECTION_DOWN, CONNECTION_FAILED, CONNECTION_UP, EVENT_FRAME,
   FETCH_TIMEOUT_MS, GENERATION, SET_CONFIG, SET_STALE,
@@ -176,7 +176,7 @@ export class TablelockConnection extends EventTarget {
     /** @type {WebSocket} */
     let ws;
     try {
-      ws = new Impl(this.options.url, [SUBPROTOCOL]);
+      ws = new Impl(routedUrl(this.options.url, this._claims), [SUBPROTOCOL]);
     } catch (err) {
       this._connecting = false;
       this._fail(makeError("BAD_REQUEST", `bad url: ${err}`));

@@ -77,6 +77,21 @@ export function parseChannel(channel) {
   throw new TypeError(`not a tablelock channel: ${channel}`);
 }
 
+/**
+ * `url` with the token's store as `store=` (unless it names one already), so that a load
+ * balancer can keep a store's terminals on one broker (docs/deploy); the broker ignores it.
+ * @param {string} url
+ * @param {{store?: unknown}|null} claims
+ */
+export function routedUrl(url, claims) {
+  const store = claims?.store;
+  if (typeof store !== "string") return url;
+  const routed = new URL(url, globalThis.location?.href);
+  if (routed.searchParams.has("store")) return url;
+  routed.searchParams.set("store", store);
+  return routed.toString();
+}
+
 /** The claims of a JWT, read without verifying it (only to know the store before hello). */
 export function peekClaims(/** @type {string} */ token) {
   try {

@@ -12,12 +12,15 @@ which works whichever broker the load balancer picks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import itertools
+import json
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -129,7 +132,7 @@ class Connection:
         token = await self.fresh_token()
         try:
             ws = await connect(
-                self.url, subprotocols=[SUBPROTOCOL], compression=None,
+                routed_url(self.url, token), subprotocols=[SUBPROTOCOL], compression=None,
                 max_size=MAX_INBOUND_BYTES, open_timeout=self.open_timeout, close_timeout=2)
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise Disconnected(f"cannot reach {self.url}: {exc}") from exc
@@ -273,3 +276,26 @@ class Connection:
             await ws.send(_encode(frame).decode())
         except websockets.ConnectionClosed as exc:
             raise Disconnected("the connection to the broker dropped") from exc
+
+
+def routed_url(url: str, token: str) -> str:
+    """`url` with the token's store as `store=` (unless it names one already), so that a load
+    balancer can keep a store's terminals on one broker (docs/deploy); the broker ignores it."""
+    store = _store_of(token)
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query)
+    if store is None or any(name == "store" for name, _ in query):
+        return url
+    query.append(("store", store))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def _store_of(token: str) -> str | None:
+    """The `store` claim of a JWT, read without verifying it (the broker verifies)."""
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError):
+        return None
+    store = claims.get("store") if isinstance(claims, dict) else None
+    return store if isinstance(store, str) else None
