@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -108,9 +109,15 @@ class _Protocol(asyncio.Protocol):
         self.closed: Exception | None = None
         self._buffer: list[bytes] = []
         self._loop = asyncio.get_running_loop()
+        self._peek: socket.socket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # A duplicate of the socket, only to look for the server's close before each write
+        # (the transport's own socket object may not offer recv, under uvloop).
+        raw = transport.get_extra_info("socket")
+        if raw is not None:
+            self._peek = socket.fromfd(raw.fileno(), raw.family, raw.type)
 
     def queue(self, data: bytes) -> None:
         if not self._buffer:
@@ -123,8 +130,23 @@ class _Protocol(asyncio.Protocol):
 
     def flush(self) -> None:
         if self._buffer and self.transport is not None and self.closed is None:
+            if self._peer_closed():  # what we would write now can't run: say NotSent
+                self.abort(ConnectionLostError("closed by the server"))
+                return
             self.transport.write(b"".join(self._buffer))
         self._buffer.clear()
+
+    def _peer_closed(self) -> bool:
+        """Whether the server closed the connection, though the loop has not told us yet
+        (its end-of-stream may be waiting behind the callback that writes)."""
+        if self._peek is None:
+            return False
+        try:
+            return self._peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -148,6 +170,9 @@ class _Protocol(asyncio.Protocol):
         self.closed = exc or ConnectionLostError("connection closed")
         self._on_lost(self.closed)
         self._buffer.clear()
+        if self._peek is not None:
+            self._peek.close()
+            self._peek = None
 
 
 async def _open(host: str, port: int, on_reply: Callable[[Any], None],
