@@ -1,6 +1,7 @@
 """Where a Redis key lives, and an auto-pipelined connection (backends/resp.py) to that node.
 
-- `redis://[user:password@]host:port/db`: one master.
+- `redis://[user:password@]host:port/db`: one master; `rediss://` the same over TLS (the
+  server's certificate checked against the system's CAs); `unix:///path/redis.sock?db=N`.
 - `redis+sentinel://s1:port,s2:port/service`: the master is asked of the sentinels
   (SENTINEL GET-MASTER-ADDR-BY-NAME) whenever a connection to it is opened, so that a
   failover is followed by the next connection.
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from .resp import NotSent, PubSubConnection, Reconnecting, ReplyError, RespConnection
 
@@ -78,7 +80,13 @@ class RedisLink:
         self._service = ""
         self._db = 0
         self._seeds: list[Node] = []
-        if parsed.scheme == "redis+sentinel":
+        self._tls = ssl.create_default_context() if parsed.scheme == "rediss" else None
+        self._unix_path: str | None = None
+        if parsed.scheme == "unix":
+            self._unix_path = parsed.path
+            self._db = int(parse_qs(parsed.query).get("db", ["0"])[0])
+            self._seeds = [("", 0)]
+        elif parsed.scheme == "redis+sentinel":
             self._sentinels = _nodes(parsed.netloc, 26379)
             self._service = parsed.path.strip("/") or "mymaster"
         elif self.cluster:
@@ -161,7 +169,8 @@ class RedisLink:
                     ) -> RespConnection:
         host, port = node if node is not None else await self._master()
         conn = await RespConnection.open(host, port, db=db, username=self._username,
-                                         password=self._password, timeout=timeout)
+                                         password=self._password, timeout=timeout,
+                                         tls=self._tls, unix_path=self._unix_path)
         return conn
 
     # --- commands ------------------------------------------------------------------------------
@@ -210,7 +219,8 @@ class RedisLink:
         host, port = node if node is not None else await self._master()
         return await PubSubConnection.open(host, port, username=self._username,
                                            password=self._password, on_lost=on_lost,
-                                           timeout=REPLY_TIMEOUT_S)
+                                           timeout=REPLY_TIMEOUT_S, tls=self._tls,
+                                           unix_path=self._unix_path)
 
     def close(self) -> None:
         for link in [*self._commands.values(), *self._waiting.values()]:

@@ -28,8 +28,9 @@ What it does not do (the caller's job, said so the adapter does not assume other
   with `NotSent` at once). `Reconnecting` opens a new command connection on the next call;
   for pub/sub the owner opens a new `PubSubConnection` from its `on_lost`, re-subscribes,
   and treats whatever a subscriber missed meanwhile as a gap.
-- No TLS, no client-side caching, no MULTI/EXEC helper, no blocking commands (BLPOP and the
-  like would hold up every pipelined caller behind them).
+- TLS (`tls=`) and Unix sockets (`unix_path=`) only as asyncio opens them. No client-side
+  caching, no MULTI/EXEC helper, no blocking commands (BLPOP and the like would hold up every
+  pipelined caller behind them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -176,11 +178,17 @@ class _Protocol(asyncio.Protocol):
 
 
 async def _open(host: str, port: int, on_reply: Callable[[Any], None],
-                on_lost: Callable[[Exception], None], timeout: float) -> _Protocol:
+                on_lost: Callable[[Exception], None], timeout: float,
+                tls: ssl.SSLContext | None = None, unix_path: str | None = None) -> _Protocol:
     loop = asyncio.get_running_loop()
     try:
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(on_reply, on_lost), host, port), timeout)
+        if unix_path is not None:
+            opening = loop.create_unix_connection(lambda: _Protocol(on_reply, on_lost),
+                                                  unix_path)
+        else:
+            opening = loop.create_connection(lambda: _Protocol(on_reply, on_lost), host, port,
+                                             ssl=tls)
+        _, protocol = await asyncio.wait_for(opening, timeout)
     except (OSError, TimeoutError) as exc:
         raise NotSent(f"cannot connect to {host}:{port}: {exc!r}") from exc
     return protocol
@@ -200,11 +208,14 @@ class RespConnection:
     @classmethod
     async def open(cls, host: str = "127.0.0.1", port: int = 6379, *, db: int = 0,
                    username: str | None = None, password: str | None = None,
-                   protocol: int = 2, timeout: float = DEFAULT_TIMEOUT) -> RespConnection:
+                   protocol: int = 2, timeout: float = DEFAULT_TIMEOUT,
+                   tls: ssl.SSLContext | None = None, unix_path: str | None = None
+                   ) -> RespConnection:
         """Connect; then HELLO 3 (with the credentials) for RESP3, or AUTH for RESP2; then
         SELECT. `timeout` bounds the connect and how long any reply may be overdue."""
         conn = cls(timeout)
-        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout)
+        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout, tls,
+                                     unix_path)
         conn._arm_watchdog()
         try:
             if protocol == 3:
@@ -346,13 +357,15 @@ class PubSubConnection:
     @classmethod
     async def open(cls, host: str = "127.0.0.1", port: int = 6379, *,
                    username: str | None = None, password: str | None = None,
-                   on_lost: LostHandler | None = None, timeout: float = DEFAULT_TIMEOUT
+                   on_lost: LostHandler | None = None, timeout: float = DEFAULT_TIMEOUT,
+                   tls: ssl.SSLContext | None = None, unix_path: str | None = None
                    ) -> PubSubConnection:
         """Connect and AUTH if asked (RESP2: messages are plain arrays). `on_lost` is called
         once if the connection drops; subscriptions do not survive it."""
         conn = cls(on_lost)
         auth: asyncio.Future[None] | None = None
-        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout)
+        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout, tls,
+                                     unix_path)
         if password is not None:
             auth = asyncio.get_running_loop().create_future()
             conn._pings.append(auth)
