@@ -124,7 +124,7 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None) ->
         "redis_commands_per_pair": {k: round(v / pairs, 2) for k, v in sorted(delta.items())
                                     if v and k != "info"} if pairs else {},
         "messages_per_broker_per_pair": [round(h / pairs, 2) for h in heard] if pairs else [],
-        "errors": row["error_count"],
+        "errors": row["error_count"], "error_kinds": row["errors"],
     }
 
 
