@@ -17,9 +17,10 @@ stores, and any live broker sweeps them: the compare-and-set makes each
 expiry happen once. Brokers heartbeat; the presence of a dead one's terminals
 is taken away by the others, which starts their locks' disconnect grace.
 
-A reply is the truth. The commit is sent exactly once, on a connection of its
-own, with an id the script writes into the order's commit log. When its reply is
-lost (Redis died or stalled after the command left), the broker asks `RESOLVE`
+A reply is the truth. The commit is sent exactly once, with an id the script writes into
+the order's commit log. Commands go through `resp.py` (auto-pipelined over hiredis) to the
+node `redis_link.py` routes them to: one never written is UNAVAILABLE. When a commit's reply
+is lost (Redis died or stalled after the command left), the broker asks `RESOLVE`
 until Redis answers: applied, or void, which also forbids it to apply later.
 Applied is answered as decided; void is stepped afresh; no answer within
 `RESOLVE_WITHIN_S` is UNAVAILABLE with outcome unknown. With `wait_replicas`, a
