@@ -53,8 +53,18 @@ class CountingSink:
 
 
 def counted(backend: RedisBackend) -> list[int]:
-    """Count every pub/sub message the backend hands to its _on_message."""
+    """Count every pub/sub message the backend receives: its `_on_pubsub` (the handler given
+    to each subscription, so wrap it before `start`), or in code before it, `_on_message`."""
     count = [0]
+    if hasattr(backend, "_on_pubsub"):
+        handler = backend._on_pubsub
+
+        def on_pubsub(channel: bytes, data: bytes) -> None:
+            count[0] += 1
+            handler(channel, data)
+
+        backend._on_pubsub = on_pubsub  # type: ignore[method-assign]
+        return count
     original = backend._on_message
 
     async def on_message(name: str, data: bytes) -> None:
@@ -95,9 +105,9 @@ async def run(url: str, brokers: int, affinity: str, stores: int, orders: int, e
     prefix = f"i{tag}:"
     backends = [RedisBackend(url, prefix=prefix) for _ in range(brokers)]
     sinks = [CountingSink() for _ in backends]
+    counts = [counted(b) for b in backends]
     for backend, sink in zip(backends, sinks, strict=True):
         await backend.start(sink)  # type: ignore[arg-type]
-    counts = [counted(b) for b in backends]
     spread = itertools.cycle(range(brokers))
     try:
         for s in range(stores):

@@ -8,8 +8,10 @@ idle    15,000 idle authenticated subscribed connections (two load-generator pro
 fanout  one order with 500 subscribers (499 phones on its channel, 1 ERP on the store's),
         one actor: closed loop, then open loop at half capacity. Every target.
 expiry  10,000 h5 payment locks (5 s TTL) taken over 10 s; how late each lock.expired is.
-redis   `store` on the Redis backend: one broker process; two with connections round-robin
-        (a store's events cross brokers through Redis); two with each store on one broker.
+redis   `store` on the Redis backend: one broker process; two and three with connections
+        round-robin (a store's events cross brokers through Redis); two and three with each
+        store on one broker. (bench/redis_scale.py: the same layouts alternating with memory,
+        with Redis commands and pub/sub messages per broker per pair.)
 paired  `store` on tablelock, raw-websockets and uvicorn-direct at once, each with its own
         load generator, short closed loops taking turns (7 rounds of 3 s), then an open loop
         each at half its median capacity: the ratios, from runs seconds apart.
@@ -125,7 +127,8 @@ def redis(opts: Options) -> list[Row]:
     seconds = opts.length(10)
     rows: list[Row] = []
     if TABLELOCK in opts.targets:
-        for brokers, affinity in ((1, "round-robin"), (2, "round-robin"), (2, "store")):
+        for brokers, affinity in ((1, "round-robin"), (2, "round-robin"), (3, "round-robin"),
+                                  (2, "store"), (3, "store")):
             workload = store_workload(opts)
             workload.affinity = affinity
             rows += _run("redis", TABLELOCK, [workload], opts,

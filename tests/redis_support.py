@@ -90,8 +90,9 @@ class RedisProxy:
     `arm` names the bytes a command must contain (say an order id and an event name, which
     only that order's commit carries). When such a command passes, `action` runs: with
     `after=False` before the command goes on to Redis; with `after=True` once Redis's reply
-    to it is back, and that reply is then dropped, as when Redis dies or stalls after
-    running a command and before its reply reaches the client."""
+    to it is back, and that reply is then withheld with every later one on the connection,
+    as when Redis dies or stalls after running a command and before its reply reaches the
+    client."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -169,13 +170,18 @@ class RedisProxy:
                 await up_writer.drain()
 
         async def replies() -> None:
+            muted = False
             while data := await up_reader.read(1 << 16):
                 if on_reply:
                     action, fired = on_reply.pop()
                     await self._run(action, fired)
-                    continue  # the reply is lost
-                writer.write(data)
-                await writer.drain()
+                    # The reply is lost, and so is every later one on this connection: a
+                    # stream cannot skip a reply and go on (a pipelined client would match
+                    # the next reply to the wrong command), so the client sees it stall.
+                    muted = True
+                if not muted:
+                    writer.write(data)
+                    await writer.drain()
 
         pumps = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
         with contextlib.suppress(Exception):

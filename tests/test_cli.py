@@ -27,13 +27,13 @@ from .redis_support import RedisServer
 from .support import ROOT, SECRET, BrokerProcess, WsClient, free_port, unique
 
 TABLELOCK = (sys.executable, "-m", "tablelock")
-# Runs `tablelock` in an interpreter where `import redis` fails, as without the extra.
+# Runs `tablelock` in an interpreter where `import hiredis` fails, as without the extra.
 WITHOUT_REDIS = """
 import importlib.abc, runpy, sys
 
 class NoRedis(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.partition(".")[0] == "redis":
+        if name.partition(".")[0] == "hiredis":
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, NoRedis())

@@ -422,9 +422,10 @@ async def test_retention_takes_an_order_out_of_its_table_and_numbering(
         assert await backend.find_order(store_id, "t1") is None
         if isinstance(backend, RedisBackend):
             keys = backend.keys(store_id)
-            raw = backend._redis
-            assert not await raw.exists(keys.table("t1"))
-            assert not await raw.hexists(keys.seqs, f"order:{store_id}:gone")
+            link = backend._link
+            assert not await link.execute(keys.table("t1"), "EXISTS", keys.table("t1"))
+            assert not await link.execute(keys.seqs, "HEXISTS", keys.seqs,
+                                          f"order:{store_id}:gone")
         else:
             assert f"order:{store_id}:gone" not in backend._channels
     finally:

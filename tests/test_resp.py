@@ -7,12 +7,14 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tablelock.backends.redis_link import RedisLink, key_slot
 from tablelock.backends.resp import (
     MaybeApplied,
     NotSent,
@@ -24,7 +26,7 @@ from tablelock.backends.resp import (
     _Protocol,
 )
 
-from .redis_support import REDIS_CLI, RedisServer, create_cluster
+from .redis_support import REDIS_CLI, REDIS_SERVER, RedisServer, create_cluster
 
 
 @pytest.fixture
@@ -363,3 +365,49 @@ async def test_reconnecting_opens_one_new_connection_after_a_loss(tmp_path: Path
     finally:
         client.close()
         server.stop()
+
+
+async def test_a_command_after_the_server_closed_is_not_sent(
+        conn: RespConnection, redis: RedisServer) -> None:
+    """The server closed the connection and the loop has not seen it yet: a command queued
+    now must fail NotSent (it cannot run), not MaybeApplied (which makes a commit resolve)."""
+    own_id = await conn.execute("CLIENT", "ID")
+    # Killed from another process while this loop is blocked: the close reaches the kernel,
+    # not our callbacks, before the command is queued.
+    subprocess.run([REDIS_CLI, "-p", str(redis.port), "CLIENT", "KILL", "ID", str(own_id)],
+                   check=True, capture_output=True)
+    time.sleep(0.05)
+    with pytest.raises(NotSent):
+        await conn.execute("SET", "late", "1")
+    checker = await RespConnection.open("127.0.0.1", redis.port)
+    assert await checker.execute("EXISTS", "late") == 0
+    checker.close()
+
+
+async def test_link_over_a_unix_socket_selects_the_db(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    server = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(path),
+                               "--save", "", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if path.exists():
+                break
+            await asyncio.sleep(0.01)
+        link = RedisLink(f"unix://{path}?db=2")
+        assert await link.execute("k", "SET", "k", "v") == b"OK"
+        other = await RespConnection.open(unix_path=str(path), db=2)
+        assert await other.execute("GET", "k") == b"v"
+        other.close()
+        link.close()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_key_slot_is_redis_cluster_hash_slot() -> None:
+    # Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+    assert key_slot("foo") == 12182
+    assert key_slot("{user1000}.following") == key_slot("{user1000}.followers") == 3443
+    assert key_slot("a{}b") == 13694  # an empty tag: the whole key counts
+    assert key_slot("tl:{store:s1}:o:1") == key_slot("store:s1")

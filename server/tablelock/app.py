@@ -42,7 +42,7 @@ def make_backend(settings: Settings) -> Backend:
         try:
             from .backends.redis import RedisBackend
         except ModuleNotFoundError as exc:
-            if exc.name is None or exc.name.partition(".")[0] != "redis":
+            if exc.name is None or exc.name.partition(".")[0] != "hiredis":
                 raise
             raise SettingsError(f"backend {backend_label(settings.backend)} needs the Redis "
                                 f"client, which is not installed: "

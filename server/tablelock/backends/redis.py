@@ -17,9 +17,10 @@ stores, and any live broker sweeps them: the compare-and-set makes each
 expiry happen once. Brokers heartbeat; the presence of a dead one's terminals
 is taken away by the others, which starts their locks' disconnect grace.
 
-A reply is the truth. The commit is sent exactly once, on a connection of its
-own, with an id the script writes into the order's commit log. When its reply is
-lost (Redis died or stalled after the command left), the broker asks `RESOLVE`
+A reply is the truth. The commit is sent exactly once, with an id the script writes into
+the order's commit log. Commands go through `resp.py` (auto-pipelined over hiredis) to the
+node `redis_link.py` routes them to: one never written is UNAVAILABLE. When a commit's reply
+is lost (Redis died or stalled after the command left), the broker asks `RESOLVE`
 until Redis answers: applied, or void, which also forbids it to apply later.
 Applied is answered as decided; void is stepped afresh; no answer within
 `RESOLVE_WITHIN_S` is UNAVAILABLE with outcome unknown. With `wait_replicas`, a
@@ -39,15 +40,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
 
 from .. import metrics
 from ..model import (
@@ -96,6 +90,16 @@ from .base import (
     unhandled_for,
     untracked,
 )
+from .redis_link import RedisLink
+from .resp import (
+    MaybeApplied,
+    NotSent,
+    PubSubConnection,
+    ReplyError,
+    RespConnection,
+    RespError,
+    Script,
+)
 
 log = logging.getLogger("tablelock.redis")
 
@@ -122,6 +126,7 @@ _audit_decoder = msgspec.json.Decoder(AuditEntry)
 # kind (0 numbered, 1 direct), channel (or coalescing key), seq, body, table, holder, unless
 PubEntry = tuple[int, str, str, str, str, str, str]
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
+_HEARD = metrics.REDIS_EVENTS.labels("pubsub_message")  # per broker: what interest saves
 # Each part of a stream id is below 2^64: 19 digits always are, and ours are milliseconds.
 _STREAM_ID = re.compile(r"^\d{1,19}-\d{1,19}$")
 
@@ -211,35 +216,21 @@ class _Void(Exception):
         self.sent_at = sent_at
 
 
+def _lost_by(lost: asyncio.Future[None]) -> Callable[[BaseException], None]:
+    """A subscriber connection's on_lost: wakes the listener of its generation."""
+    def on_lost(_: BaseException) -> None:
+        if not lost.done():
+            lost.set_result(None)
+    return on_lost
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's or a hash's fields from their flat RESP list."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _text(value: str | bytes | int) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def connect(url: str) -> tuple[Any, bool]:
-    """A client for a redis://, rediss://, redis+sentinel:// or redis+cluster:// URL."""
-    options: dict[str, Any] = {"socket_timeout": 0.4, "socket_connect_timeout": 0.4,
-                               "retry": Retry(NoBackoff(), 1)}
-    parsed = urlparse(url)
-    if parsed.scheme == "redis+cluster":
-        hosts = parsed.netloc.split("@")[-1]
-        first = hosts.split(",")[0]
-        host, _, port = first.partition(":")
-        return RedisCluster(host=host, port=int(port or 6379), socket_timeout=0.4,
-                            socket_connect_timeout=0.4), True
-    if parsed.scheme == "redis+sentinel":
-        nodes = []
-        for node in parsed.netloc.split("@")[-1].split(","):
-            host, _, port = node.partition(":")
-            nodes.append((host, int(port or 26379)))
-        service = parsed.path.strip("/") or "mymaster"
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            nodes, socket_timeout=0.4, socket_connect_timeout=0.4)
-        return sentinel.master_for(service, max_connections=512, **options), False
-    # A bounded pool that makes a burst wait for a connection (within the answer bound)
-    # rather than fail with "Too many connections".
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=128, timeout=0.5,
-                                                    **options)
-    return aioredis.Redis(connection_pool=pool), False
 
 
 class RedisBackend(Backend):
@@ -267,14 +258,16 @@ class RedisBackend(Backend):
         self._sweep_interval_s = sweep_interval_s
         self._heartbeat_s = heartbeat_s
         self._dead_after_ms = int(dead_after_s * 1000)
-        self._redis, self._cluster = connect(url)
+        self._link = RedisLink(url)
+        self._cluster = self._link.cluster
         # Cluster: shard channels, each message handled by its slot's shard alone.
         self._publish_command = "SPUBLISH" if self._cluster else "PUBLISH"
-        self._scripts = {name: self._redis.register_script(getattr(redis_lua, name))
+        self._scripts = {name: Script(getattr(redis_lua, name))
                          for name in ("COMMIT", "LOAD", "PUBLISH_STORE", "PUT_CONFIG",
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
                                       "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS",
-                                      "RESOLVE", "COUNT_CONNECTIONS", "RECOUNT_CONNECTIONS")}
+                                      "RESOLVE", "COUNT_CONNECTIONS", "RECOUNT_CONNECTIONS",
+                                      "KEEP_SESSION")}
         self._keys: dict[str, Keys] = {}
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
@@ -300,7 +293,10 @@ class RedisBackend(Backend):
         self._counted: dict[str, dict[str, int]] = {}
         self._recount: set[str] = set()
         self._count_locks: dict[str, asyncio.Lock] = {}
-        self._pubsub: Any = None
+        # The subscriber connections: one to the master; on a Cluster, one per node.
+        self._pubsubs: dict[Any, PubSubConnection] = {}
+        self._pubsub_lost: asyncio.Future[None] | None = None
+        self._backlog: collections.deque[tuple[bytes, bytes]] | None = None  # see _on_pubsub
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub_ok = asyncio.Event()
         self.due_stores = f"{prefix}due-stores"
@@ -321,15 +317,15 @@ class RedisBackend(Backend):
             with contextlib.suppress(BaseException):
                 await task
         with contextlib.suppress(Exception):
-            await self._redis.zrem(self.brokers, self.broker_id)
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
+            await self._call(self.brokers, "ZREM", self.brokers, self.broker_id)
+        self._link.close()
+        self._close_pubsubs()
 
     async def ready(self) -> bool:
         try:
             async with asyncio.timeout(0.5):
-                await self._redis.ping()
-        except (RedisError, OSError, TimeoutError):
+                await self._link.execute("", "PING")
+        except (RespError, OSError, TimeoutError):
             return False
         return self._pubsub_ok.is_set()
 
@@ -344,15 +340,31 @@ class RedisBackend(Backend):
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 return await call
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RespError, OSError, TimeoutError) as exc:
             raise Unavailable(str(exc) or type(exc).__name__) from None
+
+    async def _call(self, key: str, *args: Any) -> Any:
+        """One command, on the master of `key` (only routed by it), within the answer bound."""
+        return await self._guard(self._link.execute(key, *args))
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """A script of redis_lua, on the master of its first key, within the answer bound."""
+        return await self._guard(self._evalsha(name, keys, args))
+
+    async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        conn = await self._link.connection(keys[0])
+        try:
+            return await conn.evalsha(self._scripts[name], keys, args)
+        except ReplyError as exc:
+            self._link.check_stale(conn, exc)
+            raise
 
     # --- order state ---------------------------------------------------------------------------
 
     async def now(self) -> int:
         if self._offset_ms is None:
-            seconds, micros = await self._guard(self._redis.time())
-            self._learn_time(seconds * 1000 + micros // 1000)
+            seconds, micros = await self._call("", "TIME")
+            self._learn_time(int(seconds) * 1000 + int(micros) // 1000)
         return self._now()
 
     def _learn_time(self, real_ms: int, reset: bool = False) -> None:
@@ -369,7 +381,7 @@ class RedisBackend(Backend):
                     actor: Terminal | None) -> Outcome:
         try:
             return await self._apply(store_id, order_id, command, actor)
-        except (RedisError, OSError, TimeoutError) as exc:  # reads only: commits raise ours
+        except (RespError, OSError, TimeoutError) as exc:  # reads only: commits raise ours
             raise Unavailable(str(exc) or type(exc).__name__) from None
 
     async def _apply(self, store_id: str, order_id: str, command: Command,
@@ -461,13 +473,13 @@ class RedisBackend(Backend):
         """Lower the store's entry in the global deadline index (Cluster: not in the script).
         The commit applied already: a failure here must not turn its reply into a refusal."""
         try:
-            await self._guard(self._redis.zadd(self.due_stores, {store_id: deadline}, lt=True))
+            await self._call(self.due_stores, "ZADD", self.due_stores, "LT", deadline, store_id)
         except Unavailable as exc:
             log.warning("deadline of store %s not indexed: %s", store_id, exc)
 
     async def _load(self, keys: Keys, key: tuple[str, str]) -> None:
-        real, rec_rev, raw, fields = await self._scripts["LOAD"](
-            keys=[keys.record(key[1]), keys.state])
+        real, rec_rev, raw, fields = await self._evalsha(
+            "LOAD", [keys.record(key[1]), keys.state], [])
         self._learn_time(int(real))
         self._records[key] = (_text(rec_rev), _record_decoder.decode(raw) if raw else None)
         self._states[key[0]] = _state_of(fields)
@@ -530,95 +542,56 @@ class RedisBackend(Backend):
 
     async def _run_once(self, route_key: str, name: str, key_list: list[str], args: list[Any],
                         wait: bool) -> tuple[Any, bool]:
-        """Run a script exactly once on a connection of its own (the client's retry would
-        run it twice): a failure before it left is Unavailable (nothing changed), after it
-        left _Unanswered. With `wait`, then WAIT on that connection, which covers every
-        write it made: whether `wait_replicas` replicas have them too."""
-        script = self._scripts[name]
+        """Run a script exactly once, auto-pipelined with the other commits of this loop turn:
+        a failure before it was written is Unavailable (nothing changed); after it was
+        written, or any error reply (a script failing half-way keeps what it wrote), it is
+        _Unanswered. With `wait`, on a connection kept for such commits, then WAIT there,
+        which covers every write it made: whether `wait_replicas` replicas have them too."""
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                conn, release = await self._connection(route_key)
-        except (RedisError, OSError, TimeoutError) as exc:
+                conn = (await self._link.waiting_connection(
+                    route_key, self._wait_timeout_ms / 1000 + 1.0) if wait
+                    else await self._link.connection(route_key))
+        except (RespError, OSError, TimeoutError) as exc:
             raise Unavailable(str(exc) or type(exc).__name__) from None
-        done = False
         try:
-            try:
-                await conn.send_command("EVALSHA", script.sha, len(key_list), *key_list, *args)
-                try:
-                    reply = await conn.read_response()
-                except NoScriptError:  # refused unrun: load it and send it (its first run)
-                    await conn.send_command("SCRIPT", "LOAD", script.script)
-                    await conn.read_response()
-                    await conn.send_command("EVALSHA", script.sha, len(key_list), *key_list,
-                                            *args)
-                    reply = await conn.read_response()
-            except (RedisError, OSError, TimeoutError) as exc:
-                raise _Unanswered(str(exc) or type(exc).__name__) from None
-            replicated = True
-            if wait:
-                replicated = await self._replicated(conn)
-            done = True
-            return reply, replicated
-        finally:
-            if not done:  # a reply may still come: the connection can't serve anyone else
-                with contextlib.suppress(Exception):
-                    await conn.disconnect()
-            await release(conn)
+            reply = await conn.evalsha(self._scripts[name], key_list, args)
+        except NotSent as exc:
+            raise Unavailable(str(exc)) from None
+        except ReplyError as exc:
+            self._link.check_stale(conn, exc)
+            raise _Unanswered(str(exc)) from None
+        except MaybeApplied as exc:
+            raise _Unanswered(str(exc)) from None
+        return reply, (await self._replicated(conn) if wait else True)
 
-    async def _replicated(self, conn: Any) -> bool:
+    async def _replicated(self, conn: RespConnection) -> bool:
         """WAIT on the connection that wrote: did enough replicas get its writes in time?"""
         try:
-            await conn.send_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
-            acked = await conn.read_response(timeout=self._wait_timeout_ms / 1000 + 0.4)
-        except (RedisError, OSError, TimeoutError) as exc:
+            acked = await conn.execute("WAIT", self._wait_replicas, self._wait_timeout_ms)
+        except RespError as exc:
             log.warning("WAIT failed: %s", exc)
-            await conn.disconnect()
             return False
         if int(acked) < self._wait_replicas:
             metrics.REDIS_EVENTS.labels("wait_timeout").inc()
             return False
         return True
 
-    async def _connection(self, route_key: str) -> tuple[Any, Callable[[Any], Awaitable[None]]]:
-        """A connected connection to the master of `route_key`, and how to give it back."""
-        release: Callable[[Any], Awaitable[None]]
-        if not self._cluster:
-            pool = self._redis.connection_pool
-            conn, release = await pool.get_connection(), pool.release
-        else:
-            await self._redis.initialize()
-            node = self._redis.get_node_from_key(route_key)
-            conn = node.acquire_connection()
-
-            async def give_back(connection: Any) -> None:
-                node.release(connection)
-            release = give_back
-        try:
-            await conn.connect()
-            # A pooled connection the server closed (or with a stray reply) must not carry
-            # the write: its failure would leave the outcome unknown. The pool does not
-            # always check: replace it now, while a failure still means nothing was sent.
-            if await conn.can_read():
-                await conn.disconnect()
-                await conn.connect()
-        except BaseException:
-            await release(conn)
-            raise
-        return conn, release
-
     async def read(self, store_id: str, order_id: str) -> OrderRecord | None:
-        raw = await self._guard(self._redis.hget(self.keys(store_id).record(order_id), "rec"))
+        key = self.keys(store_id).record(order_id)
+        raw = await self._call(key, "HGET", key, "rec")
         return _record_decoder.decode(raw) if raw else None
 
     async def find_order(self, store_id: str, table_id: str) -> str | None:
         keys = self.keys(store_id)
-        raws = await self._guard(self._scripts["TABLE_RECORDS"](
+        raws = await self._guard(self._evalsha("TABLE_RECORDS",
             keys=[keys.table(table_id)], args=[keys.prefix + ":o:"]))
         best = best_for_table(map(_record_decoder.decode, raws), table_id)
         return best.order_id if best else None
 
     async def order_ids(self, store_id: str) -> list[str]:
-        members = await self._guard(self._redis.smembers(self.keys(store_id).orders))
+        key = self.keys(store_id).orders
+        members = await self._call(key, "SMEMBERS", key)
         return sorted(_text(m) for m in members)
 
     async def get_config(self, store_id: str) -> StoreConfig:
@@ -627,27 +600,27 @@ class RedisBackend(Backend):
     async def _state(self, store_id: str) -> StoreState:
         state = self._states.get(store_id)
         if state is None:
-            fields = await self._guard(self._redis.hgetall(self.keys(store_id).state))
-            state = self._states[store_id] = _state_of(
-                [x for pair in fields.items() for x in pair])
+            key = self.keys(store_id).state
+            state = self._states[store_id] = _state_of(await self._call(key, "HGETALL", key))
         return state
 
     async def put_config(self, store_id: str, config: StoreConfig) -> None:
         keys = self.keys(store_id)
-        await self._guard(self._scripts["PUT_CONFIG"](
+        await self._guard(self._evalsha("PUT_CONFIG",
             keys=[keys.state], args=[encode(config), keys.config_news, self._publish_command]))
         self._states.pop(store_id, None)
         await self._retick_store(store_id)
 
     async def audit(self, store_id: str, kind: str | None, limit: int) -> list[AuditEntry]:
         keys = self.keys(store_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(keys.audit, "+", "-", count=limit if not kind else self._audit_size)
-            pipe.hgetall(keys.unhandled)
-            entries, unhandled = await self._guard(pipe.execute())
+        entries, flat = await self._guard(asyncio.gather(
+            self._link.execute(keys.audit, "XREVRANGE", keys.audit, "+", "-", "COUNT",
+                               limit if not kind else self._audit_size),
+            self._link.execute(keys.unhandled, "HGETALL", keys.unhandled)))
+        unhandled = _fields(flat)
         found: dict[str, AuditEntry] = {}
         for entry_id, fields in entries:
-            found[_text(entry_id)] = _audit_decoder.decode(fields[b"e"])
+            found[_text(entry_id)] = _audit_decoder.decode(_fields(fields)[b"e"])
         for entry_id, raw in unhandled.items():
             found.setdefault(_text(entry_id), _audit_decoder.decode(raw))
         open_ids = {_text(i) for i in unhandled}
@@ -663,18 +636,18 @@ class RedisBackend(Backend):
 
     async def mark_handled(self, store_id: str, entry_id: str) -> bool:
         keys = self.keys(store_id)
-        if await self._guard(self._scripts["MARK_HANDLED"](
+        if await self._guard(self._evalsha("MARK_HANDLED",
                 keys=[keys.unhandled, keys.unhandled_count], args=[entry_id])):
             return True
         if not _STREAM_ID.match(entry_id):
             return False
-        return bool(await self._guard(self._redis.xrange(keys.audit, entry_id, entry_id)))
+        return bool(await self._call(keys.audit, "XRANGE", keys.audit, entry_id, entry_id))
 
     # --- event streams -------------------------------------------------------------------------
 
     async def publish_store_event(self, store_id: str, event: Event) -> None:
         keys = self.keys(store_id)
-        await self._guard(self._scripts["PUBLISH_STORE"](
+        await self._guard(self._evalsha("PUBLISH_STORE",
             keys=[keys.seqs, keys.hist_store],
             args=[keys.store_channel, event_body(event), keys.store_events,
                   self._history_size, self._publish_command]))
@@ -687,7 +660,7 @@ class RedisBackend(Backend):
         await self._follow(channel, keys)
         if order_id is not None:
             await self.apply(store_id, order_id, Tick(), None)  # expiry first
-            seq, raw = await self._guard(self._scripts["SNAPSHOT_ORDER"](
+            seq, raw = await self._guard(self._evalsha("SNAPSHOT_ORDER",
                 keys=[keys.record(order_id), keys.seqs, keys.unclaimed_seqs],
                 args=[channel, order_id, order_channel(store_id, ""), keys.prefix + ":o:",
                       UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs]))
@@ -695,7 +668,7 @@ class RedisBackend(Backend):
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
         else:
-            seq, raws, terms = await self._guard(self._scripts["SNAPSHOT_STORE"](
+            seq, raws, terms = await self._guard(self._evalsha("SNAPSHOT_STORE",
                 keys=[keys.orders, keys.terms, keys.seqs],
                 args=[channel, keys.prefix + ":o:"]))
             orders: list[Order] = []
@@ -723,10 +696,10 @@ class RedisBackend(Backend):
         parsed = parse_channel(channel)
         assert parsed is not None
         keys = self.keys(parsed[0])
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hget(keys.seqs, channel)
-            pipe.xrange(keys.history(parsed[1]), f"{since + 1}-0", "+")
-            seq_raw, entries = await self._guard(pipe.execute())
+        history = keys.history(parsed[1])
+        seq_raw, entries = await self._guard(asyncio.gather(
+            self._link.execute(keys.seqs, "HGET", keys.seqs, channel),
+            self._link.execute(history, "XRANGE", history, f"{since + 1}-0", "+")))
         if seq_raw is None:
             return None  # a channel this Redis never numbered: the client's seq is another's
         seq = int(seq_raw)
@@ -736,7 +709,8 @@ class RedisBackend(Backend):
             self._seen[channel] = max(self._seen.get(channel, 0), seq)
             return []
         frames = []
-        for entry_id, fields in entries:
+        for entry_id, flat in entries:
+            fields = _fields(flat)
             body = fields.get(b"b")
             if body is None:  # kept whole by a broker before bodies (no frames in Redis)
                 return None  # the subscriber takes a fresh snapshot instead
@@ -752,7 +726,7 @@ class RedisBackend(Backend):
     async def stream_epoch(self, channel: str) -> str:
         parsed = parse_channel(channel)
         assert parsed is not None
-        return await self._guard(redis_sessions.stream_epoch(self._redis,
+        return await self._guard(redis_sessions.stream_epoch(self._link.execute,
                                                              self.keys(parsed[0]).seqs))
 
     def channel_idle(self, channel: str) -> None:
@@ -823,8 +797,8 @@ class RedisBackend(Backend):
             self._stores_heard[store_id] = count
             if delta > 0:
                 if count == 1:
-                    await self._guard(self._redis.sadd(
-                        f"{self._prefix}broker:{self.broker_id}:stores", store_id))
+                    stores_key = f"{self._prefix}broker:{self.broker_id}:stores"
+                    await self._call(stores_key, "SADD", stores_key, store_id)
                 # Whoever came first may still be subscribing: wait for it too.
                 await self._hear({names[0]: ("direct", store_id),
                                   names[1]: ("config", store_id)})
@@ -843,10 +817,10 @@ class RedisBackend(Backend):
         async with self._pubsub_lock:
             new = [name for name in routes if name not in self._routes]
             self._routes.update(routes)
-            if new and self._pubsub is not None:
+            if new and self._pubsub_lost is not None:
                 for name in new:
                     self._confirming.setdefault(name, loop.create_future())
-                await self._subscribe(self._pubsub, new)
+                await self._subscribe(new)
         waits = [self._confirming[name] for name in routes if name in self._confirming]
         if waits:
             await asyncio.gather(*map(asyncio.shield, waits))
@@ -861,39 +835,72 @@ class RedisBackend(Backend):
     async def _unsubscribe(self, names: list[str]) -> None:
         async with self._pubsub_lock:
             gone = [name for name in names if name not in self._routes]
-            if gone and self._pubsub is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    if self._cluster:
-                        await self._pubsub.sunsubscribe(*gone)
-                    else:
-                        await self._pubsub.unsubscribe(*gone)
+            if gone and self._pubsub_lost is not None:
+                with contextlib.suppress(RespError, OSError):
+                    for node, group in (await self._by_node(gone)).items():
+                        pubsub = self._pubsubs.get(node)
+                        if pubsub is None:
+                            continue
+                        if self._cluster:
+                            await pubsub.sunsubscribe(group)
+                        else:
+                            await pubsub.unsubscribe(group)
 
-    async def _subscribe(self, pubsub: Any, names: list[str]) -> None:
-        if self._cluster:
-            await pubsub.ssubscribe(*names)
-        else:
-            await pubsub.subscribe(*names)
+    async def _by_node(self, names: list[str]) -> dict[Any, list[str]]:
+        """Channels grouped by the node that carries them (one group but on a Cluster)."""
+        if not self._cluster:
+            return {None: names}
+        groups: dict[Any, list[str]] = {}
+        for name in names:
+            groups.setdefault(await self._link.node_of(name), []).append(name)
+        return groups
+
+    async def _subscribe(self, names: list[str]) -> None:
+        """Subscribe (on a Cluster, SSUBSCRIBE on each channel's node) and wait until Redis
+        confirmed every one."""
+        lost = self._pubsub_lost
+        assert lost is not None
+        for node, group in (await self._by_node(names)).items():
+            pubsub = self._pubsubs.get(node)
+            if pubsub is None:
+                pubsub = self._pubsubs[node] = await self._link.pubsub(node, _lost_by(lost))
+            try:
+                if self._cluster:
+                    await pubsub.ssubscribe(group, self._on_pubsub)
+                else:
+                    await pubsub.subscribe(group, self._on_pubsub)
+            except ReplyError as exc:  # MOVED: the slot map is stale
+                self._link.check_stale(None, exc)
+                raise
+        for name in names:
+            self._confirmed(name)
 
     def _confirmed(self, name: str) -> None:
         confirming = self._confirming.pop(name, None)
         if confirming is not None and not confirming.done():
             confirming.set_result(None)
 
+    def _close_pubsubs(self) -> None:
+        for pubsub in self._pubsubs.values():
+            pubsub.close()
+        self._pubsubs.clear()
+        self._pubsub_lost = None
+
     async def _listen(self) -> None:
-        """Deliver what this broker hears; after a lost subscription, resynchronise from
-        history."""
+        """Keep the subscriptions; after a lost one, resynchronise from history."""
         delay = 0.05
         while True:
             try:
                 async with self._pubsub_lock:
-                    self._pubsub = self._redis.pubsub()
-                    await self._subscribe(self._pubsub, list(self._routes))
+                    lost = self._pubsub_lost = asyncio.get_running_loop().create_future()
+                    await self._subscribe(list(self._routes))
                 if self._offset_ms is not None:  # not the first time: we may have missed some
                     metrics.REDIS_EVENTS.labels("resync").inc()
                     await self._resync()
                 self._pubsub_ok.set()
                 delay = 0.05
-                await self._receive(self._pubsub)
+                await lost
+                raise ConnectionError("a subscriber connection was lost")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -901,34 +908,65 @@ class RedisBackend(Backend):
                     log.warning("lost the Redis subscription: %s", exc)
                     metrics.REDIS_EVENTS.labels("subscription_lost").inc()
                 self._pubsub_ok.clear()
-                with contextlib.suppress(Exception):
-                    await self._pubsub.aclose()
-                self._pubsub = None
+                self._close_pubsubs()
                 await asyncio.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 1.0)
 
-    async def _receive(self, pubsub: Any) -> None:
-        """Hand every message to _on_message and every confirmed subscription to _confirmed.
-        A Cluster's shard channels sit on many nodes' connections: they are polled in turn."""
-        if not self._cluster:
-            async for message in pubsub.listen():
-                kind = message["type"]
-                if kind == "message":
-                    await self._on_message(_text(message["channel"]), message["data"])
-                elif kind == "subscribe":
-                    self._confirmed(_text(message["channel"]))
-            raise ConnectionError("the subscription ended")
-        while True:
-            message = await pubsub.get_sharded_message(timeout=0.01)
-            if message is None:
-                if not pubsub.node_pubsub_mapping:
-                    await asyncio.sleep(0.01)
-                continue
-            kind = message["type"]
-            if kind == "smessage":
-                await self._on_message(_text(message["channel"]), message["data"])
-            elif kind == "ssubscribe":
-                self._confirmed(_text(message["channel"]))
+    def _on_pubsub(self, channel: bytes, data: bytes) -> None:
+        """Every message, inside the socket's read callback: handed on at once, decoded once,
+        unless it must wait (a gap to fill first, a broker message to await), or a message
+        before it still waits: then it is handled after those, in order (_drain)."""
+        _HEARD.inc()
+        if self._backlog is not None:
+            self._backlog.append((channel, data))
+        elif not self._deliver(channel.decode(), data):
+            self._backlog = collections.deque([(channel, data)])
+            self._spawn(self._drain())
+
+    def _deliver(self, name: str, data: bytes) -> bool:
+        """Hand a message on now; False if it needs _on_message (which may await)."""
+        route = self._routes.get(name)
+        if route is None:
+            return True  # a channel left meanwhile
+        kind, target = route
+        if kind == "events":
+            entries = _pub_decoder.decode(data)
+            seen = self._seen
+            for entry in entries:
+                last = seen.get(entry[1])
+                if last is not None and int(entry[2]) > last + 1:
+                    return False  # a gap: filled from the history first
+            self.received[kind] += 1
+            for _, channel, seq_text, body, table_id, _, _ in entries:
+                seq = int(seq_text)
+                if seq > seen.get(channel, 0):
+                    seen[channel] = seq
+                self.sink.publish(channel, seq, numbered_frame(channel, seq, body.encode()),
+                                  table_id or None)
+            return True
+        if kind == "rpc":
+            return False
+        self.received[kind] += 1
+        if kind == "config":
+            self._states.pop(target, None)
+        else:
+            for _, coalesce, _, body, _, holder, unless in _pub_decoder.decode(data):
+                self.sink.direct(target, holder, body.encode(),
+                                 tuple(unless.split("\n")) if unless else (), coalesce)
+        return True
+
+    async def _drain(self) -> None:
+        backlog = self._backlog
+        try:
+            while backlog:
+                channel, data = backlog[0]
+                try:
+                    await self._on_message(channel.decode(), data)
+                except Exception:  # one bad message must not stop the others
+                    log.exception("pub/sub message on %r failed", channel)
+                backlog.popleft()
+        finally:
+            self._backlog = None
 
     async def _on_message(self, name: str, data: bytes) -> None:
         route = self._routes.get(name)
@@ -987,12 +1025,12 @@ class RedisBackend(Backend):
     async def keep_session(self, store_id: str, session_id: str, session: StoredSession,
                            ttl_ms: int | None) -> None:
         key = redis_sessions.session_key(self._prefix, store_id, session_id)
-        await self._guard(redis_sessions.keep_session(self._redis, key, session, ttl_ms,
-                                                      atomic=not self._cluster))
+        await self._eval("KEEP_SESSION", [key], [redis_sessions.session_ttl_ms(ttl_ms),
+                                                 *redis_sessions.session_fields(session)])
 
     async def find_session(self, store_id: str, session_id: str) -> StoredSession | None:
         key = redis_sessions.session_key(self._prefix, store_id, session_id)
-        return await self._guard(redis_sessions.find_session(self._redis, key))
+        return await self._guard(redis_sessions.find_session(self._link.execute, key))
 
     # --- presence ------------------------------------------------------------------------------
 
@@ -1029,12 +1067,14 @@ class RedisBackend(Backend):
             await self._listen_to_store(terminal.store_id, -1)
 
     async def online_terminals(self, store_id: str) -> list[Terminal]:
-        values = await self._guard(self._redis.hvals(self.keys(store_id).terms))
+        key = self.keys(store_id).terms
+        values = await self._call(key, "HVALS", key)
         return [_terminal_decoder.decode(v) for v in values]
 
     async def authority(self, store_id: str) -> str | None:
         """The broker holding the store's order authority: an erp_main first, ours first."""
-        fields = await self._guard(self._redis.hgetall(self.keys(store_id).auths))
+        key = self.keys(store_id).auths
+        fields = _fields(await self._call(key, "HGETALL", key))
         best: tuple[bool, bool, str] | None = None
         for name, role in fields.items():
             broker = _text(name).rsplit("|", 1)[-1]
@@ -1083,7 +1123,7 @@ class RedisBackend(Backend):
         now = await self.now()
         online = event_body(Event("terminal.online", now, terminal=terminal))
         offline = event_body(Event("terminal.offline", now, terminal=terminal))
-        before, after = await self._guard(self._scripts["PRESENCE"](
+        before, after = await self._guard(self._evalsha("PRESENCE",
             keys=[keys.state, keys.terms, keys.conns, keys.auths, keys.seqs, keys.hist_store,
                   keys.holders + holder],
             args=[holder, broker_id or self.broker_id, count, encode(terminal),
@@ -1104,7 +1144,8 @@ class RedisBackend(Backend):
 
     async def _retick_store(self, store_id: str) -> None:
         """Recompute every pending deadline of a store (its grace or presence changed)."""
-        order_ids = await self._guard(self._redis.zrange(self.keys(store_id).due, 0, -1))
+        key = self.keys(store_id).due
+        order_ids = await self._call(key, "ZRANGE", key, 0, -1)
         for order_id in order_ids:
             await self.apply(store_id, _text(order_id), Tick(), None)
 
@@ -1159,29 +1200,29 @@ class RedisBackend(Backend):
     async def _write_counts(self, store_id: str, holder: str, held: dict[str, int],
                             delta: int) -> list[int]:
         store_key, live_key = self._count_keys(store_id)
-        return list(await self._guard(self._scripts["COUNT_CONNECTIONS"](
-            keys=[store_key, f"{store_key}:{holder}", live_key],
-            args=[self.broker_id, sum(held.values()) + delta, held.get(holder, 0) + delta,
-                  self._dead_after_ms])))
+        return list(await self._eval(
+            "COUNT_CONNECTIONS", [store_key, f"{store_key}:{holder}", live_key],
+            [self.broker_id, sum(held.values()) + delta, held.get(holder, 0) + delta,
+             self._dead_after_ms]))
 
     async def _refresh_counts(self, now: int) -> None:
         """Heartbeat: keep this broker's counts alive in every store it holds connections
         of, and say them again where they lapsed or a reply was lost."""
         stores = list(self._counted)
         if stores:
-            pipe = self._redis.pipeline(transaction=False)
-            for store in stores:
-                pipe.zadd(self._count_keys(store)[1], {self.broker_id: now})
-            added = await self._guard(pipe.execute())
+            live_keys = [self._count_keys(store)[1] for store in stores]
+            added = await self._guard(asyncio.gather(*(  # one write: the link pipelines them
+                self._link.execute(key, "ZADD", key, now, self.broker_id) for key in live_keys)))
             self._recount.update(store for store, new in zip(stores, added, strict=True) if new)
         for store in list(self._recount):
             async with self._count_lock(store):
                 held = self._counted.get(store, {})
                 store_key, live_key = self._count_keys(store)
                 try:
-                    await self._guard(self._scripts["RECOUNT_CONNECTIONS"](
-                        keys=[store_key, live_key, *(f"{store_key}:{h}" for h in held)],
-                        args=[self.broker_id, sum(held.values()), *held.values()]))
+                    await self._eval(
+                        "RECOUNT_CONNECTIONS",
+                        [store_key, live_key, *(f"{store_key}:{h}" for h in held)],
+                        [self.broker_id, sum(held.values()), *held.values()])
                 except Unavailable:
                     continue  # said again at the next heartbeat
                 self._recount.discard(store)
@@ -1193,8 +1234,8 @@ class RedisBackend(Backend):
     # --- broker-to-broker control --------------------------------------------------------------
 
     async def send_to_broker(self, broker_id: str, payload: bytes) -> None:
-        await self._guard(self._redis.execute_command(
-            self._publish_command, f"{self._prefix}rpc:{broker_id}", payload))
+        channel = f"{self._prefix}rpc:{broker_id}"
+        await self._call(channel, self._publish_command, channel, payload)
 
     # --- background work: deadlines and broker liveness ----------------------------------------
 
@@ -1204,7 +1245,8 @@ class RedisBackend(Backend):
             await asyncio.sleep(self._sweep_interval_s * (0.5 + random.random()))
             try:
                 now = await self.now()
-                stores = await self._guard(self._redis.zrangebyscore(self.due_stores, "-inf", now))
+                stores = await self._call(self.due_stores, "ZRANGEBYSCORE", self.due_stores,
+                                          "-inf", now)
                 for store in stores:
                     await self._sweep_store(_text(store), now)
             except asyncio.CancelledError:
@@ -1214,17 +1256,17 @@ class RedisBackend(Backend):
 
     async def _sweep_store(self, store_id: str, now: int) -> None:
         keys = self.keys(store_id)
-        due = await self._guard(self._redis.zrangebyscore(keys.due, "-inf", now, start=0, num=500))
+        due = await self._call(keys.due, "ZRANGEBYSCORE", keys.due, "-inf", now, "LIMIT", 0, 500)
         await asyncio.gather(*(self.apply(store_id, _text(o), Tick(), None) for o in due),
                              return_exceptions=True)
         # Move the store's index entry to its next deadline without losing one that a
         # concurrent commit lowered meanwhile: raise it (GT), then lower it (LT) if needed.
-        first = await self._guard(self._redis.zrange(keys.due, 0, 0, withscores=True))
-        nxt = first[0][1] if first else float("inf")
-        await self._guard(self._redis.zadd(self.due_stores, {store_id: nxt}, gt=True))
-        again = await self._guard(self._redis.zrange(keys.due, 0, 0, withscores=True))
-        if again and again[0][1] < nxt:
-            await self._guard(self._redis.zadd(self.due_stores, {store_id: again[0][1]}, lt=True))
+        first = await self._call(keys.due, "ZRANGE", keys.due, 0, 0, "WITHSCORES")
+        nxt = float(first[1]) if first else float("inf")
+        await self._call(self.due_stores, "ZADD", self.due_stores, "GT", nxt, store_id)
+        again = await self._call(keys.due, "ZRANGE", keys.due, 0, 0, "WITHSCORES")
+        if again and float(again[1]) < nxt:
+            await self._call(self.due_stores, "ZADD", self.due_stores, "LT", again[1], store_id)
 
     async def _heartbeat(self) -> None:
         """Say we are alive; take the presence away from brokers that stopped saying so."""
@@ -1232,21 +1274,21 @@ class RedisBackend(Backend):
         while True:
             try:
                 now = await self.now()
-                added = await self._guard(self._redis.zadd(self.brokers, {self.broker_id: now}))
+                added = await self._call(self.brokers, "ZADD", self.brokers, now, self.broker_id)
                 if added and self._healthy_since is not None:  # taken for dead: we aren't
                     await self._reannounce()
                 if self._healthy_since is None:
                     self._healthy_since = time.monotonic()
-                await self._guard(self._redis.sadd(stores_key, *self._stores_heard)
-                                  if self._stores_heard else asyncio.sleep(0))
+                if self._stores_heard:
+                    await self._call(stores_key, "SADD", stores_key, *self._stores_heard)
                 await self._refresh_counts(now)
                 # After an outage, every broker's heartbeat is old: give them all a full
                 # period to say they live before any is taken for dead.
                 if (time.monotonic() - self._healthy_since) * 1000 >= self._dead_after_ms:
-                    dead = await self._guard(self._redis.zrangebyscore(
-                        self.brokers, "-inf", now - self._dead_after_ms, withscores=True))
-                    for broker, last_seen in dead:
-                        await self._retire_dead_broker(_text(broker), int(last_seen))
+                    dead = await self._call(self.brokers, "ZRANGEBYSCORE", self.brokers, "-inf",
+                                            now - self._dead_after_ms, "WITHSCORES")
+                    for broker, last_seen in zip(dead[::2], dead[1::2], strict=True):
+                        await self._retire_dead_broker(_text(broker), int(float(last_seen)))
                 for channel in [c for c in self._seen if not self.sink.has_subscribers(c)]:
                     del self._seen[channel]
             except asyncio.CancelledError:
@@ -1259,16 +1301,16 @@ class RedisBackend(Backend):
     async def _retire_dead_broker(self, broker_id: str, last_seen: int) -> None:
         log.warning("broker %s stopped heart-beating: its terminals go offline", broker_id)
         stores_key = f"{self._prefix}broker:{broker_id}:stores"
-        for store in await self._guard(self._redis.smembers(stores_key)):
+        for store in await self._call(stores_key, "SMEMBERS", stores_key):
             store_id = _text(store)
             keys = self.keys(store_id)
-            holders = await self._guard(self._scripts["DEAD_FIELDS"](
+            holders = await self._guard(self._evalsha("DEAD_FIELDS",
                 keys=[keys.conns], args=[broker_id]))
             for holder in holders:
-                raw = await self._guard(self._redis.hget(keys.terms, holder))
+                raw = await self._call(keys.terms, "HGET", keys.terms, holder)
                 role, _, sub = _text(holder).partition(":")
                 terminal = (_terminal_decoder.decode(raw) if raw else
                             Terminal(sub, role, sub, store_id))  # type: ignore[arg-type]
                 await self._announce(terminal, 0, False, broker_id=broker_id, since=last_seen)
-        await self._guard(self._redis.delete(stores_key))
-        await self._guard(self._redis.zrem(self.brokers, broker_id))
+        await self._call(stores_key, "DEL", stores_key)
+        await self._call(self.brokers, "ZREM", self.brokers, broker_id)

@@ -276,6 +276,16 @@ if redis.call('HINCRBY', KEYS[2], pin, -1) <= 0 then redis.call('HDEL', KEYS[2],
 return 1
 """
 
+# Replace a resumable session whole (redis_sessions.py): a resume reading it meanwhile never
+# finds it half written or gone.
+# KEYS: 1 the session   ARGV: 1 TTL in ms, then field, value, field, value...
+KEEP_SESSION = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # The records of one table's orders (the table index), for order.get by table_id.
 # KEYS: 1 the table's order ids   ARGV: 1 record key prefix
 TABLE_RECORDS = """

@@ -6,7 +6,8 @@ writes) lost the epoch with it, and the first reader writes a new one: a client'
 (seq, epoch) of the old numbering then no longer matches.
 
 Session: a small hash per session id, under the store's hash tag (one Cluster slot with
-the store), with a TTL: the disconnect grace once detached, a day while a connection holds
+the store), replaced whole by one script (KEEP_SESSION), with a TTL: the disconnect grace
+once detached, a day while a connection holds
 it (refreshed at every subscribe and unsubscribe). A broker killed outright never writes
 the detach: the session keeps the positions of its last subscribe, older than what was
 delivered, so a resume replays duplicates (clients drop a seq they had), never a gap.
@@ -14,7 +15,9 @@ delivered, so a resume replays duplicates (clients drop a seq they had), never a
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .base import StoredSession
@@ -30,31 +33,33 @@ def session_key(prefix: str, store_id: str, session_id: str) -> str:
     return f"{prefix}{{store:{store_id}}}:sess:{session_id}"
 
 
-async def stream_epoch(client: Any, seq_key: str) -> str:
-    """The store's epoch, made if Redis has none (a new or a lost seq hash)."""
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.hsetnx(seq_key, EPOCH_FIELD, secrets.token_hex(4))
-        pipe.hget(seq_key, EPOCH_FIELD)
-        _, epoch = await pipe.execute()
+Call = Callable[..., Awaitable[Any]]  # RedisLink.execute: (routing key, *command)
+
+
+async def stream_epoch(call: Call, seq_key: str) -> str:
+    """The store's epoch, made if Redis has none (a new or a lost seq hash). Both commands go
+    out together on the key's connection, in order."""
+    _, epoch = await asyncio.gather(
+        call(seq_key, "HSETNX", seq_key, EPOCH_FIELD, secrets.token_hex(4)),
+        call(seq_key, "HGET", seq_key, EPOCH_FIELD))
     return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
 
-async def keep_session(client: Any, key: str, session: StoredSession, ttl_ms: int | None,
-                       atomic: bool = True) -> None:
-    """Replace the session. `atomic`: in one MULTI, so that a resume reading it meanwhile
-    never finds it gone (a Cluster pipeline cannot: there a resume may miss it, rarely)."""
-    fields = {HOLDER_FIELD: session.holder}
+def session_fields(session: StoredSession) -> list[str]:
+    """The session as the flat field/value list KEEP_SESSION (redis_lua) stores."""
+    fields = [HOLDER_FIELD, session.holder]
     for channel, (seq, epoch) in session.positions.items():
-        fields[CHANNEL_FIELD + channel] = f"{seq} {epoch}"
-    async with client.pipeline(transaction=atomic) as pipe:
-        pipe.delete(key)
-        pipe.hset(key, mapping=fields)
-        pipe.pexpire(key, ttl_ms if ttl_ms is not None else ATTACHED_TTL_MS)
-        await pipe.execute()
+        fields += [CHANNEL_FIELD + channel, f"{seq} {epoch}"]
+    return fields
 
 
-async def find_session(client: Any, key: str) -> StoredSession | None:
-    raw: dict[bytes, bytes] = await client.hgetall(key)
+def session_ttl_ms(ttl_ms: int | None) -> int:
+    return ttl_ms if ttl_ms is not None else ATTACHED_TTL_MS
+
+
+async def find_session(call: Call, key: str) -> StoredSession | None:
+    flat: list[bytes] = await call(key, "HGETALL", key)
+    raw = dict(zip(flat[::2], flat[1::2], strict=True))
     holder = raw.get(HOLDER_FIELD.encode())
     if holder is None:
         return None

@@ -28,8 +28,9 @@ What it does not do (the caller's job, said so the adapter does not assume other
   with `NotSent` at once). `Reconnecting` opens a new command connection on the next call;
   for pub/sub the owner opens a new `PubSubConnection` from its `on_lost`, re-subscribes,
   and treats whatever a subscriber missed meanwhile as a gap.
-- No TLS, no client-side caching, no MULTI/EXEC helper, no blocking commands (BLPOP and the
-  like would hold up every pipelined caller behind them).
+- TLS (`tls=`) and Unix sockets (`unix_path=`) only as asyncio opens them. No client-side
+  caching, no MULTI/EXEC helper, no blocking commands (BLPOP and the like would hold up every
+  pipelined caller behind them).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -108,9 +111,15 @@ class _Protocol(asyncio.Protocol):
         self.closed: Exception | None = None
         self._buffer: list[bytes] = []
         self._loop = asyncio.get_running_loop()
+        self._peek: socket.socket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # A duplicate of the socket, only to look for the server's close before each write
+        # (the transport's own socket object may not offer recv, under uvloop).
+        raw = transport.get_extra_info("socket")
+        if raw is not None:
+            self._peek = socket.fromfd(raw.fileno(), raw.family, raw.type)
 
     def queue(self, data: bytes) -> None:
         if not self._buffer:
@@ -123,8 +132,23 @@ class _Protocol(asyncio.Protocol):
 
     def flush(self) -> None:
         if self._buffer and self.transport is not None and self.closed is None:
+            if self._peer_closed():  # what we would write now can't run: say NotSent
+                self.abort(ConnectionLostError("closed by the server"))
+                return
             self.transport.write(b"".join(self._buffer))
         self._buffer.clear()
+
+    def _peer_closed(self) -> bool:
+        """Whether the server closed the connection, though the loop has not told us yet
+        (its end-of-stream may be waiting behind the callback that writes)."""
+        if self._peek is None:
+            return False
+        try:
+            return self._peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -148,14 +172,23 @@ class _Protocol(asyncio.Protocol):
         self.closed = exc or ConnectionLostError("connection closed")
         self._on_lost(self.closed)
         self._buffer.clear()
+        if self._peek is not None:
+            self._peek.close()
+            self._peek = None
 
 
 async def _open(host: str, port: int, on_reply: Callable[[Any], None],
-                on_lost: Callable[[Exception], None], timeout: float) -> _Protocol:
+                on_lost: Callable[[Exception], None], timeout: float,
+                tls: ssl.SSLContext | None = None, unix_path: str | None = None) -> _Protocol:
     loop = asyncio.get_running_loop()
     try:
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(on_reply, on_lost), host, port), timeout)
+        if unix_path is not None:
+            opening = loop.create_unix_connection(lambda: _Protocol(on_reply, on_lost),
+                                                  unix_path)
+        else:
+            opening = loop.create_connection(lambda: _Protocol(on_reply, on_lost), host, port,
+                                             ssl=tls)
+        _, protocol = await asyncio.wait_for(opening, timeout)
     except (OSError, TimeoutError) as exc:
         raise NotSent(f"cannot connect to {host}:{port}: {exc!r}") from exc
     return protocol
@@ -175,11 +208,14 @@ class RespConnection:
     @classmethod
     async def open(cls, host: str = "127.0.0.1", port: int = 6379, *, db: int = 0,
                    username: str | None = None, password: str | None = None,
-                   protocol: int = 2, timeout: float = DEFAULT_TIMEOUT) -> RespConnection:
+                   protocol: int = 2, timeout: float = DEFAULT_TIMEOUT,
+                   tls: ssl.SSLContext | None = None, unix_path: str | None = None
+                   ) -> RespConnection:
         """Connect; then HELLO 3 (with the credentials) for RESP3, or AUTH for RESP2; then
         SELECT. `timeout` bounds the connect and how long any reply may be overdue."""
         conn = cls(timeout)
-        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout)
+        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout, tls,
+                                     unix_path)
         conn._arm_watchdog()
         try:
             if protocol == 3:
@@ -321,13 +357,15 @@ class PubSubConnection:
     @classmethod
     async def open(cls, host: str = "127.0.0.1", port: int = 6379, *,
                    username: str | None = None, password: str | None = None,
-                   on_lost: LostHandler | None = None, timeout: float = DEFAULT_TIMEOUT
+                   on_lost: LostHandler | None = None, timeout: float = DEFAULT_TIMEOUT,
+                   tls: ssl.SSLContext | None = None, unix_path: str | None = None
                    ) -> PubSubConnection:
         """Connect and AUTH if asked (RESP2: messages are plain arrays). `on_lost` is called
         once if the connection drops; subscriptions do not survive it."""
         conn = cls(on_lost)
         auth: asyncio.Future[None] | None = None
-        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout)
+        conn._protocol = await _open(host, port, conn._on_reply, conn._on_lost, timeout, tls,
+                                     unix_path)
         if password is not None:
             auth = asyncio.get_running_loop().create_future()
             conn._pings.append(auth)

@@ -1,0 +1,185 @@
+"""The `store` workload on Redis with 1, 2 and 3 broker processes, against memory, alternating.
+
+One layout is one `Session` (bench/session.py): memory x1, then Redis x1, x2 and x3 with the
+connections round-robin over the brokers and with each store's on one broker (store-affine).
+Every round runs each layout once (a closed loop of `--seconds`), the order reversed every
+other round: on a shared machine the ratios between layouts in the same round are what count.
+Per layout and round it records pairs/s, the summed server CPU per pair over every broker,
+redis-server's CPU per pair, the Redis commands per pair (INFO commandstats: the calls the
+brokers sent, and every command Redis ran, the scripts' own calls included) and the pub/sub
+messages each broker received per pair (its `tablelock_redis_events_total{kind="pubsub_message"}`).
+
+    .venv/bin/python -m bench.redis_scale --rounds 3 --seconds 5
+    .venv/bin/python -m bench.redis_scale --src /tmp/before --layouts redis-1   # older code
+    .venv/bin/python -m bench.redis_scale --profile /tmp/redis.raw --layouts redis-1
+
+`--src DIR` runs the brokers from DIR/server (a checkout of another revision), `--profile F`
+records the one-broker Redis layout's closed loop with py-spy (raw format) into F.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tablelock.backends.resp import RespConnection
+
+from .scenarios import Options, store_workload
+from .session import Session
+from .targets import TABLELOCK
+
+LAYOUTS = {  # name: (redis, brokers, affinity)
+    "memory": (False, 1, "round-robin"),
+    "redis-1": (True, 1, "round-robin"),
+    "redis-2-rr": (True, 2, "round-robin"),
+    "redis-3-rr": (True, 3, "round-robin"),
+    "redis-2-affine": (True, 2, "store"),
+    "redis-3-affine": (True, 3, "store"),
+}
+# A script's own calls are not the broker's round trips.
+_SCRIPT_CALLS = ("evalsha", "eval", "script")
+_RECEIVED = re.compile(r'^tablelock_redis_events_total\{kind="pubsub_message"\} (\S+)$', re.M)
+
+
+async def _commandstats(port: int) -> dict[str, int]:
+    conn = await RespConnection.open("127.0.0.1", port)
+    try:
+        raw: bytes = await conn.execute("INFO", "commandstats")
+    finally:
+        conn.close()
+    calls = {}
+    for line in raw.decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line[8:].partition(":")
+            calls[name] = int(fields.split(",")[0].split("=")[1])
+    return calls
+
+
+def commandstats(port: int) -> dict[str, int]:
+    return asyncio.run(_commandstats(port))
+
+
+def received(url: str) -> float:
+    """Pub/sub messages a broker received so far (0 for a memory broker)."""
+    http = url.replace("ws://", "http://") + "/metrics"
+    with urllib.request.urlopen(http, timeout=5) as response:
+        found = _RECEIVED.search(response.read().decode())
+    return float(found.group(1)) if found else 0.0
+
+
+def redis_port(session: Session) -> int | None:
+    if session.servers.redis is None:
+        return None
+    cmd = session.servers.redis.proc.args
+    return int(cmd[cmd.index("--port") + 1])
+
+
+def measure(layout: str, opts: Options, seconds: float, profile: Path | None) -> dict[str, Any]:
+    use_redis, brokers, affinity = LAYOUTS[layout]
+    workload = store_workload(opts)
+    workload.affinity = affinity
+    with tempfile.TemporaryDirectory(prefix="tablelock-scale-") as tmp:
+        session = Session("redis", TABLELOCK, [workload], opts.secret, Path(tmp), use_redis,
+                          brokers)
+        try:
+            port = redis_port(session)
+            stats0 = commandstats(port) if port else {}
+            heard0 = [received(url) for url in session.servers.urls]
+            spy = None
+            if profile is not None:
+                spy = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
+                     "--format", "raw", "-d", str(int(seconds)), "-o", str(profile), "--pid",
+                     str(session.servers.brokers[0].pid)], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+            redis0 = session.servers.redis_cpu_s()
+            row = session.measure({"cmd": "closed", "seconds": seconds}, "closed loop")
+            redis_cpu = session.servers.redis_cpu_s() - redis0
+            if spy is not None:
+                spy.wait(timeout=60)
+            stats1 = commandstats(port) if port else {}
+            heard = [received(url) - h0
+                     for url, h0 in zip(session.servers.urls, heard0, strict=True)]
+        finally:
+            session.close()
+    pairs = row["pairs"]
+    delta = {name: stats1.get(name, 0) - stats0.get(name, 0) for name in stats1}
+    sent = sum(n for name, n in delta.items() if name not in ("info",))
+    return {
+        "layout": layout, "pairs_per_s": row["pairs_per_s"],
+        "server_cpu_us_per_pair": row["server_cpu_us_per_pair"],
+        "redis_cpu_us_per_pair": round(redis_cpu / pairs * 1e6, 1) if use_redis and pairs
+        else None,
+        "redis_calls_per_pair": round(sent / pairs, 2) if pairs and use_redis else None,
+        "redis_commands_per_pair": {k: round(v / pairs, 2) for k, v in sorted(delta.items())
+                                    if v and k != "info"} if pairs else {},
+        "messages_per_broker_per_pair": [round(h / pairs, 2) for h in heard] if pairs else [],
+        "errors": row["error_count"], "error_kinds": row["errors"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--src", type=Path, help="run the brokers from DIR/server")
+    parser.add_argument("--profile", type=Path, help="py-spy raw profile of redis-1")
+    parser.add_argument("--out", type=Path, help="write every row as JSON here")
+    args = parser.parse_args()
+    if args.src is not None:  # the brokers (children) import tablelock from there
+        os.environ["PYTHONPATH"] = str(args.src.resolve() / "server")
+    opts = Options()
+    layouts = args.layouts.split(",")
+    rows: list[dict[str, Any]] = []
+    for n in range(args.rounds):
+        for layout in layouts if n % 2 == 0 else layouts[::-1]:
+            profile = args.profile if layout == "redis-1" and n == 0 else None
+            row = measure(layout, opts, args.seconds, profile)
+            row["round"] = n
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'layout':16} {'pairs/s':>8} {'x memory':>9} {'cpu µs/pair':>12} "
+          f"{'x redis-1':>10} {'redis µs/pair':>14} {'calls/pair':>11} msgs/broker/pair")
+    for layout in layouts:
+        mine = [r for r in rows if r["layout"] == layout]
+        print(f"{layout:16} {_med(mine, 'pairs_per_s'):>8.0f} "
+              f"{_ratio(rows, mine, 'memory', 'pairs_per_s'):>9} "
+              f"{_med(mine, 'server_cpu_us_per_pair'):>12.0f} "
+              f"{_ratio(rows, mine, 'redis-1', 'server_cpu_us_per_pair'):>10} "
+              f"{_med(mine, 'redis_cpu_us_per_pair'):>14.0f} "
+              f"{_med(mine, 'redis_calls_per_pair'):>11.2f} "
+              f"{[max(r['messages_per_broker_per_pair'], default=0) for r in mine]}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+def _med(rows: list[dict[str, Any]], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def _ratio(rows: list[dict[str, Any]], mine: list[dict[str, Any]], base: str, key: str) -> str:
+    """The median of the per-round ratios to `base`, and their range."""
+    ratios = []
+    for row in mine:
+        other = [r for r in rows if r["layout"] == base and r["round"] == row["round"]]
+        if other and other[0].get(key) and row.get(key):
+            ratios.append(row[key] / other[0][key])
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+if __name__ == "__main__":
+    main()
