@@ -287,7 +287,8 @@ def routed_url(url: str, token: str) -> str:
     if store is None or any(name == "store" for name, _ in query):
         return url
     query.append(("store", store))
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path,
+                                    urllib.parse.urlencode(query), parts.fragment))
 
 
 def _store_of(token: str) -> str | None:
