@@ -147,7 +147,6 @@ class Gateway:
         terminal = conn.terminal
         assert terminal is not None
         store_id = terminal.store_id
-        apply_at_once = backend.apply_at_once()
         while not conn.closed:  # once the broker closes a connection, it reads no more
             message = await receive()
             if conn.closed:
@@ -158,11 +157,7 @@ class Gateway:
             step = talk.receive(_payload(message))
             if isinstance(step, Apply):  # the hot path, inline: no coroutine of its own
                 try:
-                    if apply_at_once is not None:
-                        out = apply_at_once(store_id, step.order_id, step.command, terminal)
-                    else:
-                        out = await backend.apply(store_id, step.order_id, step.command,
-                                                  terminal)
+                    out = await backend.apply(store_id, step.order_id, step.command, terminal)
                     answer = talk.answer(step, out)
                 except Exception as exc:
                     conn.send(talk.failed(step.request, exc))

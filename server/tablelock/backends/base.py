@@ -114,7 +114,6 @@ def _log_audit(store_id: str, order_id: str, entry: AuditEntry) -> None:
 
 
 BrokerHandler = Callable[[bytes], Awaitable[None]]
-ApplyAtOnce = Callable[[str, str, Command, "Terminal | None"], Outcome]
 
 
 class OrderState(abc.ABC):
@@ -129,12 +128,6 @@ class OrderState(abc.ABC):
     async def apply(self, store_id: str, order_id: str, command: Command,
                     actor: Terminal | None) -> Outcome:
         """Step one order atomically and publish what it produced."""
-
-    def apply_at_once(self) -> ApplyAtOnce | None:
-        """`apply` as a plain call, for a backend whose step never waits (memory without a
-        data file): the gateway's hot path then makes no coroutine per request. None: await
-        `apply`."""
-        return None
 
     @abc.abstractmethod
     async def read(self, store_id: str, order_id: str) -> OrderRecord | None:

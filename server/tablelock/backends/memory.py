@@ -42,7 +42,6 @@ from ..rules import (
     step,
 )
 from .base import (
-    ApplyAtOnce,
     Backend,
     EventSink,
     Numbered,
@@ -271,9 +270,6 @@ class MemoryBackend(Backend):
         out = self.apply_now(store_id, order_id, command, actor)
         await self._journal.synced()
         return out
-
-    def apply_at_once(self) -> ApplyAtOnce | None:
-        return self.apply_now if self._journal is None else None
 
     def apply_now(self, store_id: str, order_id: str, command: Command,
                   actor: Terminal | None) -> Outcome:
