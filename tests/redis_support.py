@@ -190,6 +190,9 @@ class RedisProxy:
             pump.cancel()
         for stream in (writer, up_writer):
             stream.close()
+        for stream in (writer, up_writer):  # closed() means closed: the FIN is on its way
+            with contextlib.suppress(Exception):
+                await stream.wait_closed()
 
 
 def replicate(replica: RedisServer, master: RedisServer) -> None:
