@@ -16,6 +16,7 @@ import asyncio
 import http.server
 import json
 import posixpath
+import re
 import threading
 import time
 import urllib.parse
@@ -693,7 +694,8 @@ async def test_an_unknown_outcome_is_settled_by_reading_the_order(
         ws.on_message(upstream)
         server.on_message(downstream)
 
-    await page.route_web_socket(store.broker.url, route)
+    # The SDK names the store in the URL's query (for a store-affine load balancer).
+    await page.route_web_socket(re.compile(re.escape(store.broker.url) + r"(\?.*)?$"), route)
     await connect_js(page, "erp", store.broker.url, store.token("erp_main", "cashier-js"))
     got = await page.evaluate(
         """async () => {
