@@ -352,12 +352,9 @@ class RedisBackend(Backend):
         return await self._guard(self._evalsha(name, keys, args))
 
     async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        conn = await self._link.connection(keys[0])
-        try:
-            return await conn.evalsha(self._scripts[name], keys, args)
-        except ReplyError as exc:
-            self._link.check_stale(conn, exc)
-            raise
+        script = self._scripts[name]
+        return await self._link.once_more_if_not_sent(
+            keys[0], lambda conn: conn.evalsha(script, keys, args))
 
     # --- order state ---------------------------------------------------------------------------
 
@@ -541,12 +538,14 @@ class RedisBackend(Backend):
             delay = min(delay * 2, 0.5)
 
     async def _run_once(self, route_key: str, name: str, key_list: list[str], args: list[Any],
-                        wait: bool) -> tuple[Any, bool]:
+                        wait: bool, fresh: bool = False) -> tuple[Any, bool]:
         """Run a script exactly once, auto-pipelined with the other commits of this loop turn:
         a failure before it was written is Unavailable (nothing changed); after it was
         written, or any error reply (a script failing half-way keeps what it wrote), it is
         _Unanswered. With `wait`, on a connection kept for such commits, then WAIT there,
-        which covers every write it made: whether `wait_replicas` replicas have them too."""
+        which covers every write it made: whether `wait_replicas` replicas have them too.
+        A connection found closed as the script went out (Redis restarted since) is replaced
+        once (`fresh`): the script was not sent."""
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 conn = (await self._link.waiting_connection(
@@ -557,7 +556,9 @@ class RedisBackend(Backend):
         try:
             reply = await conn.evalsha(self._scripts[name], key_list, args)
         except NotSent as exc:
-            raise Unavailable(str(exc)) from None
+            if fresh:
+                raise Unavailable(str(exc)) from None
+            return await self._run_once(route_key, name, key_list, args, wait, fresh=True)
         except ReplyError as exc:
             self._link.check_stale(conn, exc)
             raise _Unanswered(str(exc)) from None
@@ -679,10 +680,15 @@ class RedisBackend(Backend):
                     orders.append(rec.order)
                     locks.extend(rec.locks.values())
             snap = StoreSnapshot(orders, locks, [_terminal_decoder.decode(t) for t in terms])
-        # From here a later event that skips a seq is a gap to fill from the history, even
-        # if this broker's subscription missed the events in between (say it was re-made).
-        self._seen[channel] = max(self._seen.get(channel, 0), int(seq))
+        self._delivering_from(channel, int(seq))
         return int(seq), snap
+
+    def _delivering_from(self, channel: str, seq: int) -> None:
+        """A read of the channel at `seq`: if this broker delivers nothing of it yet, a later
+        event that skips a seq after this one is a gap to fill. If it already does, what its
+        subscribers had stays the mark: a read that went further (this broker's subscription
+        missed events, say Redis restarted) must not hide that gap from them."""
+        self._seen.setdefault(channel, seq)
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         parsed = parse_channel(channel)
@@ -706,7 +712,7 @@ class RedisBackend(Backend):
         if since > seq:
             return None
         if since == seq:
-            self._seen[channel] = max(self._seen.get(channel, 0), seq)
+            self._delivering_from(channel, seq)
             return []
         frames = []
         for entry_id, flat in entries:
@@ -719,8 +725,7 @@ class RedisBackend(Backend):
                                    _text(fields.get(b"t", b"")) or None))
         if not frames or frames[0].seq != since + 1:
             return None
-        # As after a snapshot: a later event that skips a seq is a gap to fill.
-        self._seen[channel] = max(self._seen.get(channel, 0), seq)
+        self._delivering_from(channel, seq)
         return [entry for entry in frames if entry.seq <= seq]
 
     async def stream_epoch(self, channel: str) -> str:
@@ -986,7 +991,10 @@ class RedisBackend(Backend):
                 seen = self._seen.get(channel)
                 if seen is not None and seq > seen + 1:
                     metrics.REDIS_EVENTS.labels("gap_recovery").inc()
-                    await self._recover(channel, seen)  # a gap: fill it from the history first
+                    # A gap: fill it from the history first; if Redis can't say now, never
+                    # pass it on: subscribers reconnect and recover by `since` themselves.
+                    if not await self._recover(channel, seen):
+                        self.sink.lost(channel)
                 if seq > self._seen.get(channel, 0):
                     self._seen[channel] = seq
                 self.sink.publish(channel, seq, numbered_frame(channel, seq, body.encode()),
@@ -996,20 +1004,22 @@ class RedisBackend(Backend):
                 self.sink.direct(target, holder, body.encode(),
                                  tuple(unless.split("\n")) if unless else (), coalesce)
 
-    async def _recover(self, channel: str, since: int) -> None:
-        """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot."""
+    async def _recover(self, channel: str, since: int) -> bool:
+        """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot;
+        False if Redis could not be read now (nothing was delivered)."""
         try:
             missed = await self._read_history(channel, since)
         except Unavailable:
-            return  # not now: the next event's gap brings us back here
+            return False
         if missed is None:
             log.warning("history of %s no longer reaches seq %d", channel, since)
             self.sink.lost(channel)
-            return
+            return True
         for seq, frame, table_id in missed:  # connections drop what they already had
             self.sink.publish(channel, seq, frame, table_id)
         if missed:
             self._seen[channel] = max(self._seen.get(channel, 0), missed[-1].seq)
+        return True
 
     async def _resync(self) -> None:
         """After a lost subscription: fill every local channel's gap, re-announce presence."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -200,9 +200,22 @@ class RedisLink:
 
     async def execute(self, key: str | bytes, *args: Any) -> Any:
         """One command on the master of `key` (the key routes it; it is not sent)."""
+        return await self.once_more_if_not_sent(key, lambda conn: conn.execute(*args))
+
+    async def once_more_if_not_sent(self, key: str | bytes,
+                                    call: Callable[[RespConnection], Awaitable[Any]]) -> Any:
+        """`call` on the connection of `key`; if that connection was found closed as the
+        command went out (Redis restarted since: it was not sent), once more on a new one."""
+        try:
+            return await self._checked(key, call)
+        except NotSent:
+            return await self._checked(key, call)
+
+    async def _checked(self, key: str | bytes,
+                       call: Callable[[RespConnection], Awaitable[Any]]) -> Any:
         conn = await self.connection(key)
         try:
-            return await conn.execute(*args)
+            return await call(conn)
         except ReplyError as exc:
             self.check_stale(conn, exc)
             raise
