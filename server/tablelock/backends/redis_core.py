@@ -105,7 +105,6 @@ def state_of(fields: list[bytes]) -> StoreState:
     return state
 
 
-
 def hash_fields(flat: list[bytes]) -> dict[bytes, bytes]:
     """A stream entry's or a hash's fields from their flat RESP list."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -127,21 +126,9 @@ class RedisCore(Backend):
                  wait_timeout_ms: int = 1_000) -> None:
         super().__init__()
         self.url = url
-        self._wait_replicas = wait_replicas
-        self._wait_timeout_ms = wait_timeout_ms
-        self._linger_s = h5_presence_linger_ms / 1000
-        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self._linger_tasks: set[asyncio.Task[None]] = set()
-        self._max_unhandled = max_unhandled_per_terminal
-        self._max_unclaimed_seqs = max_unclaimed_seqs
         self.broker_id = secrets.token_hex(6)
         self._prefix = prefix
         self._history_size = history_size
-        self._audit_size = audit_size
-        self._tolerance_ms = tolerance_ms
-        self._sweep_interval_s = sweep_interval_s
-        self._heartbeat_s = heartbeat_s
-        self._dead_after_ms = int(dead_after_s * 1000)
         self._link = RedisLink(url)
         self._cluster = self._link.cluster
         # Cluster: shard channels, each message handled by its slot's shard alone.
@@ -153,9 +140,21 @@ class RedisCore(Backend):
                                       "RESOLVE", "COUNT_CONNECTIONS", "RECOUNT_CONNECTIONS",
                                       "KEEP_SESSION")}
         self._keys: dict[str, Keys] = {}
+        self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
+        self._tasks: list[asyncio.Task[None]] = []
+        self.due_stores = f"{prefix}due-stores"
+        self.brokers = f"{prefix}brokers"
+        # redis_state
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
+        self._max_unhandled = max_unhandled_per_terminal
+        self._audit_size = audit_size
+        self._tolerance_ms = tolerance_ms
+        self._sweep_interval_s = sweep_interval_s
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
-        self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
+        # redis_streams and redis_subscriptions
+        self._max_unclaimed_seqs = max_unclaimed_seqs
         self._stores_heard: dict[str, int] = {}  # store -> local connections (pub/sub interest)
         # What this broker hears: pub/sub channel -> (kind, client channel or store id).
         self._routes: dict[str, tuple[str, str]] = {
@@ -166,25 +165,29 @@ class RedisCore(Backend):
         self._orders_followed: dict[str, set[str]] = {}  # store -> order channels followed
         # Pub/sub messages received, by route kind: what interest by channel saves.
         self.received: collections.Counter[str] = collections.Counter()
-        # Presence by (store, holder_key): role and sub (model.holder_key says why).
-        self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
         self._seen: dict[str, int] = {}  # channel -> last seq delivered here
-        self._presence_unsent: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
-        self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._healthy_since: float | None = None  # since when our heartbeats get through
-        # Connections counted here for the limits, store -> holder -> count (a holder at 0
-        # waits for a recount to clear its field); stores whose counts in Redis may be off.
-        self._counted: dict[str, dict[str, int]] = {}
-        self._recount: set[str] = set()
-        self._count_locks: dict[str, asyncio.Lock] = {}
         # The subscriber connections: one to the master; on a Cluster, one per node.
         self._pubsubs: dict[Any, PubSubConnection] = {}
         self._pubsub_lost: asyncio.Future[None] | None = None
         self._backlog: collections.deque[tuple[bytes, bytes]] | None = None  # see _on_pubsub
-        self._tasks: list[asyncio.Task[None]] = []
         self._pubsub_ok = asyncio.Event()
-        self.due_stores = f"{prefix}due-stores"
-        self.brokers = f"{prefix}brokers"
+        # redis_presence
+        self._linger_s = h5_presence_linger_ms / 1000
+        self._lingering: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._linger_tasks: set[asyncio.Task[None]] = set()
+        # Presence by (store, holder_key): role and sub (model.holder_key says why).
+        self._local: dict[tuple[str, str], tuple[Terminal, int, bool]] = {}
+        self._presence_unsent: dict[tuple[str, str], Terminal] = {}  # presence Redis missed
+        self._presence_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # redis_counts: connections counted here for the limits, store -> holder -> count (a
+        # holder at 0 waits for a recount to clear its field); stores whose counts may be off.
+        self._counted: dict[str, dict[str, int]] = {}
+        self._recount: set[str] = set()
+        self._count_locks: dict[str, asyncio.Lock] = {}
+        # redis_liveness
+        self._heartbeat_s = heartbeat_s
+        self._dead_after_ms = int(dead_after_s * 1000)
+        self._healthy_since: float | None = None  # since when our heartbeats get through
 
     def keys(self, store_id: str) -> Keys:
         keys = self._keys.get(store_id)

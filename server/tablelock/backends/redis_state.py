@@ -66,7 +66,6 @@ class _Void(Exception):
         self.sent_at = sent_at
 
 
-
 class RedisOrderState(RedisCore):
     """OrderState on Redis (the clock is the core's)."""
 
@@ -335,6 +334,7 @@ class RedisOrderState(RedisCore):
         if not _STREAM_ID.match(entry_id):
             return False
         return bool(await self._call(keys.audit, "XRANGE", keys.audit, entry_id, entry_id))
+
     async def _retick_store(self, store_id: str) -> None:
         """Recompute every pending deadline of a store (its grace or presence changed)."""
         key = self.keys(store_id).due
