@@ -512,26 +512,6 @@ class MemoryBackend(Backend):
         if parsed is not None and parsed[1] is not None and (parsed not in self._records):
             self._channels.pop(channel, None)
 
-    # --- sessions ------------------------------------------------------------------------------
-
-    async def keep_session(self, store_id: str, session_id: str, session: StoredSession,
-                           ttl_ms: int | None) -> None:
-        key = (store_id, session_id)
-        self._sessions[key] = session
-        ending = self._session_ends.pop(key, None)
-        if ending is not None:
-            ending.cancel()
-        if ttl_ms is not None:
-            self._session_ends[key] = asyncio.get_running_loop().call_later(
-                ttl_ms / 1000, self._session_ended, key)
-
-    def _session_ended(self, key: tuple[str, str]) -> None:
-        self._sessions.pop(key, None)
-        self._session_ends.pop(key, None)
-
-    async def find_session(self, store_id: str, session_id: str) -> StoredSession | None:
-        return self._sessions.get((store_id, session_id))
-
     # --- presence ------------------------------------------------------------------------------
 
     async def terminal_up(self, terminal: Terminal, authority: bool = False) -> None:
@@ -603,6 +583,26 @@ class MemoryBackend(Backend):
 
     def _held_by(self, terminal: Terminal) -> set[str]:
         return set(self._holdings.get((terminal.store_id, holder_key(terminal)), ()))
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    async def keep_session(self, store_id: str, session_id: str, session: StoredSession,
+                           ttl_ms: int | None) -> None:
+        key = (store_id, session_id)
+        self._sessions[key] = session
+        ending = self._session_ends.pop(key, None)
+        if ending is not None:
+            ending.cancel()
+        if ttl_ms is not None:
+            self._session_ends[key] = asyncio.get_running_loop().call_later(
+                ttl_ms / 1000, self._session_ended, key)
+
+    def _session_ended(self, key: tuple[str, str]) -> None:
+        self._sessions.pop(key, None)
+        self._session_ends.pop(key, None)
+
+    async def find_session(self, store_id: str, session_id: str) -> StoredSession | None:
+        return self._sessions.get((store_id, session_id))
 
 
 def _decrement(counts: dict[K, int], key: K) -> None:
