@@ -256,6 +256,7 @@ class RedisBackend(Backend):
         self._audit_size = audit_size
         self._tolerance_ms = tolerance_ms
         self._sweep_interval_s = sweep_interval_s
+        self._live_brokers = 1  # brokers heart-beating, as of our last heartbeat
         self._heartbeat_s = heartbeat_s
         self._dead_after_ms = int(dead_after_s * 1000)
         self._link = RedisLink(url)
@@ -1240,9 +1241,13 @@ class RedisBackend(Backend):
     # --- background work: deadlines and broker liveness ----------------------------------------
 
     async def _sweep(self) -> None:
-        """Expire what is due, whoever granted it; each broker polls the store index."""
+        """Expire what is due, whoever granted it; each broker polls the store index.
+        N live brokers each poll N times less often: the index is polled at the same rate
+        in all (an idle poll costs a broker ~0.3 ms of CPU: 20 a second each was the fixed
+        cost that grew with N)."""
         while True:
-            await asyncio.sleep(self._sweep_interval_s * (0.5 + random.random()))
+            await asyncio.sleep(self._sweep_interval_s * self._live_brokers
+                                * (0.5 + random.random()))
             try:
                 now = await self.now()
                 stores = await self._call(self.due_stores, "ZRANGEBYSCORE", self.due_stores,
@@ -1275,6 +1280,8 @@ class RedisBackend(Backend):
             try:
                 now = await self.now()
                 added = await self._call(self.brokers, "ZADD", self.brokers, now, self.broker_id)
+                self._live_brokers = max(1, await self._call(
+                    self.brokers, "ZCOUNT", self.brokers, now - self._dead_after_ms, "+inf"))
                 if added and self._healthy_since is not None:  # taken for dead: we aren't
                     await self._reannounce()
                 if self._healthy_since is None:
