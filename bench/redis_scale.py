@@ -11,10 +11,17 @@ messages each broker received per pair (its `tablelock_redis_events_total{kind="
 
     .venv/bin/python -m bench.redis_scale --rounds 3 --seconds 5
     .venv/bin/python -m bench.redis_scale --src /tmp/before --layouts redis-1   # older code
-    .venv/bin/python -m bench.redis_scale --profile /tmp/redis.raw --layouts redis-1
+    .venv/bin/python -m bench.redis_scale --profile /tmp/p --layouts redis-1,redis-3-rr
+    .venv/bin/python -m bench.redis_scale --rate 600 --idle 3 \\
+        --layouts redis-1,redis-2-rr,redis-3-rr,redis-1@300,redis-1@200   # fixed rate
 
 `--src DIR` runs the brokers from DIR/server (a checkout of another revision), `--profile F`
-records the one-broker Redis layout's closed loop with py-spy (raw format) into F.
+records the first broker of each layout's first-round run with py-spy (raw format) into
+F.LAYOUT.raw. `--rate R` runs open loops of R pairs/s in all instead of closed loops, and
+`LAYOUT@R` one layout at its own rate: one broker at 1/N of the load against N brokers at the
+whole of it tells a cost of N from a cost of the load per process. `--idle S` first measures
+the brokers' CPU with every connection open and no load (their fixed cost). Every row also
+carries the brokers' user and system CPU per pair and their context switches per pair.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -77,6 +85,26 @@ def received(url: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def ctxt_switches(pids: list[int]) -> tuple[int, int]:
+    """Voluntary and involuntary context switches so far, summed over `pids`."""
+    vol = invol = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol += int(line.split()[1])
+    return vol, invol
+
+
+def idle_cpu_ms_per_s(session: Session, seconds: float) -> float:
+    """The brokers' summed CPU with no load at all (every connection open, nothing asked):
+    their fixed cost (sweeper, heartbeat, count refresh), in ms per second."""
+    cpu0 = session.servers.cpu_s()
+    time.sleep(seconds)
+    return round((session.servers.cpu_s() - cpu0) / seconds * 1000, 2)
+
+
 def redis_port(session: Session) -> int | None:
     if session.servers.redis is None:
         return None
@@ -84,7 +112,9 @@ def redis_port(session: Session) -> int | None:
     return int(cmd[cmd.index("--port") + 1])
 
 
-def measure(layout: str, opts: Options, seconds: float, profile: Path | None) -> dict[str, Any]:
+def measure(layout: str, opts: Options, seconds: float, profile: Path | None,
+            rate: float | None = None, idle_s: float = 0.0) -> dict[str, Any]:
+    """One layout: a closed loop, or an open loop of `rate` pairs/s in all when given."""
     use_redis, brokers, affinity = LAYOUTS[layout]
     workload = store_workload(opts)
     workload.affinity = affinity
@@ -93,6 +123,9 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None) ->
                           brokers)
         try:
             port = redis_port(session)
+            idle = idle_cpu_ms_per_s(session, idle_s) if idle_s else None
+            pids = [b.pid for b in session.servers.brokers]
+            switches0 = ctxt_switches(pids)
             stats0 = commandstats(port) if port else {}
             heard0 = [received(url) for url in session.servers.urls]
             spy = None
@@ -103,8 +136,13 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None) ->
                      str(session.servers.brokers[0].pid)], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
             redis0 = session.servers.redis_cpu_s()
-            row = session.measure({"cmd": "closed", "seconds": seconds}, "closed loop")
+            if rate is None:
+                row = session.measure({"cmd": "closed", "seconds": seconds}, "closed loop")
+            else:
+                row = session.measure({"cmd": "open", "rate": rate, "seconds": seconds},
+                                      "open loop")
             redis_cpu = session.servers.redis_cpu_s() - redis0
+            switches = [b - a for a, b in zip(switches0, ctxt_switches(pids), strict=True)]
             if spy is not None:
                 spy.wait(timeout=60)
             stats1 = commandstats(port) if port else {}
@@ -116,8 +154,13 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None) ->
     delta = {name: stats1.get(name, 0) - stats0.get(name, 0) for name in stats1}
     sent = sum(n for name, n in delta.items() if name not in ("info",))
     return {
-        "layout": layout, "pairs_per_s": row["pairs_per_s"],
+        "layout": layout, "rate": rate, "pairs_per_s": row["pairs_per_s"],
         "server_cpu_us_per_pair": row["server_cpu_us_per_pair"],
+        "server_user_us_per_pair": row["server_user_us_per_pair"],
+        "server_sys_us_per_pair": row["server_sys_us_per_pair"],
+        "idle_cpu_ms_per_s": idle,
+        "ctxt_switches_per_pair": [round(n / pairs, 2) for n in switches] if pairs else [],
+        "missed": row["open_loop_missed"],
         "redis_cpu_us_per_pair": round(redis_cpu / pairs * 1e6, 1) if use_redis and pairs
         else None,
         "redis_calls_per_pair": round(sent / pairs, 2) if pairs and use_redis else None,
@@ -132,7 +175,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="comma-separated; LAYOUT@R runs that one at R pairs/s")
+    parser.add_argument("--rate", type=float, help="open loop: this many pairs/s in all")
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="first measure the brokers' CPU for this many idle seconds")
     parser.add_argument("--src", type=Path, help="run the brokers from DIR/server")
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of redis-1")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
@@ -143,22 +190,31 @@ def main() -> None:
     layouts = args.layouts.split(",")
     rows: list[dict[str, Any]] = []
     for n in range(args.rounds):
-        for layout in layouts if n % 2 == 0 else layouts[::-1]:
-            profile = args.profile if layout == "redis-1" and n == 0 else None
-            row = measure(layout, opts, args.seconds, profile)
-            row["round"] = n
+        for spec in layouts if n % 2 == 0 else layouts[::-1]:
+            layout, _, at = spec.partition("@")
+            rate = float(at) if at else args.rate
+            profile = args.profile.with_suffix(f".{layout}.raw") if (
+                args.profile is not None and n == 0) else None
+            row = measure(layout, opts, args.seconds, profile, rate, args.idle)
+            row["layout"], row["round"] = spec, n
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'layout':16} {'pairs/s':>8} {'x memory':>9} {'cpu µs/pair':>12} "
-          f"{'x redis-1':>10} {'redis µs/pair':>14} {'calls/pair':>11} msgs/broker/pair")
+          f"{'user/sys':>9} {'x redis-1':>18} {'redis µs/pair':>14} {'calls/pair':>11} "
+          f"{'ctxsw/pair':>10} {'idle ms/s':>9} msgs/broker/pair")
+    base = next((spec for spec in layouts if spec.startswith("redis-1")), "redis-1")
     for layout in layouts:
         mine = [r for r in rows if r["layout"] == layout]
         print(f"{layout:16} {_med(mine, 'pairs_per_s'):>8.0f} "
               f"{_ratio(rows, mine, 'memory', 'pairs_per_s'):>9} "
               f"{_med(mine, 'server_cpu_us_per_pair'):>12.0f} "
-              f"{_ratio(rows, mine, 'redis-1', 'server_cpu_us_per_pair'):>10} "
+              f"{_med(mine, 'server_user_us_per_pair'):>4.0f}/"
+              f"{_med(mine, 'server_sys_us_per_pair'):<4.0f} "
+              f"{_ratio(rows, mine, base, 'server_cpu_us_per_pair'):>18} "
               f"{_med(mine, 'redis_cpu_us_per_pair'):>14.0f} "
               f"{_med(mine, 'redis_calls_per_pair'):>11.2f} "
+              f"{statistics.median(sum(r['ctxt_switches_per_pair']) for r in mine):>10.2f} "
+              f"{_med(mine, 'idle_cpu_ms_per_s'):>9.1f} "
               f"{[max(r['messages_per_broker_per_pair'], default=0) for r in mine]}")
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1))

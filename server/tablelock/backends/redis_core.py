@@ -151,6 +151,7 @@ class RedisCore(Backend):
         self._audit_size = audit_size
         self._tolerance_ms = tolerance_ms
         self._sweep_interval_s = sweep_interval_s
+        self._live_brokers = 1  # brokers heart-beating, as of our last heartbeat
         self._records: dict[tuple[str, str], tuple[str, OrderRecord | None]] = {}
         self._states: dict[str, StoreState] = {}
         # redis_streams and redis_subscriptions

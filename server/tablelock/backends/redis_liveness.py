@@ -23,6 +23,8 @@ class RedisLiveness(RedisCore):
             try:
                 now = await self.now()
                 added = await self._call(self.brokers, "ZADD", self.brokers, now, self.broker_id)
+                self._live_brokers = max(1, await self._call(
+                    self.brokers, "ZCOUNT", self.brokers, now - self._dead_after_ms, "+inf"))
                 if added and self._healthy_since is not None:  # taken for dead: we aren't
                     await self._reannounce()
                 if self._healthy_since is None:
