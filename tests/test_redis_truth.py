@@ -22,7 +22,7 @@ from .redis_support import RedisProxy, RedisServer, SentinelServer, replicate
 from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
-STALL_S = 0.6  # longer than the Redis client's 0.4 s socket timeout
+STALL_S = 0.6  # longer than the brokers' 0.4 s Redis reply timeout (redis_link.py)
 
 
 @pytest.fixture
