@@ -222,13 +222,6 @@ async def test_memory_with_data_ends_an_h5_lock_at_its_ttl_not_at_a_grace(
 # --- the Redis backend ------------------------------------------------------------------
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def aof_always(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "always", appendonly=True, appendfsync="always").start()
     yield server

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +44,6 @@ GRACE_MS = 2_000  # the store's disconnect grace: short, and still longer than a
 BACKOFF = {"backoff_initial": 0.1, "backoff_max": 0.5}
 RECOVERY_S = 20.0
 PUBLISH_EVERY_S = 0.02
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def connections(broker: BrokerProcess) -> int:

@@ -13,8 +13,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,13 +23,6 @@ from .redis_support import REDIS_CLI, RedisServer
 from .support import BrokerProcess, WsClient, ahttp, mint, order, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

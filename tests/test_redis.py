@@ -6,7 +6,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,6 @@ from .redis_support import REDIS_SERVER, RedisServer, create_cluster
 from .support import BrokerProcess, WsClient, ahttp, free_port, mint, order, unique
 
 BrokerFactory = Callable[..., BrokerProcess]
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,6 @@ from tablelock.backends.resp import (
 )
 
 from .redis_support import REDIS_CLI, REDIS_SERVER, RedisServer, create_cluster
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        os.kill(server.proc.pid, signal.SIGCONT)  # a test may leave it paused
-    server.stop()
 
 
 @pytest.fixture
