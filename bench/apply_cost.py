@@ -21,22 +21,7 @@ from tablelock.backends.memory import MemoryBackend
 from tablelock.model import Order, Terminal
 from tablelock.rules import Acquire, Acquired, Ingest, Release
 
-
-class DropSink:
-    """Takes every frame and does nothing with it."""
-
-    def publish(self, channel: str, seq: int, frame: bytes, table_id: str | None) -> None:
-        pass
-
-    def direct(self, store_id: str, holder: str, frame: bytes, unless_on: tuple[str, ...],
-               coalesce: str = "") -> None:
-        pass
-
-    def has_subscribers(self, channel: str) -> bool:
-        return True
-
-    def lost(self, channel: str) -> None:
-        pass
+from .sink import DropSink
 
 
 async def measure(rounds: int, pairs: int) -> dict[str, float]:

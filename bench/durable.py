@@ -27,22 +27,9 @@ from tablelock.backends.memory import MemoryBackend
 from tablelock.model import Order, Terminal
 from tablelock.rules import Acquire, Ingest, Release
 
+from .sink import DropSink
+
 STORE = "bench"
-
-
-class NullSink:
-    def publish(self, channel: str, seq: int, frame: bytes, table_id: str | None) -> None:
-        pass
-
-    def direct(self, store_id: str, holder: str, frame: bytes,
-               unless_on: tuple[str, ...], coalesce: str = "") -> None:
-        pass
-
-    def has_subscribers(self, channel: str) -> bool:
-        return False
-
-    def lost(self, channel: str) -> None:
-        pass
 
 
 async def run(synchronous: Synchronous | None, directory: Path, actors: int,
@@ -55,7 +42,7 @@ async def run(synchronous: Synchronous | None, directory: Path, actors: int,
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         journal = Journal(str(path), synchronous)
     backend = MemoryBackend(journal=journal)
-    await backend.start(NullSink())
+    await backend.start(DropSink(follows=set()))
     for n in range(actors):
         await backend.apply(STORE, f"o{n}", Ingest(Order(f"o{n}", f"t{n}", 1, 1000)), None)
     deadline = time.perf_counter() + seconds

@@ -33,23 +33,7 @@ from tablelock.model import Order, Terminal
 from tablelock.protocol import order_channel, store_channel
 from tablelock.rules import Acquire, Ingest, Release
 
-
-class CountingSink:
-    def __init__(self) -> None:
-        self.follows: set[str] = set()
-
-    def publish(self, channel: str, seq: int, frame: bytes, table_id: str | None) -> None:
-        pass
-
-    def direct(self, store_id: str, holder: str, frame: bytes,
-               unless_on: tuple[str, ...], coalesce: str = "") -> None:
-        pass
-
-    def has_subscribers(self, channel: str) -> bool:
-        return channel in self.follows
-
-    def lost(self, channel: str) -> None:
-        pass
+from .sink import DropSink
 
 
 def counted(backend: RedisBackend) -> list[int]:
@@ -104,7 +88,7 @@ async def run(url: str, brokers: int, affinity: str, stores: int, orders: int, e
     tag = time.monotonic_ns()
     prefix = f"i{tag}:"
     backends = [RedisBackend(url, prefix=prefix) for _ in range(brokers)]
-    sinks = [CountingSink() for _ in backends]
+    sinks = [DropSink(follows=set()) for _ in backends]
     counts = [counted(b) for b in backends]
     for backend, sink in zip(backends, sinks, strict=True):
         await backend.start(sink)  # type: ignore[arg-type]
