@@ -299,8 +299,7 @@ class Gateway:
         hub.begin_subscribe(conn, channel)
         epoch = ""
         try:
-            seq, snapshot = await backend.snapshot(channel)
-            epoch = await backend.stream_epoch(channel)
+            seq, epoch, snapshot = await backend.snapshot(channel)
             # A `since` of another epoch was numbered by a stream that is gone.
             since = request.since if request.epoch in (None, epoch) else None
             missed = await backend.history(channel, since) if since is not None else None

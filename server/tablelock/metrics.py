@@ -64,10 +64,10 @@ FANOUT_SECONDS = Histogram("tablelock_fanout_seconds",
 BACKEND_SECONDS = SampledHistogram(Histogram(
     "tablelock_backend_seconds", "Backend call latency, by call (one call in 16)", ["call"],
     buckets=_FAST))
-REDIS_EVENTS = Counter("tablelock_redis_events_total",
-                       "Redis subscription losses, resynchronisations, gap recoveries, lost "
-                       "commit replies resolved (applied or void) and WAIT timeouts",
-                       ["kind"])
+REDIS_EVENTS = LabelledCounter("tablelock_redis_events",
+                               "Redis pub/sub messages received, subscription losses, "
+                               "resynchronisations, gap recoveries, lost commit replies "
+                               "resolved (applied or void) and WAIT timeouts", ["kind"])
 SLOW_CONSUMERS = Counter("tablelock_slow_consumers_total",
                          "Connections closed (4010) because their send queue passed its bound")
 ANONYMOUS_EVICTED = Counter("tablelock_anonymous_evicted_total",

@@ -482,8 +482,9 @@ def direct_frame(event: Event) -> bytes:
     return _encoder.encode(frame_of(event, direct=True))
 
 
-def numbered_frame(channel: str, seq: int, body: bytes) -> bytes:
-    """Splice channel and seq into an encoded body (the Redis scripts do the same in Lua)."""
+def numbered_frame(channel: str, seq: int, body: bytes | memoryview) -> bytes:
+    """Splice channel and seq into an encoded body (event_body): every numbered event frame,
+    whichever backend numbered it, is made here."""
     return b"".join((b'{"type":"event","channel":', _encoder.encode(channel), b',"seq":',
                      str(seq).encode(), b",", body))
 

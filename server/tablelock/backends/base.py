@@ -175,8 +175,8 @@ class EventStreams(abc.ABC):
         """Number and publish an event of the store channel alone."""
 
     @abc.abstractmethod
-    async def snapshot(self, channel: str) -> tuple[int, Any]:
-        """(seq, snapshot) of a channel, consistent with each other; from here on the
+    async def snapshot(self, channel: str) -> tuple[int, str, Any]:
+        """(seq, epoch, snapshot) of a channel, consistent with each other; from here on the
         channel's events reach the sink."""
 
     @abc.abstractmethod

@@ -463,7 +463,7 @@ class MemoryBackend(Backend):
         channel.append(Numbered(channel.seq, frame, table_id))
         self.sink.publish(name, channel.seq, frame, table_id)
 
-    async def snapshot(self, channel: str) -> tuple[int, Any]:
+    async def snapshot(self, channel: str) -> tuple[int, str, Any]:
         parsed = parse_channel(channel)
         assert parsed is not None
         store_id, order_id = parsed
@@ -481,9 +481,10 @@ class MemoryBackend(Backend):
                     locks.extend(rec.locks.values())
             terminals = [t for t, _ in self._online.get(store_id, {}).values()]
             snap = StoreSnapshot(orders, locks, terminals)
-        seq = self._channel(channel).seq
+        numbering = self._channel(channel)
+        seq, epoch = numbering.seq, numbering.epoch
         await self._synced()
-        return seq, snap
+        return seq, epoch, snap
 
     async def history(self, channel: str, since: int) -> list[Numbered] | None:
         found = self._channels.get(channel)

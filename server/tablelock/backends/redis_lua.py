@@ -42,11 +42,30 @@ local function emit(out, seq_key, hist_key, channel, body, table_id, maxlen)
   -- seqs pass 2^31: format them as integers, never let Lua or cjson write 1.7e+15
   local seq = string.format('%d', redis.call('HINCRBY', seq_key, channel, 1))
   redis.call('XADD', hist_key, 'MAXLEN', '~', maxlen, seq .. '-0', 'b', body, 't', table_id)
-  out[#out + 1] = {0, channel, seq, body, table_id, '', ''}
+  out[#out + 1] = {0, channel, seq, table_id, '', '', body}
 end
--- A message for the brokers listening on `pubsub`: PUBLISH, or SPUBLISH on a Cluster.
+-- A message for the brokers listening on `pubsub` (PUBLISH, or SPUBLISH on a Cluster): a
+-- JSON header, a newline, then the bodies as they are, each entry's at [start, stop) of
+-- them. Bodies are never escaped into the JSON, nor decoded by a broker that only passes
+-- them on; a body two entries share in a row (an order's and its store's) is sent once.
 local function send(command, pubsub, out)
-  if #out > 0 then redis.call(command, pubsub, cjson.encode(out)) end
+  if #out == 0 then return end
+  local heads, bodies, stop, last = {}, {}, 0, nil
+  for n, entry in ipairs(out) do
+    local body = entry[7]
+    if body ~= last then
+      bodies[#bodies + 1] = body
+      stop = stop + #body
+      last = body
+    end
+    heads[n] = {entry[1], entry[2], entry[3], entry[4], entry[5], entry[6], stop - #body, stop}
+  end
+  redis.call(command, pubsub, cjson.encode(heads) .. '\\n' .. table.concat(bodies))
+end
+-- The numbering's epoch (redis_sessions.EPOCH_FIELD of the seqs hash), made if Redis has none.
+local function epoch_of(seq_key, fresh)
+  redis.call('HSETNX', seq_key, 'epoch', fresh)
+  return redis.call('HGET', seq_key, 'epoch')
 end
 local function bump(key)
   local old = tonumber(redis.call('HGET', key, 'rev') or '0')
@@ -137,12 +156,12 @@ for _ = 1, tonumber(ARGV[17]) do
   store_out[#store_out + 1] = order_out[#order_out]
   emit(store_out, KEYS[3], KEYS[7], ARGV[12], body, table_id, maxlen)
   if notify ~= '' then
-    direct(notify, {1, '', '0', notice, table_id, notify, ARGV[10] .. '\\n' .. ARGV[12]})
+    direct(notify, {1, '', '0', table_id, notify, ARGV[10] .. '\\n' .. ARGV[12], notice})
   end
   i = i + 4
 end
 for _ = 1, tonumber(ARGV[18]) do
-  direct(ARGV[i], {1, ARGV[i + 2], '0', ARGV[i + 1], '', ARGV[i], ''})
+  direct(ARGV[i], {1, ARGV[i + 2], '0', '', ARGV[i], '', ARGV[i + 1]})
   i = i + 3
 end
 for _ = 1, tonumber(ARGV[19]) do
@@ -312,15 +331,18 @@ end
 return found
 """
 
-# A consistent snapshot of a store: every record, the online terminals and the channel's seq.
-# KEYS: 1 order ids, 2 online terminals, 3 seqs   ARGV: 1 store channel, 2 record key prefix
+# A consistent snapshot of a store: every record, the online terminals and the channel's seq
+# with its epoch.
+# KEYS: 1 order ids, 2 online terminals, 3 seqs
+# ARGV: 1 store channel, 2 record key prefix, 3 an epoch to make if there is none
 SNAPSHOT_STORE = _EMIT + """
 local records = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local rec = redis.call('HGET', ARGV[2] .. id, 'rec')
   if rec then records[#records + 1] = rec end
 end
-return {seq_of(KEYS[3], ARGV[1]), records, redis.call('HVALS', KEYS[2])}
+return {seq_of(KEYS[3], ARGV[1]), records, redis.call('HVALS', KEYS[2]),
+        epoch_of(KEYS[3], ARGV[3])}
 """
 
 # A subscriber of an order not seen yet is given a seq that the order's first event will
@@ -328,7 +350,7 @@ return {seq_of(KEYS[3], ARGV[1]), records, redis.call('HVALS', KEYS[2])}
 # it is older than ARGV[5] ms or past the ARGV[6] newest, unless its order came meanwhile.
 # KEYS: 1 record, 2 seqs, 3 unclaimed seqs (order id -> when)
 # ARGV: 1 order channel, 2 order id, 3 order channel prefix, 4 record key prefix,
-#       5 unclaimed lifetime ms, 6 unclaimed bound
+#       5 unclaimed lifetime ms, 6 unclaimed bound, 7 an epoch to make if there is none
 SNAPSHOT_ORDER = _EMIT + """
 local rec = redis.call('HGET', KEYS[1], 'rec') or false
 local seq = redis.call('HGET', KEYS[2], ARGV[1])
@@ -348,7 +370,7 @@ for j = 1, #oldest, 2 do
   redis.call('ZREM', KEYS[3], id)
   left = left - 1
 end
-return {seq, rec}
+return {seq, rec, epoch_of(KEYS[2], ARGV[7])}
 """
 
 # Connections counted for the limits across brokers (rules.connection_limit judges them):

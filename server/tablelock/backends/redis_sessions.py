@@ -36,11 +36,16 @@ def session_key(prefix: str, store_id: str, session_id: str) -> str:
 Call = Callable[..., Awaitable[Any]]  # RedisLink.execute: (routing key, *command)
 
 
+def new_epoch() -> str:
+    """An epoch for a numbering that has none yet, kept by whichever writes it first."""
+    return secrets.token_hex(4)
+
+
 async def stream_epoch(call: Call, seq_key: str) -> str:
     """The store's epoch, made if Redis has none (a new or a lost seq hash). Both commands go
     out together on the key's connection, in order."""
     _, epoch = await asyncio.gather(
-        call(seq_key, "HSETNX", seq_key, EPOCH_FIELD, secrets.token_hex(4)),
+        call(seq_key, "HSETNX", seq_key, EPOCH_FIELD, new_epoch()),
         call(seq_key, "HGET", seq_key, EPOCH_FIELD))
     return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 

@@ -138,7 +138,7 @@ class RedisOrderState(RedisCore):
             log.warning("commit %s of %s unanswered (%s): resolving", commit_id, order_id, lost)
             self._records.pop(key, None)  # whatever happened, the cache can't know it
             applied, replicated = await self._resolve(keys, order_id, commit_id, sent_at, wait)
-            metrics.REDIS_EVENTS.labels("commit_applied" if applied else "commit_void").inc()
+            metrics.REDIS_EVENTS.inc("commit_applied" if applied else "commit_void")
             if not applied:  # nothing changed: decide afresh, as a first attempt would
                 raise _Void(sent_at) from None
             reply = [1, now]
@@ -269,7 +269,7 @@ class RedisOrderState(RedisCore):
             log.warning("WAIT failed: %s", exc)
             return False
         if int(acked) < self._wait_replicas:
-            metrics.REDIS_EVENTS.labels("wait_timeout").inc()
+            metrics.REDIS_EVENTS.inc("wait_timeout")
             return False
         return True
 

@@ -29,10 +29,18 @@ log = logging.getLogger("tablelock.redis")
 
 # How long the seq given to a subscriber of an order not seen yet is kept for the order.
 UNCLAIMED_SEQ_MS = 600_000
-# kind (0 numbered, 1 direct), channel (or coalescing key), seq, body, table, holder, unless
-PubEntry = tuple[int, str, str, str, str, str, str]
+# A pub/sub message is a JSON header, a newline, and the bodies (redis_lua's `send`). Per
+# entry: kind (0 numbered, 1 direct), channel (or coalescing key), seq, table, holder,
+# unless, and where its body starts and stops in the bodies.
+PubEntry = tuple[int, str, str, str, str, str, int, int]
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
-_HEARD = metrics.REDIS_EVENTS.labels("pubsub_message")  # per broker: what interest saves
+
+
+def _entries(data: bytes) -> tuple[list[PubEntry], memoryview]:
+    """A message's entries, and the bodies they point into (sliced, never decoded)."""
+    split = data.index(b"\n")
+    view = memoryview(data)
+    return _pub_decoder.decode(view[:split]), view[split + 1:]
 
 
 class RedisStreams(RedisCore):
@@ -45,7 +53,7 @@ class RedisStreams(RedisCore):
             args=[keys.store_channel, event_body(event), keys.store_events,
                   self._history_size, self._publish_command]))
 
-    async def snapshot(self, channel: str) -> tuple[int, Any]:
+    async def snapshot(self, channel: str) -> tuple[int, str, Any]:
         parsed = parse_channel(channel)
         assert parsed is not None
         store_id, order_id = parsed
@@ -53,17 +61,17 @@ class RedisStreams(RedisCore):
         await self._follow(channel, keys)
         if order_id is not None:
             await self.apply(store_id, order_id, Tick(), None)  # expiry first
-            seq, raw = await self._guard(self._evalsha("SNAPSHOT_ORDER",
+            seq, raw, epoch = await self._guard(self._evalsha("SNAPSHOT_ORDER",
                 keys=[keys.record(order_id), keys.seqs, keys.unclaimed_seqs],
                 args=[channel, order_id, order_channel(store_id, ""), keys.prefix + ":o:",
-                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs]))
+                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs, redis_sessions.new_epoch()]))
             rec = record_decoder.decode(raw) if raw else None
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
         else:
-            seq, raws, terms = await self._guard(self._evalsha("SNAPSHOT_STORE",
+            seq, raws, terms, epoch = await self._guard(self._evalsha("SNAPSHOT_STORE",
                 keys=[keys.orders, keys.terms, keys.seqs],
-                args=[channel, keys.prefix + ":o:"]))
+                args=[channel, keys.prefix + ":o:", redis_sessions.new_epoch()]))
             orders: list[Order] = []
             locks: list[Lock] = []
             for raw in raws:
@@ -73,7 +81,7 @@ class RedisStreams(RedisCore):
                     locks.extend(rec.locks.values())
             snap = StoreSnapshot(orders, locks, [terminal_decoder.decode(t) for t in terms])
         self._delivering_from(channel, int(seq))
-        return int(seq), snap
+        return int(seq), as_text(epoch), snap
 
     def _delivering_from(self, channel: str, seq: int) -> None:
         """A read of the channel at `seq`: if this broker delivers nothing of it yet, a later
@@ -132,7 +140,7 @@ class RedisStreams(RedisCore):
         """Every message, inside the socket's read callback: handed on at once, decoded once,
         unless it must wait (a gap to fill first, a broker message to await), or a message
         before it still waits: then it is handled after those, in order (_drain)."""
-        _HEARD.inc()
+        metrics.REDIS_EVENTS.inc("pubsub_message")  # per broker: what interest saves
         if self._backlog is not None:
             self._backlog.append((channel, data))
         elif not self._deliver(channel.decode(), data):
@@ -146,19 +154,22 @@ class RedisStreams(RedisCore):
             return True  # a channel left meanwhile
         kind, target = route
         if kind == "events":
-            entries = _pub_decoder.decode(data)
+            entries, bodies = _entries(data)
             seen = self._seen
             for entry in entries:
                 last = seen.get(entry[1])
                 if last is not None and int(entry[2]) > last + 1:
                     return False  # a gap: filled from the history first
             self.received[kind] += 1
-            for _, channel, seq_text, body, table_id, _, _ in entries:
+            sink = self.sink
+            for _, channel, seq_text, table_id, _, _, start, stop in entries:
                 seq = int(seq_text)
                 if seq > seen.get(channel, 0):
                     seen[channel] = seq
-                self.sink.publish(channel, seq, numbered_frame(channel, seq, body.encode()),
-                                  table_id or None)
+                # a store's message numbers its order's channel too, followed here or not
+                if sink.has_subscribers(channel):
+                    sink.publish(channel, seq, numbered_frame(channel, seq, bodies[start:stop]),
+                                 table_id or None)
             return True
         if kind == "rpc":
             return False
@@ -166,10 +177,15 @@ class RedisStreams(RedisCore):
         if kind == "config":
             self._states.pop(target, None)
         else:
-            for _, coalesce, _, body, _, holder, unless in _pub_decoder.decode(data):
-                self.sink.direct(target, holder, body.encode(),
-                                 tuple(unless.split("\n")) if unless else (), coalesce)
+            self._notify(target, data)
         return True
+
+    def _notify(self, store_id: str, data: bytes) -> None:
+        """Direct notices to terminals of `store_id` connected here."""
+        entries, bodies = _entries(data)
+        for _, coalesce, _, _, holder, unless, start, stop in entries:
+            self.sink.direct(store_id, holder, bytes(bodies[start:stop]),
+                             tuple(unless.split("\n")) if unless else (), coalesce)
 
     async def _drain(self) -> None:
         backlog = self._backlog
@@ -195,25 +211,24 @@ class RedisStreams(RedisCore):
         elif kind == "config":
             self._states.pop(target, None)
         elif kind == "events":
-            for _, channel, seq_text, body, table_id, _, _ in _pub_decoder.decode(data):
+            entries, bodies = _entries(data)
+            for _, channel, seq_text, table_id, _, _, start, stop in entries:
                 seq = int(seq_text)
                 # Only gaps are this broker's business: each connection drops what it has
                 # already had (Hub.publish), so nothing is skipped here.
                 seen = self._seen.get(channel)
                 if seen is not None and seq > seen + 1:
-                    metrics.REDIS_EVENTS.labels("gap_recovery").inc()
+                    metrics.REDIS_EVENTS.inc("gap_recovery")
                     # A gap: fill it from the history first; if Redis can't say now, never
                     # pass it on: subscribers reconnect and recover by `since` themselves.
                     if not await self._recover(channel, seen):
                         self.sink.lost(channel)
                 if seq > self._seen.get(channel, 0):
                     self._seen[channel] = seq
-                self.sink.publish(channel, seq, numbered_frame(channel, seq, body.encode()),
+                self.sink.publish(channel, seq, numbered_frame(channel, seq, bodies[start:stop]),
                                   table_id or None)
-        else:  # direct notices for terminals of `target` connected here
-            for _, coalesce, _, body, _, holder, unless in _pub_decoder.decode(data):
-                self.sink.direct(target, holder, body.encode(),
-                                 tuple(unless.split("\n")) if unless else (), coalesce)
+        else:
+            self._notify(target, data)
 
     async def _recover(self, channel: str, since: int) -> bool:
         """Deliver what a lost message or subscription skipped, or make subscribers re-snapshot;

@@ -197,7 +197,7 @@ class RedisSubscriptions(RedisCore):
                     lost = self._pubsub_lost = asyncio.get_running_loop().create_future()
                     await self._subscribe(list(self._routes))
                 if self._offset_ms is not None:  # not the first time: we may have missed some
-                    metrics.REDIS_EVENTS.labels("resync").inc()
+                    metrics.REDIS_EVENTS.inc("resync")
                     await self._resync()
                 self._pubsub_ok.set()
                 delay = 0.05
@@ -208,7 +208,7 @@ class RedisSubscriptions(RedisCore):
             except Exception as exc:
                 if self._pubsub_ok.is_set():
                     log.warning("lost the Redis subscription: %s", exc)
-                    metrics.REDIS_EVENTS.labels("subscription_lost").inc()
+                    metrics.REDIS_EVENTS.inc("subscription_lost")
                 self._pubsub_ok.clear()
                 self._close_pubsubs()
                 await asyncio.sleep(delay * (1 + random.random()))
