@@ -69,6 +69,8 @@ class LoadGen:
         urls = self.spec.urls
         if self.spec.affinity == "store":  # a balancer that hashes the store: no cross traffic
             url = urls[zlib.crc32(store.encode()) % len(urls)]
+        elif self.spec.affinity == "listener":  # the last broker holds each store's last screen
+            url = urls[-1] if sub == f"erp{self.spec.erp - 1}" else urls[0]
         else:  # round-robin, as a plain TCP balancer: a store's events cross brokers
             url = urls[self._turn % len(urls)]
             self._turn += 1

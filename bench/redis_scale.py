@@ -1,7 +1,9 @@
 """The `store` workload on Redis with 1, 2 and 3 broker processes, against memory, alternating.
 
 One layout is one `Session` (bench/session.py): memory x1, then Redis x1, x2 and x3 with the
-connections round-robin over the brokers and with each store's on one broker (store-affine).
+connections round-robin over the brokers and with each store's on one broker (store-affine),
+and `redis-2-listener`: everything on the first broker but one ERP screen per store on the
+second, whose CPU is then what receiving every event costs a broker.
 Every round runs each layout once (a closed loop of `--seconds`), the order reversed every
 other round: on a shared machine the ratios between layouts in the same round are what count.
 Per layout and round it records pairs/s, the summed server CPU per pair over every broker,
@@ -12,16 +14,20 @@ messages each broker received per pair (its `tablelock_redis_events_total{kind="
     .venv/bin/python -m bench.redis_scale --rounds 3 --seconds 5
     .venv/bin/python -m bench.redis_scale --src /tmp/before --layouts redis-1   # older code
     .venv/bin/python -m bench.redis_scale --profile /tmp/p --layouts redis-1,redis-3-rr
+    .venv/bin/python -m bench.redis_scale --layouts redis-2-listener --profile /tmp/p \\
+        --profile-broker -1                                  # what receiving costs
     .venv/bin/python -m bench.redis_scale --rate 600 --idle 3 \\
         --layouts redis-1,redis-2-rr,redis-3-rr,redis-1@300,redis-1@200   # fixed rate
 
 `--src DIR` runs the brokers from DIR/server (a checkout of another revision), `--profile F`
-records the first broker of each layout's first-round run with py-spy (raw format) into
-F.LAYOUT.raw. `--rate R` runs open loops of R pairs/s in all instead of closed loops, and
-`LAYOUT@R` one layout at its own rate: one broker at 1/N of the load against N brokers at the
-whole of it tells a cost of N from a cost of the load per process. `--idle S` first measures
-the brokers' CPU with every connection open and no load (their fixed cost). Every row also
-carries the brokers' user and system CPU per pair and their context switches per pair.
+records the first broker (`--profile-broker K`: the K-th, -1 the last) of each layout's
+first-round run with py-spy (raw format) into F.LAYOUT.raw. `--rate R` runs open loops of
+R pairs/s in all instead of closed loops, and `LAYOUT@R` one layout at its own rate: one
+broker at 1/N of the load against N brokers at the whole of it tells a cost of N from a cost
+of the load per process. `--idle S` first measures the brokers' CPU with every connection
+open and no load (their fixed cost). Every row also
+carries the brokers' user and system CPU per pair (summed, and each broker's) and their
+context switches per pair.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ LAYOUTS = {  # name: (redis, brokers, affinity)
     "redis-3-rr": (True, 3, "round-robin"),
     "redis-2-affine": (True, 2, "store"),
     "redis-3-affine": (True, 3, "store"),
+    # everything on the first broker but one ERP screen per store on the second: the second's
+    # CPU per pair is what one more round-robin broker adds (receiving every event)
+    "redis-2-listener": (True, 2, "listener"),
 }
 # A script's own calls are not the broker's round trips.
 _SCRIPT_CALLS = ("evalsha", "eval", "script")
@@ -113,7 +122,8 @@ def redis_port(session: Session) -> int | None:
 
 
 def measure(layout: str, opts: Options, seconds: float, profile: Path | None,
-            rate: float | None = None, idle_s: float = 0.0) -> dict[str, Any]:
+            rate: float | None = None, idle_s: float = 0.0,
+            profile_broker: int = 0) -> dict[str, Any]:
     """One layout: a closed loop, or an open loop of `rate` pairs/s in all when given."""
     use_redis, brokers, affinity = LAYOUTS[layout]
     workload = store_workload(opts)
@@ -128,12 +138,13 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None,
             switches0 = ctxt_switches(pids)
             stats0 = commandstats(port) if port else {}
             heard0 = [received(url) for url in session.servers.urls]
+            cpu0 = [b.cpu_s() for b in session.servers.brokers]
             spy = None
             if profile is not None:
                 spy = subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
                      "--format", "raw", "-d", str(int(seconds)), "-o", str(profile), "--pid",
-                     str(session.servers.brokers[0].pid)], stdout=subprocess.DEVNULL,
+                     str(session.servers.brokers[profile_broker].pid)], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
             redis0 = session.servers.redis_cpu_s()
             if rate is None:
@@ -143,6 +154,7 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None,
                                       "open loop")
             redis_cpu = session.servers.redis_cpu_s() - redis0
             switches = [b - a for a, b in zip(switches0, ctxt_switches(pids), strict=True)]
+            cpu = [b.cpu_s() - c0 for b, c0 in zip(session.servers.brokers, cpu0, strict=True)]
             if spy is not None:
                 spy.wait(timeout=60)
             stats1 = commandstats(port) if port else {}
@@ -159,6 +171,7 @@ def measure(layout: str, opts: Options, seconds: float, profile: Path | None,
         "server_user_us_per_pair": row["server_user_us_per_pair"],
         "server_sys_us_per_pair": row["server_sys_us_per_pair"],
         "idle_cpu_ms_per_s": idle,
+        "broker_cpu_us_per_pair": [round(c / pairs * 1e6, 1) for c in cpu] if pairs else [],
         "ctxt_switches_per_pair": [round(n / pairs, 2) for n in switches] if pairs else [],
         "missed": row["open_loop_missed"],
         "redis_cpu_us_per_pair": round(redis_cpu / pairs * 1e6, 1) if use_redis and pairs
@@ -181,7 +194,10 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=0.0,
                         help="first measure the brokers' CPU for this many idle seconds")
     parser.add_argument("--src", type=Path, help="run the brokers from DIR/server")
-    parser.add_argument("--profile", type=Path, help="py-spy raw profile of redis-1")
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy raw profile of each layout's first run into F.LAYOUT.raw")
+    parser.add_argument("--profile-broker", type=int, default=0,
+                        help="which broker --profile records (-1: the last)")
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
     args = parser.parse_args()
     if args.src is not None:  # the brokers (children) import tablelock from there
@@ -195,13 +211,14 @@ def main() -> None:
             rate = float(at) if at else args.rate
             profile = args.profile.with_suffix(f".{layout}.raw") if (
                 args.profile is not None and n == 0) else None
-            row = measure(layout, opts, args.seconds, profile, rate, args.idle)
+            row = measure(layout, opts, args.seconds, profile, rate, args.idle,
+                          args.profile_broker)
             row["layout"], row["round"] = spec, n
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'layout':16} {'pairs/s':>8} {'x memory':>9} {'cpu µs/pair':>12} "
           f"{'user/sys':>9} {'x redis-1':>18} {'redis µs/pair':>14} {'calls/pair':>11} "
-          f"{'ctxsw/pair':>10} {'idle ms/s':>9} msgs/broker/pair")
+          f"{'ctxsw/pair':>10} {'idle ms/s':>9} {'per broker µs/pair':>20} msgs/broker/pair")
     base = next((spec for spec in layouts if spec.startswith("redis-1")), "redis-1")
     for layout in layouts:
         mine = [r for r in rows if r["layout"] == layout]
@@ -215,6 +232,7 @@ def main() -> None:
               f"{_med(mine, 'redis_calls_per_pair'):>11.2f} "
               f"{statistics.median(sum(r['ctxt_switches_per_pair']) for r in mine):>10.2f} "
               f"{_med(mine, 'idle_cpu_ms_per_s'):>9.1f} "
+              f"{_per_broker(mine)!s:>20} "
               f"{[max(r['messages_per_broker_per_pair'], default=0) for r in mine]}")
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1))
@@ -223,6 +241,12 @@ def main() -> None:
 def _med(rows: list[dict[str, Any]], key: str) -> float:
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else float("nan")
+
+
+def _per_broker(rows: list[dict[str, Any]]) -> list[float]:
+    """Each broker's median CPU µs per pair over the rows."""
+    columns = zip(*(r["broker_cpu_us_per_pair"] for r in rows), strict=True)
+    return [round(statistics.median(column)) for column in columns]
 
 
 def _ratio(rows: list[dict[str, Any]], mine: list[dict[str, Any]], base: str, key: str) -> str:

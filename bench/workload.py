@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class Workload:
     urls: list[str]  # ws://127.0.0.1:port, one per broker process
-    affinity: str = "round-robin"  # how connections spread over brokers; or "store"
+    # how connections spread over brokers: "round-robin", "store" (hashed), or "listener"
+    # (all on the first but each store's last ERP screen, on the last: what receiving costs)
+    affinity: str = "round-robin"
     dialect: str = "tablelock"  # or "socketio"
     secret: str = ""
     stores: int = 0
