@@ -161,15 +161,8 @@ class RedisStreams(RedisCore):
                 if last is not None and int(entry[2]) > last + 1:
                     return False  # a gap: filled from the history first
             self.received[kind] += 1
-            sink = self.sink
             for _, channel, seq_text, table_id, _, _, start, stop in entries:
-                seq = int(seq_text)
-                if seq > seen.get(channel, 0):
-                    seen[channel] = seq
-                # a store's message numbers its order's channel too, followed here or not
-                if sink.has_subscribers(channel):
-                    sink.publish(channel, seq, numbered_frame(channel, seq, bodies[start:stop]),
-                                 table_id or None)
+                self._hand_on(channel, int(seq_text), table_id, bodies[start:stop])
             return True
         if kind == "rpc":
             return False
@@ -179,6 +172,14 @@ class RedisStreams(RedisCore):
         else:
             self._notify(target, data)
         return True
+
+    def _hand_on(self, channel: str, seq: int, table_id: str, body: memoryview) -> None:
+        """One numbered event to this broker's subscribers of its channel (a store's message
+        numbers its order's channel too, followed here or not)."""
+        if seq > self._seen.get(channel, 0):
+            self._seen[channel] = seq
+        if self.sink.has_subscribers(channel):
+            self.sink.publish(channel, seq, numbered_frame(channel, seq, body), table_id or None)
 
     def _notify(self, store_id: str, data: bytes) -> None:
         """Direct notices to terminals of `store_id` connected here."""
@@ -223,10 +224,7 @@ class RedisStreams(RedisCore):
                     # pass it on: subscribers reconnect and recover by `since` themselves.
                     if not await self._recover(channel, seen):
                         self.sink.lost(channel)
-                if seq > self._seen.get(channel, 0):
-                    self._seen[channel] = seq
-                self.sink.publish(channel, seq, numbered_frame(channel, seq, bodies[start:stop]),
-                                  table_id or None)
+                self._hand_on(channel, seq, table_id, bodies[start:stop])
         else:
             self._notify(target, data)
 
