@@ -25,9 +25,8 @@ first-round run with py-spy (raw format) into F.LAYOUT.raw. `--rate R` runs open
 R pairs/s in all instead of closed loops, and `LAYOUT@R` one layout at its own rate: one
 broker at 1/N of the load against N brokers at the whole of it tells a cost of N from a cost
 of the load per process. `--idle S` first measures the brokers' CPU with every connection
-open and no load (their fixed cost). Every row also
-carries the brokers' user and system CPU per pair (summed, and each broker's) and their
-context switches per pair.
+open and no load (their fixed cost). Every row also carries the brokers' user and system CPU
+per pair (summed, and each broker's) and their context switches per pair.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class RedisCore(Backend):
                                       "PRESENCE", "DEAD_FIELDS", "SNAPSHOT_STORE",
                                       "SNAPSHOT_ORDER", "MARK_HANDLED", "TABLE_RECORDS",
                                       "RESOLVE", "COUNT_CONNECTIONS", "RECOUNT_CONNECTIONS",
-                                      "KEEP_SESSION")}
+                                      "KEEP_SESSION", "EPOCH")}
         self._keys: dict[str, Keys] = {}
         self._offset_ms: float | None = None  # Redis clock minus our monotonic clock
         self._tasks: list[asyncio.Task[None]] = []

@@ -62,7 +62,8 @@ local function send(command, pubsub, out)
   end
   redis.call(command, pubsub, cjson.encode(heads) .. '\\n' .. table.concat(bodies))
 end
--- The numbering's epoch (redis_sessions.EPOCH_FIELD of the seqs hash), made if Redis has none.
+-- The numbering's epoch, a field of the seqs hash ('epoch' is no channel's name: those are
+-- store:... and order:...), made from `fresh` if Redis has none (a new or a lost hash).
 local function epoch_of(seq_key, fresh)
   redis.call('HSETNX', seq_key, 'epoch', fresh)
   return redis.call('HGET', seq_key, 'epoch')
@@ -329,6 +330,11 @@ for j = 1, #fields, 2 do
   end
 end
 return found
+"""
+
+# The store's epoch.   KEYS: 1 seqs   ARGV: 1 an epoch to make if there is none
+EPOCH = _EMIT + """
+return epoch_of(KEYS[1], ARGV[1])
 """
 
 # A consistent snapshot of a store: every record, the online terminals and the channel's seq

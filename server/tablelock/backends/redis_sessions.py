@@ -1,9 +1,9 @@
 """Stream epochs and resumable sessions in Redis, readable by every broker.
 
 Epoch: one per store, a field of the store's seq hash, where every channel of the store is
-numbered. Redis that lost the hash (restarted without persistence, a failover that lost
-writes) lost the epoch with it, and the first reader writes a new one: a client's
-(seq, epoch) of the old numbering then no longer matches.
+numbered (made and read by redis_lua's `epoch_of`). Redis that lost the hash (restarted
+without persistence, a failover that lost writes) lost the epoch with it, and the first
+reader writes a new one: a client's (seq, epoch) of the old numbering then no longer matches.
 
 Session: a small hash per session id, under the store's hash tag (one Cluster slot with
 the store), replaced whole by one script (KEEP_SESSION), with a TTL: the disconnect grace
@@ -15,14 +15,11 @@ delivered, so a resume replays duplicates (clients drop a seq they had), never a
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .base import StoredSession
 
-EPOCH_FIELD = "epoch"  # not a channel name: those are store:... and order:...
 HOLDER_FIELD = "holder"
 CHANNEL_FIELD = "c:"  # + channel: "<seq> <epoch>"
 # How long a session held by a connection is kept when its broker dies without a word.
@@ -34,20 +31,6 @@ def session_key(prefix: str, store_id: str, session_id: str) -> str:
 
 
 Call = Callable[..., Awaitable[Any]]  # RedisLink.execute: (routing key, *command)
-
-
-def new_epoch() -> str:
-    """An epoch for a numbering that has none yet, kept by whichever writes it first."""
-    return secrets.token_hex(4)
-
-
-async def stream_epoch(call: Call, seq_key: str) -> str:
-    """The store's epoch, made if Redis has none (a new or a lost seq hash). Both commands go
-    out together on the key's connection, in order."""
-    _, epoch = await asyncio.gather(
-        call(seq_key, "HSETNX", seq_key, EPOCH_FIELD, new_epoch()),
-        call(seq_key, "HGET", seq_key, EPOCH_FIELD))
-    return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
 
 def session_fields(session: StoredSession) -> list[str]:

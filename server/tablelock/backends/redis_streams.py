@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 from typing import Any
 
 import msgspec
@@ -21,7 +22,6 @@ from ..protocol import (
     parse_channel,
 )
 from ..rules import Tick
-from . import redis_sessions
 from .base import Numbered, Unavailable
 from .redis_core import RedisCore, as_text, hash_fields, record_decoder, terminal_decoder
 
@@ -34,6 +34,11 @@ UNCLAIMED_SEQ_MS = 600_000
 # unless, and where its body starts and stops in the bodies.
 PubEntry = tuple[int, str, str, str, str, str, int, int]
 _pub_decoder = msgspec.json.Decoder(list[PubEntry])
+
+
+def _fresh_epoch() -> str:
+    """An epoch for a numbering that has none yet: the scripts keep whichever came first."""
+    return secrets.token_hex(4)
 
 
 def _entries(data: bytes) -> tuple[list[PubEntry], memoryview]:
@@ -64,14 +69,14 @@ class RedisStreams(RedisCore):
             seq, raw, epoch = await self._guard(self._evalsha("SNAPSHOT_ORDER",
                 keys=[keys.record(order_id), keys.seqs, keys.unclaimed_seqs],
                 args=[channel, order_id, order_channel(store_id, ""), keys.prefix + ":o:",
-                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs, redis_sessions.new_epoch()]))
+                      UNCLAIMED_SEQ_MS, self._max_unclaimed_seqs, _fresh_epoch()]))
             rec = record_decoder.decode(raw) if raw else None
             snap: Any = OrderSnapshot(rec.order if rec else None,
                                       list(rec.locks.values()) if rec else [])
         else:
             seq, raws, terms, epoch = await self._guard(self._evalsha("SNAPSHOT_STORE",
                 keys=[keys.orders, keys.terms, keys.seqs],
-                args=[channel, keys.prefix + ":o:", redis_sessions.new_epoch()]))
+                args=[channel, keys.prefix + ":o:", _fresh_epoch()]))
             orders: list[Order] = []
             locks: list[Lock] = []
             for raw in raws:
@@ -131,8 +136,8 @@ class RedisStreams(RedisCore):
     async def stream_epoch(self, channel: str) -> str:
         parsed = parse_channel(channel)
         assert parsed is not None
-        return await self._guard(redis_sessions.stream_epoch(self._link.execute,
-                                                             self.keys(parsed[0]).seqs))
+        return as_text(await self._guard(self._evalsha(
+            "EPOCH", keys=[self.keys(parsed[0]).seqs], args=[_fresh_epoch()])))
 
     # --- what pub/sub brings ----------------------------------------------------------------
 
